@@ -1,0 +1,5 @@
+import sys
+
+from xloss.cli import main
+
+sys.exit(main())

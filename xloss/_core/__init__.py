@@ -1,0 +1,1 @@
+"""Shared machinery: validation, layout, masking and reduction."""

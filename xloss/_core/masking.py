@@ -1,0 +1,82 @@
+"""One place where ``ignore_index``, ``mask`` and ``lengths`` become one bool mask.
+
+The mask has the shape of the target (one entry per position that carries a loss);
+True keeps a position. ``None`` means every position is kept, so callers can skip work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from xloss._core.validation import check_tensor, shape_str
+
+
+def lengths_mask(lengths: Tensor, shape: torch.Size, validate_args: bool = True) -> Tensor:
+    """Bool mask of ``shape`` keeping positions ``t < length[n]`` along axis 1.
+
+    Integer lengths count positions. Floating lengths are relative, in (0, 1], and
+    are scaled by ``shape[1]`` and rounded, as SpeechBrain does.
+    """
+    check_tensor("lengths", lengths)
+    if len(shape) < 2:
+        raise ValueError(
+            "`lengths` needs a target with a sequence axis (axis 1), "
+            f"got target shape {shape_str(shape)}"
+        )
+    if lengths.shape != (shape[0],):
+        raise ValueError(
+            f"`lengths` must have shape ({shape[0]},), one length per sample, "
+            f"got {shape_str(lengths.shape)}"
+        )
+    steps = shape[1]
+    if lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"`lengths` must hold integers or floats, got dtype {lengths.dtype}")
+    if lengths.is_floating_point():
+        if validate_args and bool(((lengths <= 0) | (lengths > 1)).any()):
+            raise ValueError(
+                "floating `lengths` are relative and must lie in (0, 1], "
+                f"got min {float(lengths.min())} and max {float(lengths.max())}"
+            )
+        counts = torch.round(lengths.double() * steps)
+    else:
+        if validate_args and bool(((lengths < 0) | (lengths > steps)).any()):
+            raise ValueError(
+                f"integer `lengths` must lie in [0, {steps}] (the size of target axis 1), "
+                f"got min {int(lengths.min())} and max {int(lengths.max())}"
+            )
+        counts = lengths
+    positions = torch.arange(steps, device=lengths.device)
+    keep = positions.unsqueeze(0) < counts.unsqueeze(1)  # N x T
+    return keep.reshape(keep.shape + (1,) * (len(shape) - 2)).expand(shape)
+
+
+def build_mask(
+    shape: torch.Size,
+    device: torch.device,
+    *,
+    index_target: Tensor | None = None,
+    ignore_index: int | None = None,
+    mask: Tensor | None = None,
+    lengths: Tensor | None = None,
+    validate_args: bool = True,
+) -> Tensor | None:
+    """Combine the three ways of dropping positions; None when nothing is dropped."""
+    keep = None
+    if index_target is not None and ignore_index is not None:
+        keep = index_target != ignore_index
+    if mask is not None:
+        check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"`mask` must be a bool tensor, got dtype {mask.dtype}")
+        if mask.shape != shape:
+            raise ValueError(
+                f"`mask` must have the target's shape {shape_str(shape)}, "
+                f"got {shape_str(mask.shape)}"
+            )
+        mask = mask.to(device)
+        keep = mask if keep is None else keep & mask
+    if lengths is not None:
+        by_length = lengths_mask(lengths.to(device), shape, validate_args)
+        keep = by_length if keep is None else keep & by_length
+    return keep

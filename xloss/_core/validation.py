@@ -1,0 +1,149 @@
+"""Argument and tensor checks shared by every loss.
+
+Settings are checked once per call at the public boundary (`check_*` helpers), tensors
+right after (`check_floating_input`, `check_index_target`, ...). Every error names the
+argument, what was expected and what was received. Checks that read tensor values
+(and so synchronise with the device) are only run when ``validate_args`` is true.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum", "sample")
+
+
+def shape_str(shape) -> str:
+    """Format a shape as a tuple: ``(8, 10)``, ``(8,)`` or ``()``."""
+    return str(tuple(shape))
+
+
+def check_reduction(reduction: str, normalizer=None) -> None:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    if normalizer is not None and reduction not in ("mean", "sum"):
+        raise ValueError(
+            "`normalizer` divides the summed loss and needs reduction='mean' or 'sum', "
+            f"got reduction={reduction!r}"
+        )
+
+
+def check_unit_interval(name: str, value) -> float:
+    """A float setting that must lie in [0, 1] (label smoothing)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a float in [0, 1], got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must lie in [0, 1], got {value}")
+    return value
+
+
+def check_non_negative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a non-negative float, got {type(value).__name__}")
+    value = float(value)
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"`{name}` must be >= 0, got {value}")
+    return value
+
+
+def check_positive_or_none(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a positive float or None, got {type(value).__name__}")
+    value = float(value)
+    if not value > 0.0:
+        raise ValueError(f"`{name}` must be > 0 or None, got {value}")
+    return value
+
+
+def check_ignore_index(ignore_index) -> None:
+    """``ignore_index`` is an int or None."""
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
+        raise TypeError(f"`ignore_index` must be an int or None, got {type(ignore_index).__name__}")
+
+
+def check_floating_input(input) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"`input` must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"`input` must be a floating-point tensor of logits, got dtype {input.dtype}"
+        )
+
+
+def check_tensor(name: str, value) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+
+
+def normalize_dim(class_dim, ndim: int) -> int:
+    """Return ``class_dim`` as a non-negative axis of a tensor with ``ndim`` dimensions."""
+    if isinstance(class_dim, bool) or not isinstance(class_dim, int):
+        raise TypeError(f"`class_dim` must be an int, got {type(class_dim).__name__}")
+    if not -ndim <= class_dim < ndim:
+        raise ValueError(
+            f"`class_dim` must be in [{-ndim}, {ndim - 1}] for `input` with {ndim} "
+            f"dimension(s), got {class_dim}"
+        )
+    return class_dim % ndim
+
+
+def check_class_weight(weight, num_classes: int | None, name: str = "weight") -> None:
+    """Class weights: a floating (C,) tensor; any C when ``num_classes`` is None."""
+    if weight is None:
+        return
+    check_tensor(name, weight)
+    if not weight.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {weight.dtype}")
+    if num_classes is None and weight.dim() != 1:
+        raise ValueError(
+            f"`{name}` must be 1-D, one value per class, got shape {shape_str(weight.shape)}"
+        )
+    if num_classes is not None and weight.shape != (num_classes,):
+        raise ValueError(
+            f"`{name}` must have shape ({num_classes},), one value per class, "
+            f"got {shape_str(weight.shape)}"
+        )
+
+
+def check_index_target_range(
+    target: Tensor, num_classes: int, ignore_index: int | None, valid: Tensor | None
+) -> None:
+    """Class indices at kept positions must lie in [0, num_classes). Synchronises."""
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    if valid is not None:
+        bad &= valid
+    if bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+        raise ValueError(
+            f"`target` class indices must lie in [0, {num_classes - 1}]{hint}, found {value}"
+        )
+
+
+def check_normalizer(normalizer, validate_args: bool) -> None:
+    if normalizer is None:
+        return
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"`normalizer` must be a number or a one-element tensor, "
+                f"got shape {shape_str(normalizer.shape)}"
+            )
+        if validate_args and bool(normalizer < 0):
+            raise ValueError(f"`normalizer` must be >= 0, got {float(normalizer)}")
+        return
+    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+        raise TypeError(
+            f"`normalizer` must be a number or a tensor, got {type(normalizer).__name__}"
+        )
+    if not normalizer >= 0:
+        raise ValueError(f"`normalizer` must be >= 0, got {normalizer}")

@@ -1,0 +1,5 @@
+"""Functional losses: the source of truth for every loss in xloss."""
+
+from xloss.functional.cross_entropy import cross_entropy
+
+__all__ = ["cross_entropy"]

@@ -1,0 +1,184 @@
+"""Multi-class cross-entropy: a drop-in for ``F.cross_entropy`` with masks inside the loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from xloss._core.layout import class_layout
+from xloss._core.masking import build_mask
+from xloss._core.reduction import reduce_loss
+from xloss._core.validation import (
+    check_class_weight,
+    check_floating_input,
+    check_ignore_index,
+    check_index_target_range,
+    check_non_negative,
+    check_normalizer,
+    check_positive_or_none,
+    check_reduction,
+    check_tensor,
+    check_unit_interval,
+)
+from xloss.ops.rows import cross_entropy_rows, soft_cross_entropy_rows
+
+
+def check_cross_entropy_settings(
+    *, ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer=None
+) -> tuple[float, float, float | None]:
+    """Validate the settings of cross-entropy; return (label_smoothing, z_loss, softcap)."""
+    check_ignore_index(ignore_index)
+    check_reduction(reduction, normalizer)
+    return (
+        check_unit_interval("label_smoothing", label_smoothing),
+        check_non_negative("z_loss", z_loss),
+        check_positive_or_none("softcap", softcap),
+    )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16 and bf16 are computed in fp32; fp32 and fp64 in their own precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    class_dim: int = 1,
+    mask: Tensor | None = None,
+    lengths: Tensor | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: float | Tensor | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Cross-entropy between logits and class indices or class probabilities.
+
+    With lse the log-sum-exp of a row of logits x over its C classes, eps the label
+    smoothing, w the class weights (1 when not given) and z the z-loss coefficient,
+    the loss of a position with class-index target y is
+
+    .. math::
+        \ell = (1-\epsilon)\, w_y (\mathrm{lse} - x_y)
+             + \frac{\epsilon}{C} \sum_c w_c (\mathrm{lse} - x_c) + z\, \mathrm{lse}^2
+
+    and with a probability target t it is
+    :math:`\ell = \sum_c w_c t'_c (\mathrm{lse} - x_c) + z\,\mathrm{lse}^2`,
+    :math:`t' = (1-\epsilon) t + \epsilon / C`. With ``softcap`` the logits are first
+    replaced by ``softcap * tanh(x / softcap)``.
+
+    Positions whose target equals ``ignore_index``, where ``mask`` is False, or past a
+    sample's ``lengths`` are dropped: their loss is 0 and they count in no mean.
+
+    Reductions: ``"none"`` returns the per-position loss; ``"sum"`` its sum;
+    ``"mean"`` the sum divided by the summed ``w[y]`` of the kept positions (their
+    count when unweighted or for probability targets), as ``F.cross_entropy`` does;
+    ``"sample"`` the same mean taken per sample, shape (N,). With ``normalizer`` the
+    result is the sum divided by ``normalizer`` (for example a global token count).
+    A batch with no kept position gives 0 with a zero gradient, not NaN as PyTorch does.
+    The z-loss term is reduced with the loss (including the ``w[y]`` denominator).
+
+    Args:
+        input: logits; floating point. fp16 and bf16 are computed in fp32 and the
+            result is returned in the input's dtype.
+        target: class indices (integer, the input's shape without the class axis) or
+            class probabilities (floating, the input's shape).
+        weight: class weights of shape (C,).
+        ignore_index: class index whose positions are dropped (index targets only);
+            None drops nothing. May be a valid class.
+        reduction: ``"none"``, ``"mean"``, ``"sum"`` or ``"sample"``.
+        label_smoothing: eps in [0, 1].
+        class_dim: the class axis of ``input``; 1 like PyTorch, -1 for (B, T, V) logits.
+        mask: bool, the target's shape (without class axis); False drops a position.
+        lengths: (N,) valid lengths along target axis 1: integers, or floats in (0, 1]
+            as relative lengths (rounded to a count, as SpeechBrain does).
+        z_loss: coefficient of lse^2 (PaLM's z-loss), >= 0.
+        softcap: cap of the logit soft-capping, > 0, or None.
+        normalizer: divide the summed loss by this number or one-element tensor.
+        validate_args: check target ranges and lengths; these checks synchronise with
+            the device, so they can be switched off.
+
+    Shape:
+        - input: (C), (N, C) or (N, C, d_1, ..., d_K) with ``class_dim=1``; the class
+          axis can be any axis with ``class_dim``, e.g. (B, T, C) with ``class_dim=-1``.
+        - target: (), (N) or (N, d_1, ..., d_K) class indices, or the input's shape for
+          probabilities.
+        - output: a scalar; the target's shape for ``"none"``; (N) for ``"sample"``.
+
+    Here C is the number of classes, N the batch size and d_1, ..., d_K extra axes.
+
+    Example:
+        >>> import torch, xloss
+        >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+        >>> target = torch.tensor([0, 2])
+        >>> xloss.cross_entropy(logits, target, label_smoothing=0.1)
+        tensor(0.3455)
+        >>> seq = torch.zeros(2, 4, 5)  # (B, T, V) logits
+        >>> tokens = torch.tensor([[1, 2, 3, 0], [4, 0, 0, 0]])
+        >>> xloss.cross_entropy(seq, tokens, class_dim=-1, lengths=torch.tensor([4, 1]),
+        ...                     reduction="sample")
+        tensor([1.6094, 1.6094])
+    """
+    label_smoothing, z_loss, softcap = check_cross_entropy_settings(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalizer=normalizer,
+    )
+    check_normalizer(normalizer, validate_args)
+    check_floating_input(input)
+    check_tensor("target", target)
+    layout = class_layout(input, target, class_dim)
+    num_classes = layout.num_classes
+    check_class_weight(weight, num_classes)
+
+    device = input.device
+    target = target.to(device)
+    keep = build_mask(
+        layout.target_shape,
+        device,
+        index_target=None if layout.soft else target,
+        ignore_index=ignore_index,
+        mask=mask,
+        lengths=lengths,
+        validate_args=validate_args,
+    )
+    if validate_args and not layout.soft:
+        check_index_target_range(target, num_classes, ignore_index, keep)
+
+    dtype = compute_dtype(input.dtype)
+    class_weight = None if weight is None else weight.to(device=device, dtype=dtype)
+    rows = layout.logits.reshape(-1, num_classes).to(dtype)  # R x C
+    options = dict(
+        class_weight=class_weight, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
+    )
+    if layout.soft:
+        probs = target.movedim(layout.class_dim, -1).reshape(-1, num_classes).to(dtype)
+        row_loss = soft_cross_entropy_rows(rows, probs, **options)
+        denominator = None
+    else:
+        index = target.long()
+        if keep is not None:
+            index = torch.where(keep, index, 0)  # any valid class; the row is dropped below
+        row_loss = cross_entropy_rows(rows, index.reshape(-1), **options)
+        denominator = None if class_weight is None else class_weight[index]
+
+    loss = row_loss.reshape(layout.target_shape)
+    if keep is not None:
+        loss = torch.where(keep, loss, 0.0)
+    reduced = reduce_loss(
+        loss,
+        reduction,
+        keep=keep,
+        denominator=denominator,
+        normalizer=normalizer,
+        batched=layout.batched,
+    )
+    return reduced.to(input.dtype)

@@ -1,0 +1,1 @@
+"""Autograd functions and kernels behind the functionals."""
