@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
+
+PATHS = ("torch", "xloss")
 
 
 def _bytes(value: int | None) -> str:
@@ -104,10 +107,14 @@ def summary_table(results: dict) -> str:
     )
     lines.append("")
     lines.append(
-        "time: median wall time in this process, the two paths alternating. held for backward: "
-        "bytes autograd keeps between forward and backward, inputs excluded. peak RSS "
-        "increase: growth of the resident-memory high-water mark over one step, in a fresh "
-        "process per path (after a warm-up step). Timings are noisy on a busy machine."
+        textwrap.fill(
+            "time: median wall time of forward + backward in this process, the two paths "
+            "alternating (noisy on a busy machine). held for backward: bytes autograd keeps "
+            "between forward and backward, the inputs excluded. peak RSS increase: growth of "
+            "the resident-memory high-water mark over one step, in a fresh process per path, "
+            "after a warm-up step.",
+            width=100,
+        )
     )
     return "\n".join(lines)
 
@@ -209,24 +216,26 @@ def write_figure(results: dict, path: Path) -> None:
 
     ax = axes[1, 1]
     benches = results["loss_step"]
-    labels = [f"V={b['vocab']:,}" for b in benches]
+    has_peak = all(b[name]["peak_rss_increase"] is not None for b in benches for name in PATHS)
+    measure = "peak_rss_increase" if has_peak else "held_for_backward"
     width = 0.38
-    for offset, path, colour in (
+    for offset, name, colour in (
         (-width / 2, "torch", "tab:grey"),
         (width / 2, "xloss", "tab:green"),
     ):
-        values = [(b[path]["peak_rss_increase"] or 0) / 2**20 for b in benches]
-        ax.bar([i + offset for i in range(len(benches))], values, width, color=colour, label=path)
+        values = [b[name][measure] / 2**20 for b in benches]
+        ax.bar([i + offset for i in range(len(benches))], values, width, color=colour, label=name)
         for i, b in enumerate(benches):
             ax.annotate(
-                f"{b[path]['seconds'] * 1e3:.0f} ms",
+                f"{b[name]['seconds'] * 1e3:.0f} ms",
                 (i + offset, values[i]),
                 ha="center",
                 va="bottom",
                 fontsize=8,
             )
-    ax.set_xticks(range(len(benches)), labels)
-    ax.set(title="Loss step: peak RSS increase (label: median time)", ylabel="MiB")
+    ax.set_xticks(range(len(benches)), [f"V={b['vocab']:,}" for b in benches])
+    what = "peak RSS increase" if has_peak else "memory held for backward"
+    ax.set(title=f"Loss step: {what} (labels: median time)", ylabel="MiB", yscale="log")
     ax.legend(fontsize=8)
 
     figure.tight_layout()
