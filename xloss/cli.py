@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+
+DEMO_PACKAGES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +24,25 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default=".", help="folder for demo.json and demo.png (default .)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: see `xloss demo -h`)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the models are tiny, and more threads only help on "
+        "an otherwise idle machine)",
     )
     demo.add_argument("--quick", action="store_true", help="a tiny configuration, seconds")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     if args.command == "demo":
+        missing = [
+            name for module, name in DEMO_PACKAGES.items() if not importlib.util.find_spec(module)
+        ]
+        if missing:
+            print(
+                f"xloss demo needs {', '.join(missing)}: pip install 'xloss[demo]'",
+                file=sys.stderr,
+            )
+            return 1
         from xloss.demo import DemoConfig, run_demo
 
         run_demo(
