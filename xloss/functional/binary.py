@@ -216,12 +216,24 @@ def elementwise_loss(
     return reduced.to(input.dtype)
 
 
+def log_sigmoid(logits: Tensor) -> Tensor:
+    """log s(x) = -softplus(-x), finite with a finite gradient for every finite x.
+
+    Same values as ``F.logsigmoid``, but ``softplus`` is an ordinary element-wise kernel:
+    on CPU ``F.logsigmoid`` hands even tiny tensors to the thread pool, which measured
+    milliseconds per call (against microseconds for softplus) on a loaded 2-core machine.
+    The threshold 40 (above it softplus returns its input) keeps float64 accuracy:
+    exp(-40) < 1e-17.
+    """
+    return -F.softplus(-logits, threshold=40.0)
+
+
 def bce_pointwise(logits: Tensor, target: Tensor, pos_weight: Tensor | None) -> Tensor:
-    """-[pw y log s(x) + (1-y) log(1-s(x))] with log s(x) = logsigmoid(x), stable for any x."""
-    positive = F.logsigmoid(logits) * target
+    """-[pw y log s(x) + (1-y) log(1-s(x))] from logits, stable for any x."""
+    positive = log_sigmoid(logits) * target
     if pos_weight is not None:
         positive = positive * pos_weight
-    return -(positive + F.logsigmoid(-logits) * (1.0 - target))
+    return -(positive + log_sigmoid(-logits) * (1.0 - target))
 
 
 def binary_cross_entropy_with_logits(
@@ -255,10 +267,10 @@ def binary_cross_entropy_with_logits(
     .. math::
         \ell = -w \left[ p\, y' \log s(x) + (1 - y') \log (1 - s(x)) \right],
 
-    computed as ``logsigmoid(x)`` and ``logsigmoid(-x)``, so it is finite for any finite
-    logit. ``"binary"`` smoothing treats every element as its own two-class problem;
-    ``"uniform"`` spreads a over the C classes of the class axis (the PaddleClas / timm
-    rule). Smoothing applies to hard and soft targets alike.
+    computed from log s(x) = -softplus(-x) and log(1 - s(x)) = -softplus(x), so loss and
+    gradient are finite for any finite logit. ``"binary"`` smoothing treats every element
+    as its own two-class problem; ``"uniform"`` spreads a over the C classes of the class
+    axis (the PaddleClas / timm rule). Smoothing applies to hard and soft targets alike.
 
     Elements whose target equals ``ignore_index`` (e.g. -1 for an unknown label), where
     ``mask`` is False, or past a sample's ``lengths`` along axis 1 are dropped: their loss

@@ -10,11 +10,10 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from xloss._core.validation import check_non_negative, check_unit_interval
-from xloss.functional.binary import elementwise_loss
+from xloss.functional.binary import elementwise_loss, log_sigmoid
 
 
 def check_focal_settings(*, alpha, gamma) -> tuple[float, float]:
@@ -56,8 +55,8 @@ def focal_pointwise(alpha: float, gamma: float):
     """Per-element focal loss: alpha_t (1 - p_t)^gamma BCE(x, y)."""
 
     def pointwise(logits: Tensor, target: Tensor, pos_weight: Tensor | None) -> Tensor:
-        log_p = F.logsigmoid(logits)
-        log_not_p = F.logsigmoid(-logits)
+        log_p = log_sigmoid(logits)
+        log_not_p = log_sigmoid(-logits)
         loss = -(target * log_p + (1.0 - target) * log_not_p)
         if gamma > 0.0:
             # 1 - p_t = y (1 - p) + (1 - y) p, without the cancellation of 1 - p_t
@@ -74,8 +73,8 @@ def asymmetric_pointwise(gamma_pos: float, gamma_neg: float, clip: float):
     """Per-element ASL: -[y (1-p)^g+ log p + (1-y) p_m^g- log(1-p_m)], p_m = max(p-clip, 0)."""
 
     def pointwise(logits: Tensor, target: Tensor, pos_weight: Tensor | None) -> Tensor:
-        log_p = F.logsigmoid(logits)
-        log_not_p = F.logsigmoid(-logits)
+        log_p = log_sigmoid(logits)
+        log_not_p = log_sigmoid(-logits)
         positive = log_p
         if gamma_pos > 0.0:
             positive = positive * torch.exp(gamma_pos * log_not_p)  # (1-p)^g+ log p
@@ -122,8 +121,8 @@ def sigmoid_focal_loss(
 
     with w the element weight. A negative ``alpha`` drops the alpha_t factor, so
     ``gamma=0, alpha=-1`` is exactly binary cross-entropy. 1 - p_t is computed as
-    y'(1 - p) + (1 - y') p and BCE from ``logsigmoid``, so logits of any size give finite
-    losses and gradients. The gradient flows through the modulating factor.
+    y'(1 - p) + (1 - y') p and BCE from log s(x) = -softplus(-x), so logits of any size
+    give finite losses and gradients. The gradient flows through the modulating factor.
 
     The default reduction is ``"mean"`` like the rest of xloss;
     ``torchvision.ops.sigmoid_focal_loss`` defaults to ``"none"``, and detection code
@@ -206,8 +205,8 @@ def asymmetric_loss(
     ``gamma_neg > gamma_pos`` down-weights the many easy negatives of multi-label data.
     With ``gamma_pos = gamma_neg = clip = 0`` this is binary cross-entropy.
 
-    Numerics: log p = ``logsigmoid(x)``; with ``clip=0``, log(1 - p) = ``logsigmoid(-x)``
-    and p^gamma_neg = exp(gamma_neg * logsigmoid(x)); with ``clip > 0``,
+    Numerics: log p = -softplus(-x); with ``clip=0``, log(1 - p) = -softplus(x) and
+    p^gamma_neg = exp(gamma_neg * log p); with ``clip > 0``,
     log(1 - p_m) = ``log1p(-p_m)``, finite because 1 - p_m >= clip. Unlike the upstream
     code, no probability is clamped to an eps before the log. The gradient flows through
     the focusing weights (upstream's ``disable_torch_grad_focal_loss=False``).
