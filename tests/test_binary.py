@@ -116,18 +116,20 @@ def test_mean_divides_by_kept_elements_and_empty_batch_gives_zero():
     assert torch.equal(loss, torch.zeros(2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("relative", [False, True])
-def test_lengths_equal_a_hand_built_mask(relative):
+@pytest.mark.parametrize(
+    ("given_lengths", "counts"),
+    [
+        (torch.tensor([5, 2, 0]), torch.tensor([5, 2, 0])),
+        (torch.tensor([1.0, 0.4, 0.5]), torch.tensor([5, 2, 2])),  # relative; 2.5 rounds to 2
+    ],
+    ids=["integer", "relative"],
+)
+def test_lengths_equal_a_hand_built_mask(given_lengths, counts):
     x, y = make_data((3, 5, 4), seed=7)
-    lengths = torch.tensor([5, 2, 0])
-    given_lengths = lengths / 5.0 if relative else lengths
-    if relative:
-        given_lengths = torch.tensor([1.0, 0.4, 0.5])  # 0.5 * 5 rounds to 2
-        lengths = torch.tensor([5, 2, 2])
     for reduction in ["none", "mean", "sum", "sample"]:
         actual = bce(x, y, lengths=given_lengths, reduction=reduction, label_smoothing=0.1)
         expected = reference_loss(
-            bce_reference, x, y, lengths=lengths, reduction=reduction, label_smoothing=0.1
+            bce_reference, x, y, lengths=counts, reduction=reduction, label_smoothing=0.1
         )
         assert_close64(actual, expected)
 
@@ -361,6 +363,14 @@ def test_target_range_errors_and_validate_args_off():
     assert torch.isfinite(bce(x, y, validate_args=False))
 
 
+def test_torch_compile_runs_and_matches_eager():
+    x, y = make_data((3, 4), seed=37)
+    compiled = torch.compile(bce, backend="eager", fullgraph=True)
+    options = dict(pos_weight=torch.rand(4, dtype=torch.float64), label_smoothing=0.1)
+    expected = bce(x, y, **options)
+    assert_close64(compiled(x, y, validate_args=False, **options), expected)
+
+
 # ---------------------------------------------------------------------------- module
 
 
@@ -449,6 +459,10 @@ def test_positive_rate_small_shapes_lengths_and_empty_class():
         xloss.positive_rate(torch.zeros(2, dtype=torch.complex64))
     with pytest.raises(TypeError, match="`target` must be a torch.Tensor"):
         xloss.positive_rate([1.0, 0.0])
+    with pytest.raises(TypeError, match="`ignore_index` must be an int"):
+        xloss.positive_rate(torch.zeros(2, 2), ignore_index="-1")
+    with pytest.raises(ValueError, match=r"`class_dim` must be in \[-2, 1\]"):
+        xloss.positive_rate(torch.zeros(2, 2), class_dim=2)
 
 
 def test_balance_weights_match_formula():
