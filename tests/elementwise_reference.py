@@ -13,6 +13,14 @@ import torch
 
 SHAPES = [(), (5,), (3, 4), (2, 3, 5), (2, 3, 2, 3)]
 SMOOTHINGS = [(0.0, "binary"), (0.1, "binary"), (0.2, "uniform")]
+# (shape, reduction) pairs; "sample" needs a batch axis, so not for 0-D and 1-D input
+GRID_CASES = [
+    (shape, reduction)
+    for shape in SHAPES
+    for reduction in ["none", "mean", "sum", "sample"]
+    if reduction != "sample" or len(shape) > 1
+]
+GRID_IDS = [f"{shape}-{reduction}" for shape, reduction in GRID_CASES]
 
 
 def sigmoid64(x):
