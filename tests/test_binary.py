@@ -59,6 +59,18 @@ def test_issue_example_1d_with_smoothing_equals_formula():
     assert loss.item() == pytest.approx(expected / 2, rel=1e-6)
 
 
+def test_fp32_soft_targets_at_large_logits_are_accurate():
+    # (1-y) x + softplus(-x), PyTorch's arrangement, cancels here; the loss must not
+    x = torch.tensor([-30.0, -10.0, 10.0, 30.0, -1e4])
+    y = torch.tensor([0.005, 0.3, 0.7, 0.995, 0.001])
+    x64, y64 = x.double(), y.double()
+    # -log s(x) = log(1 + e^-x) and -log(1 - s(x)) = log(1 + e^x), exact in float64 here
+    expected = y64 * torch.log1p(torch.exp(-x64)) + (1 - y64) * torch.log1p(torch.exp(x64))
+    expected[-1] = y64[-1] * 1e4  # e^1e4 overflows; the loss is y |x| to double precision
+    actual = bce(x, y, reduction="none")
+    torch.testing.assert_close(actual.double(), expected, rtol=5e-7, atol=0)
+
+
 def test_uniform_rule_uses_size_of_class_axis():
     x = torch.ones(2, 4, dtype=torch.float64)
     y = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
