@@ -34,8 +34,8 @@ class DemoConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     multilabel: MultiLabelConfig = field(default_factory=MultiLabelConfig)
     label_smoothing: tuple[float, ...] = (0.0, 0.1)
-    bench_repeats: int = 7
-    bench_large_vocab: int | None = 32768  # None skips the large-vocabulary comparison
+    bench_repeats: int = 5
+    bench_large_vocab: int | None = 16384  # None skips the large-vocabulary comparison
     measure_rss: bool = True
 
     @classmethod

@@ -30,13 +30,13 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 @dataclass
 class LMConfig:
-    context: int = 96  # longest piece, counting the <bos> token
-    dim: int = 96
+    context: int = 64  # longest piece, counting the <bos> token
+    dim: int = 64
     layers: int = 2
     heads: int = 4
-    batch_size: int = 32
-    steps: int = 300
-    lr: float = 3e-3
+    batch_size: int = 48
+    steps: int = 400
+    lr: float = 1e-2
     warmup: int = 30
     eval_every: int = 50
     min_char_count: int = 20  # rarer characters become <unk>
