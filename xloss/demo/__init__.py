@@ -87,22 +87,38 @@ def run_demo(
     *,
     config: DemoConfig | None = None,
     seed: int = 0,
-    threads: int | None = None,
+    threads: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Run the whole demo; print the table, write demo.json and demo.png into ``out``."""
-    from tqdm.auto import tqdm
+    """Run the whole demo; print the table, write demo.json and demo.png into ``out``.
 
-    from xloss.demo import lm, lossbench, multilabel, report
-
-    config = config or DemoConfig()
-    threads = threads or 1
+    ``threads`` is the number of torch threads while the demo runs (restored afterwards).
+    Returns everything that goes into demo.json.
+    """
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        results = _run(config or DemoConfig(), seed, threads, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
 
+    from xloss.demo import report
+
+    print(report.summary_table(results))
+    report.write_json(results, out / "demo.json")
+    report.write_figure(results, out / "demo.png")
+    print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'} in {results['seconds']:.0f} s")
+    return results
+
+
+def _run(config: DemoConfig, seed: int, threads: int, progress: bool) -> dict:
+    from xloss.demo import lm, lossbench, multilabel
+
+    started = time.perf_counter()
     corpus = lm.load_corpus(config.lm, seed)
+    valid = corpus.valid[: config.lm.max_eval_pieces]
     lm_runs, model = [], None
     for eps in config.label_smoothing:
         model, result = lm.train_lm(corpus, config.lm, eps, seed=seed, progress=progress)
@@ -113,8 +129,8 @@ def run_demo(
                 "reliability": {k: v.tolist() for k, v in bins._asdict().items()},
             }
         )
-    valid = corpus.valid[: config.lm.max_eval_pieces]
 
+    # The loss step, measured on hidden states of the last model trained.
     batch = _bench_batch(model, corpus, config, seed)
     batches = [("one batch of the LM above", batch)]
     if config.bench_large_vocab:
@@ -125,6 +141,7 @@ def run_demo(
         repeats=config.bench_repeats,
         threads=threads,
         measure_rss=config.measure_rss,
+        progress=progress,
     )
     loss_step = [
         {"title": title, "label_smoothing": b["eps"], **m}
@@ -133,13 +150,13 @@ def run_demo(
 
     data = multilabel.load_digit_segments(config.multilabel, seed)
     ml_runs = [
-        dataclasses.asdict(multilabel.train_multilabel(data, config.multilabel, eps, seed=seed))
-        for eps in tqdm(
-            config.label_smoothing, desc="multi-label", disable=not progress, leave=False
+        dataclasses.asdict(
+            multilabel.train_multilabel(data, config.multilabel, eps, seed=seed, progress=progress)
         )
+        for eps in config.label_smoothing
     ]
 
-    results = {
+    return {
         "seed": seed,
         "threads": threads,
         "lm": {
@@ -159,13 +176,8 @@ def run_demo(
             "test_images": len(data.test_x),
             "runs": ml_runs,
         },
+        "seconds": time.perf_counter() - started,
     }
-    results["seconds"] = time.perf_counter() - started
-    print(report.summary_table(results))
-    report.write_json(results, out / "demo.json")
-    report.write_figure(results, out / "demo.png")
-    print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'} in {results['seconds']:.0f} s")
-    return results
 
 
 __all__ = ["DemoConfig", "run_demo"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -186,7 +187,11 @@ def make_loss(label_smoothing: float) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(model: CharTransformer, pieces: list[Tensor], batch_size: int = 64):
-    """Unsmoothed validation CE (nats/char), and top-1 confidences and hits, valid positions."""
+    """Unsmoothed validation CE (nats/char), and top-1 confidences and hits, valid positions.
+
+    Evaluation needs the probabilities themselves (for calibration), so here the logits of
+    the valid positions are built; with 97 characters they are small.
+    """
     model.eval()
     total, count, confidences, hits = 0.0, 0, [], []
     for start in range(0, len(pieces), batch_size):
@@ -210,8 +215,6 @@ def train_lm(
     progress: bool = True,
 ) -> tuple[CharTransformer, LMResult]:
     """Train from the same seed with the given label smoothing; evaluate on validation."""
-    import time
-
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)

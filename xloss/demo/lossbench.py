@@ -167,14 +167,29 @@ def peak_rss_increase(batches: list[dict], threads: int) -> dict[str, list[int |
     return result
 
 
-def compare(batches: list[dict], *, repeats: int, threads: int, measure_rss: bool = True):
+def compare(
+    batches: list[dict],
+    *,
+    repeats: int,
+    threads: int,
+    measure_rss: bool = True,
+    progress: bool = False,
+) -> list[dict]:
     """All measurements per batch: shapes, loss values, time, saved and peak memory."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(batches) + measure_rss, desc="loss step", disable=not progress, leave=False
+    )
     if measure_rss:
+        bar.set_postfix_str("peak memory, one process per path")
         peaks = peak_rss_increase(batches, threads)
+        bar.update()
     else:
         peaks = {path: [None] * len(batches) for path in PATHS}
     results = []
     for i, batch in enumerate(batches):
+        bar.set_postfix_str(f"time, V={batch['weight'].shape[0]}")
         losses = {path: float(step(path, batch)) for path in PATHS}
         seconds = median_seconds(batch, repeats)
         held = {path: held_for_backward(path, batch) for path in PATHS}
@@ -198,6 +213,8 @@ def compare(batches: list[dict], *, repeats: int, threads: int, measure_rss: boo
                 },
             }
         )
+        bar.update()
+    bar.close()
     return results
 
 

@@ -90,9 +90,15 @@ def make_loss(logits: Tensor, target: Tensor, weight: Tensor, label_smoothing: f
 
 
 def train_multilabel(
-    data: MultiLabelData, config: MultiLabelConfig, label_smoothing: float, seed: int = 0
+    data: MultiLabelData,
+    config: MultiLabelConfig,
+    label_smoothing: float,
+    seed: int = 0,
+    progress: bool = False,
 ) -> MultiLabelResult:
     """Full-batch AdamW from the same seed; evaluate on the held-out images."""
+    from tqdm.auto import tqdm
+
     torch.manual_seed(seed)
     num_labels = data.train_y.shape[1]
     model = nn.Sequential(
@@ -106,7 +112,13 @@ def train_multilabel(
     rate = xloss.positive_rate(data.train_y)
     weight = xloss.multilabel_balance_weights(data.train_y, rate)  # N x 7
     result = MultiLabelResult(label_smoothing=label_smoothing)
-    for _ in range(config.epochs):
+    steps = tqdm(
+        range(config.epochs),
+        desc=f"multi-label eps={label_smoothing:g}",
+        disable=not progress,
+        leave=False,
+    )
+    for _ in steps:
         loss = make_loss(model(data.train_x), data.train_y, weight, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
