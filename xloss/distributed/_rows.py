@@ -62,7 +62,7 @@ def global_row_stats(
     if exp_in_place:
         shifted_exp = logits.sub_(row_max.unsqueeze(-1)).exp_()  # R x V_local, in place
     else:
-        shifted_exp = torch.exp(logits - row_max.unsqueeze(-1))  # R x V_local
+        shifted_exp = (logits - row_max.unsqueeze(-1)).exp_()  # R x V_local
     partials.append(shifted_exp.sum(-1))
     summed = all_reduce_sum(*partials, group=group)
     target_logit, sum_exp = summed[0], summed[-1]

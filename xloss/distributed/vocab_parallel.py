@@ -95,7 +95,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         stats = RowStats(row_logsumexp, None, None, num_classes, local_target, in_slice)
         grad_loss = grad_loss.to(row_logsumexp.dtype)
         # 4. Local gradient: softmax recomputed from the local logits and the global lse.
-        probs = torch.exp(logits.to(row_logsumexp.dtype) - row_logsumexp.unsqueeze(-1))
+        probs = (logits.to(row_logsumexp.dtype) - row_logsumexp.unsqueeze(-1)).exp_()
         row_factor = grad_loss * (1.0 + 2.0 * settings.z_loss * row_logsumexp)
         grad = local_gradient_(
             probs, row_factor, grad_loss, stats, label_smoothing=settings.label_smoothing
