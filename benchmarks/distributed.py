@@ -82,6 +82,19 @@ def worker(rank, world, port, args, queue):
         hidden.grad = weight.grad = None
         vocab_parallel_linear_cross_entropy(hidden, weight, target, label_smoothing=0.1).backward()
 
+    stats_max = torch.zeros(rows + world)
+    stats_sum = torch.zeros(3, rows)
+    grad_hidden = torch.zeros(rows, hidden_size)
+
+    def comm_step():  # the collectives alone: those of the CE, and linear CE's grad_input
+        dist.all_reduce(stats_max, op=dist.ReduceOp.MAX)
+        dist.all_reduce(stats_sum)
+
+    def grad_input_step():
+        dist.all_reduce(grad_hidden)
+
+    results["comm_ce_s"] = timed(comm_step, args.repeats)
+    results["comm_grad_input_s"] = timed(grad_input_step, args.repeats)
     for name, step in (("ce", ce_step), ("linear", linear_step)):
         counter = count_bytes()
         step()
@@ -116,6 +129,10 @@ def run(world, args):
     return results
 
 
+def rows_h(args) -> str:
+    return f"{args.rows} x {args.hidden} fp32"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
@@ -140,6 +157,12 @@ def main() -> None:
                 f"{ranks[0][name + '_collectives']:3d} all-reduces, "
                 f"{ranks[0][name + '_bytes_per_row']:7.1f} bytes/row"
             )
+        comm = max(r["comm_ce_s"] for r in ranks.values())
+        grad_input = max(r["comm_grad_input_s"] for r in ranks.values())
+        print(
+            f"  collectives alone at {world} rank(s): the 2 of the CE {comm * 1e3:.2f} ms, "
+            f"linear CE's grad_input all-reduce ({rows_h(args)}) {grad_input * 1e3:.2f} ms"
+        )
     gather_bytes = (args.vocab - args.vocab // 2) * 4
     print(f"(all-gathering the logits instead: {gather_bytes} bytes/row at 2 ranks)")
 
