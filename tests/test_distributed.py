@@ -378,3 +378,36 @@ def test_property_linear_equals_reference(
     expected.sum().backward()
     assert torch.allclose(hidden.grad, h.grad, atol=1e-10)
     assert torch.allclose(weight.grad, w.grad, atol=1e-10)
+
+
+def test_linear_bf16_one_process(one_process_group):
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(7, 5, generator=gen)
+    weight = torch.randn(9, 5, generator=gen)
+    target = torch.randint(0, 9, (7,), generator=gen)
+    h = hidden.bfloat16().requires_grad_(True)
+    w = weight.bfloat16().requires_grad_(True)
+    loss = vocab_parallel_linear_cross_entropy(h, w, target, label_smoothing=0.1, chunk_size=3)
+    loss.backward()
+    assert loss.dtype == h.grad.dtype == w.grad.dtype == torch.bfloat16
+    h64 = h.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    keep = torch.ones(7, dtype=torch.bool)
+    expected = reference_rows(h64 @ w64.T, target, keep, 0.1, 0.0).mean()
+    expected.backward()
+    assert torch.allclose(loss.double(), expected, rtol=1e-2)
+    assert torch.allclose(h.grad.double(), h64.grad, atol=2e-2)
+    assert torch.allclose(w.grad.double(), w64.grad, atol=2e-2)
+
+
+def test_global_token_count_one_process(one_process_group):
+    target = torch.tensor([[3, -100, 1], [-100, -100, 2]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    assert global_token_count(target).item() == 3
+    assert global_token_count(target, mask=mask).item() == 2
+    assert global_token_count(target, ignore_index=None).item() == 6
+    assert global_token_count(target, ignore_index=1).dtype == torch.int64
+    with pytest.raises(TypeError, match="`mask` must be a bool tensor"):
+        global_token_count(target, mask=mask.float())
+    with pytest.raises(TypeError, match="`ignore_index` must be an int"):
+        global_token_count(target, ignore_index=0.5)
