@@ -288,10 +288,10 @@ def test_gradcheck_one_process(one_process_group):
         ),
         (logits,),
     )
-    hidden = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
-    target = torch.tensor([0, 5, -100, 2, 3])
+    hidden = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 4, -100, 2])
     for reduction in ("mean", "none"):
         torch.autograd.gradcheck(
             lambda h, w, b, reduction=reduction: vocab_parallel_linear_cross_entropy(
