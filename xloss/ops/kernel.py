@@ -12,6 +12,7 @@ all cores by default).
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import numpy as np
@@ -28,7 +29,7 @@ def _kernels():
     """The compiled-kernel module, or None (with one warning) when numba is unusable."""
     if "kernels" not in _loaded:
         try:
-            from xloss.ops import _numba_rows
+            _numba_rows = importlib.import_module("xloss.ops._numba_rows")
         except Exception as error:  # ImportError, or a broken numba/llvmlite install
             warnings.warn(
                 f"xloss: numba is unavailable ({type(error).__name__}: {error}); "
@@ -77,7 +78,17 @@ def _check_rows(logits: Tensor, target: Tensor) -> None:
         )
 
 
-def _launch(logits, target, dest, *, grad_scale, class_weight, label_smoothing, z_loss, softcap):
+def _launch(
+    logits: Tensor,
+    target: Tensor,
+    dest: Tensor | None,
+    *,
+    grad_scale: float | Tensor = 1.0,
+    class_weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
     """Run the kernel over rows; ``dest`` None: loss only, else the gradient goes there."""
     _check_rows(logits, target)
     kernels = _kernels()
