@@ -409,3 +409,20 @@ def test_without_numba_the_portable_path_runs_and_warns_once(monkeypatch):
     torch.testing.assert_close(logits.grad.double(), grad_ref, atol=1e-7, rtol=1e-5)
     with pytest.raises(RuntimeError, match="unavailable"):
         row_loss(x, target)
+
+
+def test_gradient_buffer_is_reused_only_when_free():
+    kernel.release_buffers()
+    first = kernel.gradient_buffer((30, 40), torch.float32)
+    pointer = first.data_ptr()
+    view = first[1:]
+    del first
+    busy = kernel.gradient_buffer((30, 40), torch.float32)  # `view` still uses the buffer
+    assert busy.data_ptr() != pointer
+    pointer = busy.data_ptr()
+    del busy, view
+    again = kernel.gradient_buffer((30, 40), torch.float32)
+    assert again.data_ptr() == pointer and again.shape == (30, 40)
+    half = kernel.gradient_buffer((30, 40), torch.bfloat16)  # another size: a new buffer
+    assert half.dtype == torch.bfloat16 and half.data_ptr() != pointer
+    kernel.release_buffers()

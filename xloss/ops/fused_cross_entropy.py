@@ -72,7 +72,10 @@ def _fused_op(
     per_row: bool,
     write_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    grad = torch.empty_like(logits) if write_grad else logits.new_empty(0)  # R x C
+    if write_grad:
+        grad = kernel.gradient_buffer(logits.shape, logits.dtype)  # R x C, reused
+    else:
+        grad = logits.new_empty(0)
     output = _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss,
                       softcap, per_row, write_grad, grad if write_grad else None)  # fmt: skip
     return output, grad
@@ -123,11 +126,14 @@ def _scale_grad(grad: Tensor, grad_output: Tensor, per_row: bool, in_place: bool
 def _setup(ctx, inputs, output):
     ctx.per_row = inputs[7]
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else backward gets an R x C zero tensor for `grad`
     ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad_output, _grad_of_grad):
     (grad,) = ctx.saved_tensors
+    if grad_output is None:  # grads are not materialised
+        return (None,) * 9
     grad_logits = _scale_grad(grad, grad_output, ctx.per_row, in_place=False)
     return (grad_logits,) + (None,) * 8  # one value per input of the op
 
