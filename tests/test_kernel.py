@@ -377,19 +377,28 @@ def test_inplace_backward_with_class_dim_1_copies_and_keeps_input():
     )
 
 
-def test_torch_compile_fullgraph_traces_the_kernel():
+def test_torch_compile_fullgraph_traces_the_kernel(monkeypatch):
+    monkeypatch.setattr(kernel, "_loaded", {})  # as in a fresh process: numba not loaded yet
     x, target = random_case(4, 10, seed=14)
 
     def loss_fn(logits, labels):
-        return xloss.cross_entropy(logits, labels, label_smoothing=0.1, validate_args=False)
+        options = dict(label_smoothing=0.1, validate_args=False)
+        out_of_place = xloss.cross_entropy(logits, labels, **options)
+        in_place = xloss.cross_entropy(logits * 2.0, labels, inplace_backward=True, **options)
+        return out_of_place + in_place
 
+    # aot_eager runs dynamo and AOT autograd (fake tensors, the ops' autograd) without
+    # inductor's code generation, which would take minutes on two cores
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     logits = x.clone().requires_grad_()
     out = compiled(logits, target)
     out.backward()
     loss_ref, grad_ref = reference_rows(x, target, eps=0.1, scale=1 / 4)
-    torch.testing.assert_close(out.double(), loss_ref.mean(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(logits.grad.double(), grad_ref, atol=1e-7, rtol=1e-5)
+    loss_ref2, grad_ref2 = reference_rows(2 * x, target, eps=0.1, scale=1 / 4)
+    torch.testing.assert_close(
+        out.double(), loss_ref.mean() + loss_ref2.mean(), rtol=1e-6, atol=1e-7
+    )
+    torch.testing.assert_close(logits.grad.double(), grad_ref + 2 * grad_ref2, atol=1e-7, rtol=1e-5)
 
 
 def test_without_numba_the_portable_path_runs_and_warns_once(monkeypatch):
@@ -426,3 +435,15 @@ def test_gradient_buffer_is_reused_only_when_free():
     half = kernel.gradient_buffer((30, 40), torch.bfloat16)  # another size: a new buffer
     assert half.dtype == torch.bfloat16 and half.data_ptr() != pointer
     kernel.release_buffers()
+
+
+def test_inplace_backward_on_a_strided_slice_leaves_the_base_untouched():
+    x, target = random_case(4, 20, seed=16)
+    base = x.clone().requires_grad_()
+    logits = base[:, :13]  # rows of 13 classes inside rows of 20: not contiguous
+    out = xloss.cross_entropy(logits, target % 13, inplace_backward=True)
+    out.backward()
+    assert torch.equal(base.detach(), x)
+    _, grad_ref = reference_rows(x[:, :13], target % 13, scale=1 / 4)
+    torch.testing.assert_close(base.grad[:, :13].double(), grad_ref, atol=1e-7, rtol=1e-5)
+    assert bool((base.grad[:, 13:] == 0).all())

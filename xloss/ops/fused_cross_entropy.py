@@ -208,11 +208,13 @@ def fused_cross_entropy(
 
     ``target`` holds class indices of shape ``logits.shape[:-1]``; ``keep`` marks the
     kept positions (None: all). With ``inplace_backward`` the gradient is written into
-    the logits' storage when they are a contiguous (..., C) view; any other layout (a
-    class axis that was not last) is first copied, so the caller's tensor is untouched.
+    the logits' storage when they are contiguous with the class axis last; any other
+    layout (class_dim=1 on (N, C, d) input, a strided slice) is copied first, so only
+    the copy is overwritten and the caller's tensor is untouched.
     """
     target_shape = logits.shape[:-1]
-    rows = logits.reshape(-1, logits.shape[-1])  # R x C: a view when contiguous, else a copy
+    # R x C: a view of the caller's logits when they are contiguous, else a private copy
+    rows = logits.reshape(-1, logits.shape[-1]).contiguous()
     index = target.reshape(-1).long()
     if keep is not None:
         index = torch.where(keep.reshape(-1), index, -1)  # the kernel drops negative rows

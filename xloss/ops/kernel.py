@@ -43,6 +43,7 @@ def _kernels():
     return _loaded["kernels"]
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it once instead of tracing it
 def kernel_available() -> bool:
     """True when the numba row kernel can run (numba imports)."""
     return _kernels() is not None
