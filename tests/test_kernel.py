@@ -6,6 +6,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xloss
 from xloss.ops import kernel
@@ -100,6 +102,27 @@ def test_rows_every_option(options, classes):
         options["scale"] = torch.linspace(0.5, 2.0, 6)
     loss, grad = check_rows(x, target, **options)
     assert loss[2] == 0 and bool((grad[2] == 0).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    classes=st.integers(1, 70),
+    eps=st.sampled_from([0.0, 0.05, 1.0]),
+    z=st.sampled_from([0.0, 1e-2]),
+    cap=st.sampled_from([None, 2.0]),
+    weighted=st.booleans(),
+    spread=st.sampled_from([0.1, 5.0, 60.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_rows_property_random_options(rows, classes, eps, z, cap, weighted, spread, seed):
+    x, target = random_case(rows, classes, seed=seed, spread=spread)
+    target[::3] = -1  # every third row dropped
+    weight = (
+        torch.rand(classes, generator=torch.Generator().manual_seed(seed)) if weighted else None
+    )
+    scale = torch.rand(rows, generator=torch.Generator().manual_seed(seed + 1))
+    check_rows(x, target, eps=eps, z=z, cap=cap, weight=weight, scale=scale, atol=1e-5)
 
 
 def test_rows_all_equal_logits():
