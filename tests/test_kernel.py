@@ -470,3 +470,13 @@ def test_inplace_backward_on_a_strided_slice_leaves_the_base_untouched():
     _, grad_ref = reference_rows(x[:, :13], target % 13, scale=1 / 4)
     torch.testing.assert_close(base.grad[:, :13].double(), grad_ref, atol=1e-7, rtol=1e-5)
     assert bool((base.grad[:, 13:] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_with_no_rows(dtype):
+    logits = torch.zeros(0, 5, dtype=dtype, requires_grad=True)
+    out = xloss.cross_entropy(logits, torch.zeros(0, dtype=torch.long))
+    out.backward()
+    assert out.item() == 0 and logits.grad.shape == (0, 5)
+    none = xloss.cross_entropy(logits, torch.zeros(0, dtype=torch.long), reduction="none")
+    assert none.shape == (0,)

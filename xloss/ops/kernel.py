@@ -121,6 +121,10 @@ def _launch(
     source = _as_array(logits)
     target_array = target.detach().numpy()
     write = dest is not None
+    if write and (dest.shape != logits.shape or dest.dtype != logits.dtype):
+        raise ValueError("the gradient buffer must have the logits' shape and dtype")
+    if write and not dest.is_contiguous():
+        raise ValueError("the gradient buffer must be contiguous")
     if logits.dtype == torch.float32:
         in_place = write and dest.data_ptr() == logits.data_ptr()
         # In place passes one array: aliased source/dest arrays would defeat vectorisation.
@@ -194,6 +198,8 @@ def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     uses it; a buffer of another size, or one still in use, is replaced in the pool.
     """
     nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
     if _buffer_pool:
         pooled = _buffer_pool[0]
         # 3 references: the pool, `pooled` and getrefcount's argument; a live tensor adds one
