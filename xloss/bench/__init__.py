@@ -4,7 +4,8 @@ For every (case, variant) of a table (see :mod:`xloss.bench.registry`) a fresh
 subprocess reports the median forward + backward time after warm-up and the peak RSS
 above the RSS after the inputs exist. The effective bandwidth of a variant is the
 table's minimal traffic (for cross-entropy one read and one write of the logits) over
-its time, also shown as a share of the triad bandwidth measured in the same run.
+its time, also shown as a share of the triad bandwidth, which each worker measures right
+before its timed steps (the machine may be shared; the run's first triad is reported too).
 Results are printed as a table and written as JSON and a PNG chart.
 """
 
@@ -41,7 +42,7 @@ def add_derived(result: dict, table, triad: float, baseline: dict | None) -> dic
     if seconds is None:
         return result
     result["bandwidth"] = table.bytes_moved(result["case"]) / seconds
-    result["triad_share"] = result["bandwidth"] / triad
+    result["triad_share"] = result["bandwidth"] / result.get("triad_bytes_per_second", triad)
     result["peak_extra_x_input"] = result["peak_extra_bytes"] / table.input_bytes(result["case"])
     if baseline is not None and baseline.get("seconds"):
         result["speedup_vs_first"] = baseline["seconds"] / seconds
@@ -52,9 +53,10 @@ def format_table(table, results: list[dict], triad: float) -> str:
     first = next(iter(table.variants))
     header = (
         f"{'case':<28} {'variant':<15} {'time ms':>9} {'vs ' + first:>15} "
-        f"{'GB/s':>7} {'triad %':>8} {'extra mem':>10}"
+        f"{'GB/s':>7} {'triad GB/s':>10} {'triad %':>8} {'extra mem':>10}"
     )
-    lines = [f"{table.title}; STREAM triad {triad / 1e9:.1f} GB/s", header, "-" * len(header)]
+    title = f"{table.title}; STREAM triad {triad / 1e9:.1f} GB/s at the start"
+    lines = [title, header, "-" * len(header)]
     for result in results:
         label = table.label(result["case"])
         if result.get("seconds") is None:
@@ -64,6 +66,7 @@ def format_table(table, results: list[dict], triad: float) -> str:
         lines.append(
             f"{label:<28} {result['variant']:<15} {1e3 * result['seconds']:>9.1f} "
             f"{speedup:>14.2f}x {result['bandwidth'] / 1e9:>7.1f} "
+            f"{result.get('triad_bytes_per_second', triad) / 1e9:>10.1f} "
             f"{100 * result['triad_share']:>7.0f}% {result['peak_extra_x_input']:>9.2f}x"
         )
     return "\n".join(lines)

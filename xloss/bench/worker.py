@@ -1,9 +1,10 @@
 """One (table, case, variant) measurement in a fresh process; prints a JSON line.
 
 Steps: 1. create the inputs (the variant's setup); 2. warm up (compilation, caches) and
-drop cached buffers; 3. record the resident set size and reset the kernel's peak RSS
-counter (Linux ``/proc/self/clear_refs``); 4. time ``repeats`` steps; 5. report the median
-time and the peak RSS above step 3.
+drop cached buffers; 3. measure the STREAM triad now, since other processes sharing the
+machine change the bandwidth from minute to minute; 4. record the resident set size and
+reset the kernel's peak RSS counter (Linux ``/proc/self/clear_refs``); 5. time
+``repeats`` steps; 6. report the median time, the triad and the peak RSS above step 4.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def _reset_peak_rss() -> bool:
 
 def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> dict:
     from xloss.bench.registry import load_tables
+    from xloss.bench.stream import triad_bandwidth
     from xloss.ops import kernel
 
     spec = load_tables()[table]
@@ -42,6 +44,7 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
     for _ in range(warmup):
         step()
     kernel.release_buffers()  # the timed steps pay for (and count) their own buffers
+    triad = triad_bandwidth(1 << 24, repeats=5)
     gc.collect()
     baseline_kib = _status_kib("VmRSS")
     reset = _reset_peak_rss()
@@ -58,6 +61,7 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
         "seconds": statistics.median(times),
         "all_seconds": times,
         "peak_extra_bytes": max(0, peak_kib - baseline_kib) * 1024,
+        "triad_bytes_per_second": triad,
     }
 
 
