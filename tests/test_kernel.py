@@ -141,14 +141,18 @@ def test_rows_extreme_logits(eps):
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
-def test_rows_masked_vocabulary_with_minus_inf():
-    x, target = random_case(5, 300, seed=7)
-    x[:, 200:] = float("-inf")  # a vocabulary masked to its first 200 entries
-    x[1, :150] = float("-inf")
-    target = target % 150  # every target is a visible class
-    target[1] = 170
+@pytest.mark.parametrize("classes", [300, 3000])  # one block; several (fully masked ones too)
+def test_rows_masked_vocabulary_with_minus_inf(classes):
+    x, target = random_case(5, classes, seed=7)
+    visible = 2 * classes // 3
+    x[:, visible:] = float("-inf")  # a vocabulary masked to its first 2/3
+    x[1, : classes // 2] = float("-inf")
+    target = target % (classes // 2)  # every target is a visible class
+    target[1] = classes // 2 + 7
     loss, grad = check_rows(x, target, z=1e-3)
-    assert bool((grad[:, 200:] == 0).all())
+    assert bool((grad[:, visible:] == 0).all()) and bool((grad[1, : classes // 2] == 0).all())
+    weight = torch.linspace(0.5, 1.5, classes)
+    check_rows(x, target, weight=weight, scale=0.5)
     # smoothing spreads mass over the masked classes: the loss is infinite, as in float64
     smoothed = row_loss(x, target, label_smoothing=0.1)
     assert bool(torch.isinf(smoothed).all())

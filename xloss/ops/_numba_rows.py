@@ -78,8 +78,14 @@ def _exp_nonpositive(t):
 @njit(inline="always", cache=True)
 def _row_max(row):
     """Max of a float32 row via an integer max over order-preserving bit keys."""
+    return _range_max(row, 0, row.shape[0])
+
+
+@njit(inline="always", cache=True)
+def _range_max(row, start, stop):
+    """Max of ``row[start:stop]`` via an integer max over order-preserving bit keys."""
     best = np.int32(-2147483648)
-    for c in range(row.shape[0]):
+    for c in range(start, stop):
         bits = _float_as_int(row[c])
         key = np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
         best = max(best, key)
@@ -87,11 +93,8 @@ def _row_max(row):
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def _row_loss_grad(row, y, scale, weight, eps, z, cap, write):
-    """Loss of one float32 row with target y >= 0; overwrite the row with its gradient.
-
-    ``weight`` is (C,) float32 or empty (unweighted); ``cap`` <= 0 means no softcap.
-    """
+def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write):
+    """Whole-row passes (max, sums, gradient); used for soft-capped rows."""
     num = row.shape[0]
     has_weight = weight.shape[0] > 0
     has_cap = cap > np.float32(0.0)
@@ -160,6 +163,116 @@ def _row_loss_grad(row, y, scale, weight, eps, z, cap, write):
                 row[c] = row[c] * coef - offset
         row[y] -= target_step
     return loss
+
+
+BLOCK = 1024  # elements per block: 4 KiB, stays in L1 between the block's two loops
+_MINUS_INF = np.float32(-np.inf)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
+    """Uncapped rows, in blocks so the exp overlaps the stream from memory.
+
+    Pass 1, per block b of the row (the block is read from memory once, then reused
+    from L1): its max m_b, e = exp(x - m_b) (stored over the row), S_b = sum e and
+    T_b = sum w (x - m_b). With m = max m_b: S = sum_b S_b exp(m_b - m) and
+    T = sum_b T_b + W_b (m_b - m). Pass 2 (the row is in L2): gradient = e * coef_b - eps/C w
+    with coef_b = scale * A / S * exp(m_b - m), then the target entry.
+    Blocks are sliced so that every loop index starts at 0: numba's negative-index
+    wrap-around check on ``row[start + c]`` would otherwise stop the vectoriser.
+    """
+    num = row.shape[0]
+    has_weight = weight.shape[0] > 0
+    smooth = eps / np.float32(num)
+    x_target = row[y]
+    num_blocks = (num + BLOCK - 1) // BLOCK
+    block_peak = np.empty(num_blocks, dtype=np.float32)
+    block_sum = np.empty(num_blocks, dtype=np.float32)
+    block_t = np.empty(num_blocks, dtype=np.float32)
+    block_weight = np.empty(num_blocks, dtype=np.float32)
+    for b in range(num_blocks):
+        block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
+        block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)] if has_weight else weight
+        size = block.shape[0]
+        peak = _row_max(block)
+        sum_exp = np.float32(0.0)
+        sum_t = np.float32(0.0)
+        sum_w = np.float32(size)
+        if has_weight:
+            sum_w = np.float32(0.0)
+            for c in range(size):
+                sum_w += block_w[c]
+        if peak == _MINUS_INF:  # a fully masked block: e = 0, and x - m is -inf
+            sum_t = _MINUS_INF
+            if write:
+                for c in range(size):
+                    block[c] = np.float32(0.0)
+        elif write:
+            for c in range(size):
+                t = block[c] - peak
+                e = _exp_nonpositive(t)
+                block[c] = e
+                sum_exp += e
+                sum_t += t if not has_weight else block_w[c] * t
+        else:
+            for c in range(size):
+                t = block[c] - peak
+                sum_exp += _exp_nonpositive(t)
+                sum_t += t if not has_weight else block_w[c] * t
+        block_peak[b] = peak
+        block_sum[b] = sum_exp
+        block_t[b] = sum_t
+        block_weight[b] = sum_w
+    peak = _MINUS_INF
+    for b in range(num_blocks):
+        peak = max(peak, block_peak[b])
+    sum_exp = np.float32(0.0)
+    sum_t = np.float32(0.0)
+    total_weight = np.float32(0.0)
+    for b in range(num_blocks):
+        total_weight += block_weight[b]
+        if block_peak[b] == _MINUS_INF:
+            sum_t += block_t[b]
+        else:
+            sum_exp += block_sum[b] * _exp_nonpositive(block_peak[b] - peak)
+            sum_t += block_t[b] + block_weight[b] * (block_peak[b] - peak)
+    target_weight = weight[y] if has_weight else np.float32(1.0)
+    log_sum = np.float32(math.log(sum_exp))
+    lse = peak + log_sum
+    loss = (np.float32(1.0) - eps) * target_weight * (log_sum - (x_target - peak))
+    if eps > 0:
+        loss += smooth * (total_weight * log_sum - sum_t)
+    if z > 0:
+        loss += z * lse * lse
+    if not write:
+        return loss
+    # pass 2: gradient = scale * (p * A - eps/C w) - scale (1-eps) w[y] onehot
+    weight_part = (np.float32(1.0) - eps) * target_weight + smooth * total_weight
+    coef = scale / sum_exp * (weight_part + np.float32(2.0) * z * lse)
+    offset = scale * smooth
+    for b in range(num_blocks):
+        block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
+        block_coef = coef * _exp_nonpositive(block_peak[b] - peak)
+        if has_weight:
+            block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)]
+            for c in range(block.shape[0]):
+                block[c] = block[c] * block_coef - offset * block_w[c]
+        else:
+            for c in range(block.shape[0]):
+                block[c] = block[c] * block_coef - offset
+    row[y] -= scale * (np.float32(1.0) - eps) * target_weight
+    return loss
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _row_loss_grad(row, y, scale, weight, eps, z, cap, write):
+    """Loss of one float32 row with target y >= 0; overwrite the row with its gradient.
+
+    ``weight`` is (C,) float32 or empty (unweighted); ``cap`` <= 0 means no softcap.
+    """
+    if cap > np.float32(0.0):
+        return _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write)
+    return _row_loss_grad_blocked(row, y, scale, weight, eps, z, write)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
