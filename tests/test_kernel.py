@@ -484,3 +484,8 @@ def test_cross_entropy_with_no_rows(dtype):
     assert out.item() == 0 and logits.grad.shape == (0, 5)
     none = xloss.cross_entropy(logits, torch.zeros(0, dtype=torch.long), reduction="none")
     assert none.shape == (0,)
+
+
+def test_inplace_backward_must_be_a_bool():
+    with pytest.raises(TypeError, match="`inplace_backward` must be a bool, got str"):
+        xloss.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), inplace_backward="yes")

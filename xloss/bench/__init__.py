@@ -90,13 +90,14 @@ def plot(table, results: list[dict], path: Path) -> None:
         times_axis.bar(xs, seconds, width, label=variant)
         memory_axis.bar(xs, memory, width, label=variant)
     for axis, title in (
-        (times_axis, "forward + backward, ms"),
+        (times_axis, "forward + backward, ms (log scale)"),
         (memory_axis, "peak extra memory, x input"),
     ):
         axis.set_xticks(
             [i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=20, fontsize=7
         )
         axis.set_title(title)
+    times_axis.set_yscale("log")
     times_axis.legend(fontsize=8)
     figure.suptitle(table.title)
     figure.tight_layout()

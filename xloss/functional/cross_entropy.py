@@ -146,6 +146,8 @@ def cross_entropy(
         normalizer=normalizer,
     )
     check_normalizer(normalizer, validate_args)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
     check_floating_input(input)
     check_tensor("target", target)
     layout = class_layout(input, target, class_dim)
