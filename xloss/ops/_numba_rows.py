@@ -92,7 +92,7 @@ def _range_max(row, start, stop):
     return _int_as_float(best ^ ((best >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write):
     """Whole-row passes (max, sums, gradient); used for soft-capped rows."""
     num = row.shape[0]
@@ -169,7 +169,7 @@ BLOCK = 1024  # elements per block: 4 KiB, stays in L1 between the block's two l
 _MINUS_INF = np.float32(-np.inf)
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
     """Uncapped rows, in blocks so the exp overlaps the stream from memory.
 
@@ -264,7 +264,7 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
     return loss
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _row_loss_grad(row, y, scale, weight, eps, z, cap, write):
     """Loss of one float32 row with target y >= 0; overwrite the row with its gradient.
 
