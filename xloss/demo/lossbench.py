@@ -19,8 +19,9 @@ What is measured, and how:
 - peak RSS increase: in a fresh Python process per path, the increase of the process's
   resident memory high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
   over one forward + backward, after one warm-up step (which compiles any kernel). The
-  two processes run side by side, before the timing. ``MALLOC_MMAP_THRESHOLD_`` is fixed so that freed buffers go back to the system and the
-  measured step has to fault its memory in again. Linux only; None elsewhere.
+  two processes run side by side, before the timing. ``MALLOC_MMAP_THRESHOLD_`` is fixed
+  so that freed buffers go back to the system and the measured step has to fault its
+  memory in again. Linux only; None elsewhere.
 """
 
 from __future__ import annotations
