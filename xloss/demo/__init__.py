@@ -82,6 +82,24 @@ def _large_vocab_batch(batch: dict, vocab: int, seed: int) -> dict:
     }
 
 
+def set_threads(torch_threads: int, numba_threads: int | None = None) -> tuple[int, int | None]:
+    """Set the torch and numba thread counts (numba's to ``torch_threads`` by default).
+
+    numba's parallel kernels keep their own pool; on tiny row counts its idle threads spin
+    and made training ~4x slower on 2 busy cores, so the demo sizes both pools alike.
+    Returns the previous counts.
+    """
+    previous = (torch.get_num_threads(), None)
+    torch.set_num_threads(torch_threads)
+    try:
+        import numba
+    except ImportError:
+        return previous
+    previous = (previous[0], numba.get_num_threads())
+    numba.set_num_threads(min(numba_threads or torch_threads, numba.config.NUMBA_NUM_THREADS))
+    return previous
+
+
 def run_demo(
     out: str | os.PathLike = ".",
     *,
@@ -95,12 +113,11 @@ def run_demo(
     ``threads`` is the number of torch threads while the demo runs (restored afterwards).
     Returns everything that goes into demo.json.
     """
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    previous_threads = set_threads(threads)
     try:
         results = _run(config or DemoConfig(), seed, threads, progress)
     finally:
-        torch.set_num_threads(previous_threads)
+        set_threads(*previous_threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -119,7 +119,9 @@ def _read_status_kib(field: str) -> int:
 
 def _measure_peaks_in_this_process(path: str, batch_files: list[str]) -> list[int]:
     """Entry point of the child process: peak RSS increase of one step per batch, bytes."""
-    torch.set_num_threads(int(os.environ.get("XLOSS_DEMO_THREADS", "1")))
+    from xloss.demo import set_threads
+
+    set_threads(int(os.environ.get("XLOSS_DEMO_THREADS", "1")))
     peaks = []
     for batch_file in batch_files:
         batch = torch.load(batch_file)
