@@ -1,8 +1,26 @@
 """xloss: classification losses for PyTorch, right on every shape, mask and dtype."""
 
-from xloss.functional import cross_entropy
-from xloss.nn import CrossEntropyLoss
+from xloss.functional import (
+    asymmetric_loss,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    multilabel_balance_weights,
+    positive_rate,
+    sigmoid_focal_loss,
+)
+from xloss.nn import AsymmetricLoss, BCEWithLogitsLoss, CrossEntropyLoss, SigmoidFocalLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["CrossEntropyLoss", "cross_entropy"]
+__all__ = [
+    "AsymmetricLoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "SigmoidFocalLoss",
+    "asymmetric_loss",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "multilabel_balance_weights",
+    "positive_rate",
+    "sigmoid_focal_loss",
+]

@@ -1,5 +1,18 @@
 """Functional losses: the source of truth for every loss in xloss."""
 
+from xloss.functional.binary import (
+    binary_cross_entropy_with_logits,
+    multilabel_balance_weights,
+    positive_rate,
+)
 from xloss.functional.cross_entropy import cross_entropy
+from xloss.functional.focal import asymmetric_loss, sigmoid_focal_loss
 
-__all__ = ["cross_entropy"]
+__all__ = [
+    "asymmetric_loss",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "multilabel_balance_weights",
+    "positive_rate",
+    "sigmoid_focal_loss",
+]
