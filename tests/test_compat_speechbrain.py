@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xloss.compat.speechbrain import nll_loss
+from xloss.compat.speechbrain import bce_loss, nll_loss
 
 REDUCTIONS = ["mean", "batch", "batchmean", "sum", "none"]
 
@@ -202,4 +202,175 @@ def test_nll_matches_upstream_when_installed():
         torch.testing.assert_close(
             nll_loss(log_probs, targets, length, 0.1, reduction=reduction),
             losses.nll_loss(log_probs, targets, length, 0.1, reduction=reduction),
+        )
+
+
+# --------------------------------------------------------------------------- bce_loss
+
+
+def reference_bce(
+    inputs,
+    targets,
+    length=None,
+    weight=None,
+    pos_weight=None,
+    label_smoothing=0.0,
+    reduction="mean",
+):
+    """-w [p y' log s(x) + (1 - y') log(1 - s(x))], y' = y (1-a) + a/2, float64."""
+    x = inputs.double()
+    y = targets.double() * (1 - label_smoothing) + label_smoothing / 2
+    p = 1.0 if pos_weight is None else pos_weight.double()
+    w = 1.0 if weight is None else weight.double()
+    log_s = torch.log(torch.sigmoid(x))
+    log_not_s = torch.log(torch.sigmoid(-x))
+    loss = -w * (p * y * log_s + (1 - y) * log_not_s)
+    keep = kept_positions(loss.shape, length)
+    if length is not None and loss.dim() > 2:
+        keep = kept_positions(loss.shape[:2], length).unsqueeze(-1).expand(loss.shape)
+    loss = torch.where(keep, loss, 0.0)
+    return reduce_reference(loss, keep, reduction)
+
+
+def bce_batch(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    targets = torch.randint(0, 2, shape, generator=gen).double()
+    return inputs, targets
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_bce_frame_level_matches_reference(reduction, label_smoothing):
+    inputs, targets = bce_batch((3, 5))
+    length = torch.tensor([1.0, 0.6, 0.2])
+    loss = bce_loss(
+        inputs.unsqueeze(-1), targets, length, reduction=reduction, label_smoothing=label_smoothing
+    )
+    expected = reference_bce(
+        inputs, targets, length, label_smoothing=label_smoothing, reduction=reduction
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_bce_multilabel_frames_with_weights(reduction):
+    inputs, targets = bce_batch((2, 4, 3), seed=1)
+    length = torch.tensor([0.5, 1.0])
+    pos_weight = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    weight = torch.tensor([0.5, 2.0], dtype=torch.float64)  # one weight per sample
+    loss = bce_loss(
+        inputs,
+        targets,
+        length,
+        weight=weight,
+        pos_weight=pos_weight,
+        reduction=reduction,
+        label_smoothing=0.1,
+    )
+    expected = reference_bce(
+        inputs, targets, length, weight.reshape(2, 1, 1), pos_weight, 0.1, reduction
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_bce_1d_with_label_smoothing(reduction):
+    """Regression: upstream crashes on 1-D input with smoothing, then broadcast [N] x [N, 1]."""
+    inputs, targets = bce_batch((5,), seed=2)
+    loss = bce_loss(inputs, targets, label_smoothing=0.1, reduction=reduction)
+    expected = reference_bce(
+        inputs.unsqueeze(-1), targets.unsqueeze(-1), label_smoothing=0.1, reduction=reduction
+    )
+    if reduction == "none":
+        expected = expected.squeeze(-1)
+    assert loss.shape == expected.shape
+    assert loss.shape in [(), (5,)]  # never (5, 5)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_bce_1d_with_trailing_singleton_and_sample_weight():
+    inputs, targets = bce_batch((4,), seed=3)
+    weight = torch.tensor([1.0, 0.0, 2.0, 0.5], dtype=torch.float64)
+    loss = bce_loss(inputs.unsqueeze(-1), targets, weight=weight, label_smoothing=0.05)
+    expected = reference_bce(inputs, targets, weight=weight, label_smoothing=0.05)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_bce_smoothing_is_bounded_below():
+    """Regression: upstream subtracts a * mean(logits), unbounded below as logits grow."""
+    inputs = torch.tensor([[50.0, 80.0, 120.0], [60.0, 90.0, 200.0]], dtype=torch.float64)
+    targets = torch.ones(2, 3, dtype=torch.float64)
+    loss = bce_loss(inputs, targets, label_smoothing=0.1)
+    assert loss.item() >= 0.0
+    torch.testing.assert_close(loss, reference_bce(inputs, targets, label_smoothing=0.1))
+    upstream_style = -0.1 * inputs.mean(1).mean()  # what upstream adds: -0.1 * mean(logits)
+    assert upstream_style.item() < -5
+
+
+def test_bce_sum_really_sums():
+    inputs, targets = bce_batch((3, 4), seed=4)
+    loss = bce_loss(inputs, targets, reduction="sum")
+    assert loss.dim() == 0
+    torch.testing.assert_close(
+        loss, F.binary_cross_entropy_with_logits(inputs, targets, reduction="sum")
+    )
+
+
+def test_bce_truncation_and_pytorch_parity():
+    inputs, targets = bce_batch((2, 6), seed=5)
+    loss = bce_loss(inputs, targets[:, :4])
+    torch.testing.assert_close(
+        loss, F.binary_cross_entropy_with_logits(inputs[:, :4], targets[:, :4])
+    )
+    with pytest.raises(ValueError, match="allowed_len_diff=3"):
+        bce_loss(inputs, targets[:, :2])
+
+
+def test_bce_gradcheck():
+    inputs, targets = bce_batch((2, 3), seed=6)
+    inputs.requires_grad_(True)
+    length = torch.tensor([1.0, 2 / 3])
+
+    def fn(x):
+        return bce_loss(x, targets, length, label_smoothing=0.1, reduction="batch").sum()
+
+    assert torch.autograd.gradcheck(fn, (inputs,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bce_low_precision(dtype):
+    inputs, targets = bce_batch((3, 7), seed=7)
+    loss = bce_loss(inputs.to(dtype), targets, torch.tensor([1.0, 0.5, 0.3]), label_smoothing=0.1)
+    assert loss.dtype == dtype
+    expected = reference_bce(
+        inputs.to(dtype), targets, torch.tensor([1.0, 0.5, 0.3]), label_smoothing=0.1
+    )
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_bce_errors():
+    inputs, targets = bce_batch((3, 4), seed=8)
+    with pytest.raises(ValueError, match="time axis"):
+        bce_loss(inputs[:, 0], targets[:, 0], length=torch.ones(3))
+    with pytest.raises(ValueError, match="reduction"):
+        bce_loss(inputs, targets, reduction="avg")
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        bce_loss(inputs, targets * 2)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        bce_loss(inputs, targets, label_smoothing=2.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        bce_loss(targets.long(), targets)
+    with pytest.raises(ValueError, match="weight"):
+        bce_loss(inputs, targets, weight=torch.ones(5, dtype=torch.float64))
+
+
+def test_bce_matches_upstream_when_installed():
+    losses = pytest.importorskip("speechbrain.nnet.losses")
+    inputs, targets = bce_batch((3, 5), seed=9)
+    length = torch.tensor([1.0, 0.6, 0.2])
+    for reduction in ["mean", "batch", "batchmean"]:
+        torch.testing.assert_close(
+            bce_loss(inputs, targets, length, reduction=reduction),
+            losses.bce_loss(inputs, targets, length, reduction=reduction),
         )

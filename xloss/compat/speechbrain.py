@@ -27,6 +27,7 @@ from torch import Tensor
 from xloss._core.masking import build_mask
 from xloss._core.reduction import reduce_loss
 from xloss._core.validation import check_floating_input, check_tensor, shape_str
+from xloss.functional.binary import binary_cross_entropy_with_logits
 from xloss.functional.cross_entropy import cross_entropy
 
 SPEECHBRAIN_REDUCTIONS = ("mean", "batch", "batchmean", "sum", "none")
@@ -191,3 +192,109 @@ def nll_loss(
         lengths=counts,
     )
     return reduce_speechbrain(loss, keep, reduction, log_probabilities.dtype)
+
+
+def bce_loss(
+    inputs: Tensor,
+    targets: Tensor,
+    length: Tensor | None = None,
+    weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    reduction: str = "mean",
+    allowed_len_diff: int = 3,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    r"""Binary cross-entropy from logits, as SpeechBrain's ``bce_loss``, with smoothing fixed.
+
+    Upstream signature: ``bce_loss(inputs, targets, length=None, weight=None,
+    pos_weight=None, reduction="mean", allowed_len_diff=3, label_smoothing=0.0)``. With s
+    the sigmoid, a the label smoothing, w the weight and p the positive weight, each kept
+    position has the smoothed target :math:`y' = y (1 - a) + a / 2` and
+
+    .. math::
+        \ell = -w \left[ p\, y' \log s(x) + (1 - y') \log(1 - s(x)) \right].
+
+    Computed by :func:`xloss.binary_cross_entropy_with_logits` (``smoothing_rule="binary"``,
+    class axis last for ``pos_weight``). As upstream: a trailing singleton axis of
+    ``inputs`` is squeezed when ``inputs`` has one more axis than ``targets``; a 1-D weight
+    whose length is the batch size weighs whole samples (upstream unsqueezes it to (N, 1));
+    ``length`` needs inputs with a time axis.
+
+    Deliberate differences from upstream:
+
+    - Label smoothing smooths the target, :math:`y (1-a) + a/2`, so the loss stays
+      bounded below. Upstream subtracts ``a * mean(inputs, dim=1)`` from the loss, which is
+      unbounded in the logits, fails on 1-D inputs (before SpeechBrain's fix) and, after
+      it, broadcasts an (N,) term against the (N, 1) mask into an (N, N) matrix.
+    - ``reduction="sum"`` returns the sum (upstream returns the unreduced tensor).
+    - ``"none"`` on 1-D inputs returns shape (N,) (upstream: (N, 1)).
+    - Targets must lie in [0, 1]; a mean over no kept position is 0, not NaN.
+
+    Args:
+        inputs: logits (N), (N, 1), (N, T), (N, T, 1) or (N, T, C).
+        targets: (N), (N, T) or (N, T, C), values in [0, 1].
+        length: (N) relative lengths in [0, 1], for inputs with a time axis.
+        weight: element weight broadcastable to the inputs (after the squeeze), or (N).
+        pos_weight: positive weight per class (C,) (last axis) or a single value.
+        reduction: ``"mean"``, ``"batch"``, ``"batchmean"``, ``"sum"`` or ``"none"``.
+        allowed_len_diff: the largest tolerated length difference along axis 1.
+        label_smoothing: a in [0, 1].
+
+    Shape:
+        - inputs: (N), (N, T) or (N, T, C), optionally with a trailing singleton axis.
+        - targets: the inputs' shape (without that axis), up to ``allowed_len_diff``
+          along axis 1.
+        - output: scalar; (N) for ``"batch"``; the targets' shape for ``"none"``.
+
+    Example:
+        >>> import torch
+        >>> from xloss.compat.speechbrain import bce_loss
+        >>> inputs = torch.tensor([10.0, -6.0])
+        >>> targets = torch.tensor([1, 0])
+        >>> bce_loss(inputs, targets)
+        tensor(0.0013)
+        >>> bce_loss(inputs, targets, label_smoothing=0.1)  # 1-D input with smoothing
+        tensor(0.4013)
+        >>> frames = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]]).unsqueeze(-1)
+        >>> labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+        >>> bce_loss(frames, labels, length=torch.tensor([1.0, 2 / 3]), reduction="batch")
+        tensor([0.3048, 0.3709])
+    """
+    check_speechbrain_reduction(reduction)
+    allowed_len_diff = check_allowed_len_diff(allowed_len_diff)
+    check_floating_input(inputs)
+    check_tensor("targets", targets)
+    if inputs.dim() == targets.dim() + 1 and inputs.shape[-1] == 1:
+        inputs = inputs.squeeze(-1)
+    unbatched = inputs.dim() < 2
+    if not unbatched:
+        inputs, targets = truncate(inputs, targets, allowed_len_diff)
+    elif length is not None:
+        raise ValueError(
+            f"`length` needs inputs with a time axis (axis 1), got inputs of shape "
+            f"{shape_str(inputs.shape)}"
+        )
+    else:  # one prediction per sample: a time axis of size 1, as upstream does
+        inputs, targets = inputs.unsqueeze(-1), targets.unsqueeze(-1)
+    targets = targets.to(inputs.device)
+    if weight is not None:
+        check_tensor("weight", weight)
+        if weight.dim() == 1 and weight.shape[0] == inputs.shape[0] and inputs.dim() > 1:
+            weight = weight.reshape((-1,) + (1,) * (inputs.dim() - 1))  # one weight per sample
+    counts = None if length is None else length_counts(length, targets.shape[1])
+    loss = binary_cross_entropy_with_logits(
+        inputs,
+        targets,
+        weight,
+        pos_weight=pos_weight,
+        reduction="none",
+        label_smoothing=label_smoothing,
+        smoothing_rule="binary",
+        lengths=counts,
+        class_dim=-1,
+    )
+    keep = build_mask(targets.shape, inputs.device, lengths=counts)
+    reduced = reduce_speechbrain(loss, keep, reduction, inputs.dtype)
+    if unbatched and reduction == "none":
+        reduced = reduced.squeeze(-1)
+    return reduced
