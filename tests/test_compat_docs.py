@@ -17,3 +17,13 @@ def test_the_guide_has_before_and_after_blocks():
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"block{i}" for i in range(len(RUNNABLE))])
 def test_block_runs(block):
     exec(compile(block, str(MIGRATING), "exec"), {})
+
+
+def test_compat_submodules_import_lazily():
+    import xloss.compat as compat
+
+    assert set(compat.SUBMODULES) <= set(dir(compat))
+    assert compat.timm.BinaryCrossEntropy.__module__ == "xloss.compat.timm"
+    assert callable(compat.speechbrain.bce_loss)
+    with pytest.raises(AttributeError, match="no attribute 'keras'"):
+        compat.keras  # noqa: B018

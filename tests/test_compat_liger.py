@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xloss.compat.liger import LigerCrossEntropyLoss
 
@@ -193,3 +195,24 @@ def test_matches_upstream_when_installed():
     upstream = transformers.LigerCrossEntropyLoss(**options)(logits.clone(), target)
     torch.testing.assert_close(ours[0], upstream[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours[1], upstream[1], rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    classes=st.integers(1, 9),
+    scale=st.floats(0.0, 0.1),
+    smoothing=st.floats(0.0, 1.0),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    ignore_every=st.integers(1, 4),
+)
+def test_property_matches_reference(rows, classes, scale, smoothing, reduction, ignore_every):
+    gen = torch.Generator().manual_seed(rows * 10 + classes)
+    logits = torch.randn(rows, classes, generator=gen, dtype=torch.float64) * 4
+    target = torch.randint(0, classes, (rows,), generator=gen)
+    target[::ignore_every] = -100
+    options = dict(lse_square_scale=scale, label_smoothing=smoothing, reduction=reduction)
+    loss, z_loss = LigerCrossEntropyLoss(return_z_loss=True, **options)(logits, target)
+    expected, expected_z = reference(logits, target, **options)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(z_loss, expected_z)

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xloss.compat.speechbrain import bce_loss, nll_loss
 
@@ -374,3 +376,24 @@ def test_bce_matches_upstream_when_installed():
             bce_loss(inputs, targets, length, reduction=reduction),
             losses.bce_loss(inputs, targets, length, reduction=reduction),
         )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    steps=st.integers(1, 6),
+    smoothing=st.floats(0.0, 1.0),
+    relative=st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4),
+    scale=st.floats(0.1, 30.0),
+)
+def test_bce_property_bounded_and_matches_reference(batch, steps, smoothing, relative, scale):
+    gen = torch.Generator().manual_seed(batch * 100 + steps)
+    inputs = torch.randn(batch, steps, generator=gen, dtype=torch.float64) * scale
+    targets = torch.randint(0, 2, (batch, steps), generator=gen).double()
+    length = torch.tensor(relative[:batch], dtype=torch.float64)
+    loss = bce_loss(inputs, targets, length, label_smoothing=smoothing)
+    expected = reference_bce(inputs, targets, length, label_smoothing=smoothing)
+    if not bool(kept_positions(targets.shape, length).any()):
+        expected = torch.zeros((), dtype=torch.float64)
+    assert loss.item() >= 0.0
+    torch.testing.assert_close(loss, expected)
