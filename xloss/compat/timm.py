@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xloss._core.validation import check_floating_input, check_tensor, shape_str
+from xloss._core.validation import (
+    check_floating_input,
+    check_index_target_range,
+    check_tensor,
+    shape_str,
+)
 from xloss.functional.binary import (
     binary_cross_entropy_with_logits,
     check_elementwise_weight,
@@ -209,11 +214,7 @@ class BinaryCrossEntropy(nn.Module):
                     f"(integers) or dense targets of shape {shape_str(x.shape)}, "
                     f"got {shape_str(target.shape)} with dtype {target.dtype}"
                 )
-            if bool(((target < 0) | (target >= num_classes)).any()):
-                raise ValueError(
-                    f"`target` class indices must lie in [0, {num_classes - 1}], "
-                    f"got min {int(target.min())} and max {int(target.max())}"
-                )
+            check_index_target_range(target, num_classes, None, None)
             target = F.one_hot(target.long(), num_classes)
         smoothing = self.smoothing
         if self.target_threshold is not None:
