@@ -216,3 +216,34 @@ def test_property_matches_reference(rows, classes, scale, smoothing, reduction, 
     expected, expected_z = reference(logits, target, **options)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(z_loss, expected_z)
+
+
+def test_inplace_backward_is_opt_in():
+    from xloss.ops.fused_cross_entropy import fused_kernel_applies
+
+    logits, target = make_batch((6, 5), seed=12)
+    logits = logits.float()
+    expected, expected_z = reference(logits, target, lse_square_scale=0.01, label_smoothing=0.1)
+    ref_logits = logits.double().requires_grad_(True)
+    reference(ref_logits, target, lse_square_scale=0.01, label_smoothing=0.1)[0].backward()
+
+    leaf = logits.clone().requires_grad_(True)
+    work = leaf * 1.0  # a non-leaf the kernel may overwrite
+    before = work.detach().clone()
+    loss_fn = LigerCrossEntropyLoss(
+        lse_square_scale=0.01, label_smoothing=0.1, return_z_loss=True, inplace_backward=True
+    )
+    loss, z_loss = loss_fn(work, target)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z_loss.double(), expected_z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), ref_logits.grad, rtol=1e-4, atol=1e-6)
+    if fused_kernel_applies(work, False):
+        assert not torch.equal(work.detach(), before)  # asked for: the storage was reused
+
+
+def test_inplace_backward_errors():
+    with pytest.raises(TypeError, match="inplace_backward"):
+        LigerCrossEntropyLoss(inplace_backward=1)
+    with pytest.raises(ValueError, match="inplace_backward"):
+        LigerCrossEntropyLoss(weight=torch.ones(3), lse_square_scale=0.1, inplace_backward=True)

@@ -44,16 +44,20 @@ class LigerCrossEntropyLoss(nn.Module):
     reduced the same way and detached (upstream returns it for logging; its gradient is
     dropped there too).
 
-    Computation: the loss is :func:`xloss.cross_entropy`; when ``lse_square_scale > 0`` or
-    ``return_z_loss`` is set, the z part is a second :func:`xloss.cross_entropy` call with an
-    all-zero probability target, whose only term is exactly :math:`s\,\mathrm{lse}^2`, and
-    rows with ``target == ignore_index`` masked out. This is exact (no subtraction) and
-    costs one more pass over the logits.
+    Computation: one :func:`xloss.cross_entropy` call with ``z_loss=lse_square_scale``
+    (unweighted, xloss's row mean of the z term is upstream's). The z part on its own
+    (for ``return_z_loss``, or with ``weight``, where upstream averages it over rows but
+    the loss over weights) is a second :func:`xloss.cross_entropy` call with an all-zero
+    probability target, whose only term is exactly :math:`s\,\mathrm{lse}^2`, and rows
+    with ``target == ignore_index`` masked out: exact (no subtraction), one more pass over
+    the logits, without autograd when it is only returned.
 
     Deliberate differences from upstream:
 
-    - The caller's logits are never overwritten: upstream's Triton kernel stores the
+    - The caller's logits are not overwritten: upstream's Triton kernel stores the
       gradient into ``_input`` during forward, so ``_input`` holds gradients afterwards.
+      Pass ``inplace_backward=True`` (keyword-only, an xloss extension) to get that memory
+      saving on the CPU kernel path; see :func:`xloss.cross_entropy`.
     - Runs on any device (CPU included); no Triton.
     - Any number of leading axes: ``_input`` (..., V) with ``target`` (...).
     - A batch where every row is ignored gives 0 with a zero gradient.
@@ -68,6 +72,7 @@ class LigerCrossEntropyLoss(nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         softcap: cap of the logit soft-capping, > 0, or None.
         return_z_loss: also return the z-loss part.
+        inplace_backward: let the kernel write the gradient into ``_input`` (keyword-only).
 
     Shape:
         - _input: (BT, V) logits, or (..., V).
@@ -98,6 +103,8 @@ class LigerCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         softcap: float | None = None,
         return_z_loss: bool = False,
+        *,
+        inplace_backward: bool = False,
     ) -> None:
         super().__init__()
         check_class_weight(weight, None)
@@ -113,8 +120,31 @@ class LigerCrossEntropyLoss(nn.Module):
         self.reduction = reduction
         self.softcap = check_positive_or_none("softcap", softcap)
         self.return_z_loss = return_z_loss
+        if not isinstance(inplace_backward, bool):
+            raise TypeError(
+                f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}"
+            )
+        if inplace_backward and weight is not None and self.lse_square_scale > 0.0:
+            raise ValueError(
+                "`inplace_backward=True` cannot be combined with `weight` and "
+                "`lse_square_scale` > 0: the z-loss then needs a second pass over the logits "
+                "that the in-place gradient would overwrite"
+            )
+        self.inplace_backward = inplace_backward
 
     def forward(self, _input: Tensor, target: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        scale = self.lse_square_scale
+        # with class weights, upstream averages the z-loss over rows but the loss over weights
+        separate_z = self.weight is not None and scale > 0.0
+        z_loss = None
+        if self.return_z_loss or separate_z:
+            if scale == 0.0:
+                z_loss = _input.new_zeros(() if self.reduction != "none" else target.shape)
+            elif separate_z:
+                z_loss = self._z_loss(_input, target)
+            else:
+                with torch.no_grad():  # only reported; it runs before an in-place backward
+                    z_loss = self._z_loss(_input, target)
         loss = cross_entropy(
             _input,
             target,
@@ -123,13 +153,19 @@ class LigerCrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             class_dim=-1,
+            z_loss=0.0 if separate_z else scale,
             softcap=self.softcap,
+            inplace_backward=self.inplace_backward,
         )
-        if self.lse_square_scale == 0.0:
-            return (loss, torch.zeros_like(loss)) if self.return_z_loss else loss
+        if separate_z:
+            loss = loss + z_loss
+        return (loss, z_loss.detach()) if self.return_z_loss else loss
+
+    def _z_loss(self, _input: Tensor, target: Tensor) -> Tensor:
+        """s * lse^2 per kept row, reduced: cross-entropy against an all-zero target."""
         check_tensor("target", target)
         kept = None if self.ignore_index is None else target != self.ignore_index
-        z_loss = cross_entropy(
+        return cross_entropy(
             _input,
             _input.new_zeros(()).expand(_input.shape),  # zero target: only z * lse^2 is left
             ignore_index=None,
@@ -139,8 +175,6 @@ class LigerCrossEntropyLoss(nn.Module):
             z_loss=self.lse_square_scale,
             softcap=self.softcap,
         )
-        loss = loss + z_loss
-        return (loss, z_loss.detach()) if self.return_z_loss else loss
 
     def extra_repr(self) -> str:
         return (
