@@ -116,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="build/bench", help="where JSON and PNG go")
     parser.add_argument("--tables", nargs="*", help="table names (default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case")
+    parser.add_argument("--match", default="", help="only cases whose label contains this")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -133,6 +134,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     for name in names:
         table = tables[name]
         for case in table.quick_cases if args.quick else table.cases:
+            if args.match not in table.label(case):
+                continue
             jobs.extend((table, case, variant) for variant in table.variants)
     results: dict[str, list[dict]] = {name: [] for name in names}
     baselines: dict[tuple, dict] = {}
