@@ -5,7 +5,8 @@ subprocess reports the median forward + backward time after warm-up and the peak
 above the RSS after the inputs exist. The effective bandwidth of a variant is the
 table's minimal traffic (for cross-entropy one read and one write of the logits) over
 its time, also shown as a share of the triad bandwidth, which each worker measures right
-before its timed steps (the machine may be shared; the run's first triad is reported too).
+before and after its timed steps (the machine may be shared, so the bandwidth varies; the
+run's first triad is reported too).
 Results are printed as a table and written as JSON and a PNG chart.
 """
 
