@@ -98,26 +98,34 @@ def _rows_inplace(
         tanh = torch.tanh(x / softcap)  # r x C
         torch.mul(tanh, softcap, out=x)
 
-    # 2. The loss from lse, the target logit and (with smoothing) the weighted logit sum.
-    lse = torch.logsumexp(x, dim=1)  # r
+    # 2. The loss from lse, the target logit and (with smoothing) the weighted logit sum,
+    # read before x is overwritten; lse from the row max and the sum of exp.
+    target_logit = x.gather(1, index).squeeze(1)  # r
+    logit_sum = None
+    if label_smoothing > 0.0:
+        logit_sum = x.sum(1) if weight is None else x @ weight  # r
+    row_max = x.amax(1)  # r
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # all -inf rows stay nan-free
+    x.sub_(row_max.unsqueeze(1)).exp_()  # exp(x - max)
+    sum_exp = x.sum(1)  # r
+    lse = row_max + sum_exp.log()
     target_weight = torch.full_like(lse, 1.0 - label_smoothing)  # (1-eps) w[y]
     if weight is not None:
         target_weight = target_weight * weight[index.squeeze(1)]
-    loss = target_weight * (lse - x.gather(1, index).squeeze(1))
-    if label_smoothing > 0.0:
-        logit_sum = x.sum(1) if weight is None else x @ weight
+    loss = target_weight * (lse - target_logit)
+    if logit_sum is not None:
         loss = loss + (label_smoothing / num_classes) * (weight_sum * lse - logit_sum)
     if z_loss > 0.0:
         loss = loss + z_loss * lse.square()
     loss = torch.where(kept, loss, 0.0)
 
-    # 3. Gradient: s [a p - (1-eps) w[y] onehot - eps/C w], a = (1-eps) w[y] + eps/C W + 2 z lse.
+    # 3. Gradient: s [a p - (1-eps) w[y] onehot - eps/C w], a = (1-eps) w[y] + eps/C W + 2 z lse,
+    # with p = exp(x - max) / sum_exp.
     row_scale = torch.where(kept, torch.as_tensor(scale, dtype=dtype, device=x.device), 0.0)
     prob_coef = target_weight + (label_smoothing / num_classes) * weight_sum
     if z_loss > 0.0:
         prob_coef = prob_coef + 2.0 * z_loss * lse
-    x.sub_(lse.unsqueeze(1)).exp_()  # p
-    x.mul_((row_scale * prob_coef).unsqueeze(1))
+    x.mul_((row_scale * prob_coef / sum_exp).unsqueeze(1))
     x.scatter_add_(1, index, (-row_scale * target_weight).unsqueeze(1))
     if label_smoothing > 0.0:
         if weight is None:
