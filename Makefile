@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m xloss demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check xloss tests benchmarks
+	$(PY) -m ruff check .
 
 test: lint
 	$(PY) -m pytest -n 2 --durations=10

@@ -26,11 +26,15 @@ class ClassLayout(NamedTuple):
 def class_layout(input: Tensor, target: Tensor, class_dim: int) -> ClassLayout:
     """Check ``target`` against ``input`` and move the class axis last.
 
-    Class-index targets have the input's shape without the class axis and an integer
-    dtype; probability targets have the input's shape and a floating dtype.
+    A 1-D input is one unbatched sample whose only axis holds the classes, so the default
+    ``class_dim=1`` means axis 0 there, as in PyTorch. Class-index targets have the input's
+    shape without the class axis and an integer dtype; probability targets have the input's
+    shape and a floating dtype.
     """
     if input.dim() == 0:
         raise ValueError("`input` must have a class axis, got a 0-dimensional tensor")
+    if input.dim() == 1 and class_dim == 1:
+        class_dim = 0  # PyTorch's convention: (C) is one unbatched sample, (N, C) has C at 1
     dim = normalize_dim(class_dim, input.dim())
     num_classes = input.shape[dim]
     target_shape = input.shape[:dim] + input.shape[dim + 1 :]

@@ -15,7 +15,8 @@ from torch import Tensor
 def safe_divide(total: Tensor, count: Tensor) -> Tensor:
     """``total / count``, and 0 (with zero gradient) where ``count`` is 0."""
     count = torch.as_tensor(count, dtype=total.dtype, device=total.device)
-    return total / torch.where(count == 0, torch.ones_like(count), count)
+    empty = count == 0
+    return torch.where(empty, 0.0, total / torch.where(empty, 1.0, count))
 
 
 def reduce_loss(
