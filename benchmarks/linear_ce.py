@@ -1,0 +1,188 @@
+"""Benchmark: chunked linear + cross-entropy against torch and the three bare GEMMs.
+
+For each (N, H, V) three methods run, each in a fresh subprocess (so peak memory is
+the process's own high-water mark), interleaved over a few rounds so machine noise
+hits them alike:
+
+- ``xloss``: ``xloss.linear_cross_entropy(x, W, y)`` then ``backward()``.
+- ``torch``: ``F.cross_entropy(x @ W.T, y)`` then ``backward()`` (materialised logits).
+- ``gemms``: the three GEMMs alone, into preallocated outputs: logits = x W^T,
+  grad_x = G W, grad_W = G^T x. This is the floor any linear cross-entropy pays.
+
+Time is forward + backward (best over the runs). Peak extra memory is the RSS
+high-water mark during one forward + backward minus the RSS just before it (inputs
+allocated, code warmed up on a small problem), so it includes the gradients
+(N x H + V x H) every method must return. Everything is fp32.
+
+Run: ``python benchmarks/linear_ce.py`` (``--quick`` for small shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CASES = [(8192, 512, 32000), (4096, 2048, 32000), (2048, 1024, 128256)]
+QUICK_CASES = [(1024, 256, 8000), (2048, 256, 8000)]
+METHODS = ("xloss", "torch", "gemms")
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _make_step(method: str, rows: int, hidden: int, vocab: int):
+    import torch
+    import torch.nn.functional as F
+
+    import xloss
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=gen).requires_grad_(method != "gemms")
+    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).requires_grad_(method != "gemms")
+    y = torch.randint(0, vocab, (rows,), generator=gen)
+
+    if method == "xloss":
+
+        def step():
+            x.grad = w.grad = None
+            xloss.linear_cross_entropy(x, w, y).backward()
+
+    elif method == "torch":
+
+        def step():
+            x.grad = w.grad = None
+            F.cross_entropy(x @ w.T, y).backward()
+
+    else:
+        logits = torch.empty(rows, vocab)  # N x V
+        grad_x = torch.empty(rows, hidden)  # N x H
+        grad_w = torch.empty(vocab, hidden)  # V x H
+
+        def step():
+            torch.mm(x, w.T, out=logits)
+            torch.mm(logits, w, out=grad_x)
+            torch.mm(logits.T, x, out=grad_w)
+
+    return step
+
+
+def worker(method: str, rows: int, hidden: int, vocab: int, repeats: int) -> dict:
+    """One method on one shape, in this (fresh) process."""
+    import torch
+
+    torch.manual_seed(0)
+    _make_step(method, 64, hidden, min(vocab, 1000))()  # warm-up: JIT, thread pools
+    step = _make_step(method, rows, hidden, vocab)
+    before = _rss_bytes("VmRSS")
+    exact = _reset_peak_rss()
+    start = time.perf_counter()
+    step()
+    times = [time.perf_counter() - start]
+    peak = _rss_bytes("VmHWM")
+    for _ in range(repeats - 1):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "method": method,
+        "times": times,
+        "peak_extra": peak - before,
+        "peak_exact": exact,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_case(rows: int, hidden: int, vocab: int, rounds: int, repeats: int) -> dict:
+    """All methods on one shape, each in fresh subprocesses, interleaved over rounds."""
+    results = {method: {"times": [], "peak_extra": []} for method in METHODS}
+    for _ in range(rounds):
+        for method in METHODS:
+            command = [sys.executable, __file__, "--worker", method]
+            command += [str(rows), str(hidden), str(vocab), "--repeats", str(repeats)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            record = json.loads(done.stdout.strip().splitlines()[-1])
+            results[method]["times"] += record["times"]
+            results[method]["peak_extra"].append(record["peak_extra"])
+    return {
+        "shape": (rows, hidden, vocab),
+        "logits_bytes": rows * vocab * 4,
+        "grad_bytes": (rows + vocab) * hidden * 4,
+        **{
+            method: {"time": min(r["times"]), "peak_extra": min(r["peak_extra"])}
+            for method, r in results.items()
+        },
+    }
+
+
+def format_table(cases: list[dict]) -> str:
+    """A markdown table: times, ratios to the bare GEMMs, peak extra memory."""
+    mib = 2**20
+    lines = [
+        "| N, H, V | xloss fwd+bwd | torch fwd+bwd | 3 bare GEMMs | xloss / GEMMs "
+        "| torch / GEMMs | xloss peak extra | (minus grads) | torch peak extra "
+        "| N x V fp32 logits |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        gemm = case["gemms"]["time"]
+        logits = case["logits_bytes"]
+        ours, theirs = case["xloss"]["peak_extra"], case["torch"]["peak_extra"]
+        ours_net = ours - case["grad_bytes"]
+        lines.append(
+            f"| {', '.join(map(str, case['shape']))} "
+            f"| {case['xloss']['time']:.2f} s | {case['torch']['time']:.2f} s | {gemm:.2f} s "
+            f"| {case['xloss']['time'] / gemm:.2f}x | {case['torch']['time'] / gemm:.2f}x "
+            f"| {ours / mib:.0f} MiB ({ours / logits:.2f}x) "
+            f"| {ours_net / mib:.0f} MiB ({ours_net / logits:.2f}x) "
+            f"| {theirs / mib:.0f} MiB ({theirs / logits:.2f}x) | {logits / mib:.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=4, metavar=("METHOD", "N", "H", "V"))
+    parser.add_argument("--quick", action="store_true", help="small shapes, one round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", help="also write the raw results here")
+    args = parser.parse_args(argv)
+    if args.worker:
+        method, *dims = args.worker
+        print(json.dumps(worker(method, *map(int, dims), args.repeats)))
+        return 0
+    cases = QUICK_CASES if args.quick else CASES
+    rounds = 1 if args.quick else args.rounds
+    results = []
+    for rows, hidden, vocab in cases:
+        results.append(run_case(rows, hidden, vocab, rounds, args.repeats))
+        print(f"done {rows, hidden, vocab}", file=sys.stderr, flush=True)
+    print(f"linear cross-entropy, fp32, {os.cpu_count()} CPU(s)")
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
