@@ -413,3 +413,21 @@ def test_module_validates_settings():
         xloss.LinearCrossEntropyLoss(label_smoothing=2.0)
     with pytest.raises(ValueError, match="`class_weight` must be 1-D"):
         xloss.LinearCrossEntropyLoss(torch.ones(2, 2))
+
+
+def test_no_grad_mode_computes_the_loss_only(monkeypatch):
+    seen = []
+    run_chunks = linear_ops._run_chunks
+
+    def spy(*args):
+        seen.append(args[-1])
+        return run_chunks(*args)
+
+    monkeypatch.setattr(linear_ops, "_run_chunks", spy)
+    hidden, weight, bias, target = make_inputs((6,))
+    weight.requires_grad_()
+    with torch.no_grad():
+        value = xloss.linear_cross_entropy(hidden, weight, target, bias)
+    loss = xloss.linear_cross_entropy(hidden, weight, target, bias)
+    assert seen == [None, (False, True, False)]
+    torch.testing.assert_close(value, loss.detach())

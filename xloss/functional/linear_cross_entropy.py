@@ -226,6 +226,7 @@ def linear_cross_entropy(
         softcap=softcap,
         chunk_size=chunk_size,
         per_row=per_row,
+        grad_enabled=torch.is_grad_enabled(),
     )
     result = LinearCrossEntropyFunction.apply(
         hidden, weight, bias, index, class_weight, scale, config

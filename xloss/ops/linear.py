@@ -24,6 +24,7 @@ class LinearCrossEntropyConfig(NamedTuple):
     softcap: float | None = None
     chunk_size: int | None = None  # rows per chunk; None: from CHUNK_BYTES
     per_row: bool = False  # True: return the loss per row and compute gradients in backward
+    grad_enabled: bool = True  # the caller's grad mode (forward always runs without grad)
 
 
 def select_row_kernel(logits_device: torch.device, dtype: torch.dtype):
@@ -72,7 +73,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dtype = torch.promote_types(input.dtype, torch.float32)
         ctx.config = config
         ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
-        needs_grad = ctx.needs_input_grad[:3]
+        needs_grad = ctx.needs_input_grad[:3] if config.grad_enabled else None
         if config.per_row:
             loss, _ = _run_chunks(input, weight, bias, target, class_weight, 1.0, config, None)
             ctx.save_for_backward(input, weight, bias, target, class_weight)
