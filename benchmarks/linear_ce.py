@@ -9,10 +9,10 @@ hits them alike:
 - ``gemms``: the three GEMMs alone, into preallocated outputs: logits = x W^T,
   grad_x = G W, grad_W = G^T x. This is the floor any linear cross-entropy pays.
 
-Time is forward + backward (best over the runs). Peak extra memory is the RSS
-high-water mark during one forward + backward minus the RSS just before it (inputs
-allocated, code warmed up on a small problem), so it includes the gradients
-(N x H + V x H) every method must return. Everything is fp32.
+Time is forward + backward (best over the runs, after one warm-up step). Peak extra
+memory is the RSS high-water mark during the timed steps minus the RSS just before
+them (inputs allocated, one step done and its gradients dropped), so it includes the
+gradients (N x H + V x H) every method must return. Everything is fp32.
 
 Run: ``python benchmarks/linear_ce.py`` (``--quick`` for small shapes).
 """
@@ -63,14 +63,14 @@ def _make_step(method: str, rows: int, hidden: int, vocab: int):
     if method == "xloss":
 
         def step():
-            x.grad = w.grad = None
             xloss.linear_cross_entropy(x, w, y).backward()
+            x.grad = w.grad = None  # the gradients count in the step's memory, not the baseline
 
     elif method == "torch":
 
         def step():
-            x.grad = w.grad = None
             F.cross_entropy(x @ w.T, y).backward()
+            x.grad = w.grad = None
 
     else:
         logits = torch.empty(rows, vocab)  # N x V
@@ -86,25 +86,28 @@ def _make_step(method: str, rows: int, hidden: int, vocab: int):
 
 
 def worker(method: str, rows: int, hidden: int, vocab: int, repeats: int) -> dict:
-    """One method on one shape, in this (fresh) process."""
+    """One method on one shape, in this (fresh) process: warm up, then measure."""
+    import gc
+
     import torch
 
     torch.manual_seed(0)
-    _make_step(method, 64, hidden, min(vocab, 1000))()  # warm-up: JIT, thread pools
     step = _make_step(method, rows, hidden, vocab)
+    warmup = time.perf_counter()
+    step()  # JIT compilation, thread pools, GEMM workspaces: not part of a step's cost
+    times = [time.perf_counter() - warmup]
+    gc.collect()
     before = _rss_bytes("VmRSS")
     exact = _reset_peak_rss()
-    start = time.perf_counter()
-    step()
-    times = [time.perf_counter() - start]
-    peak = _rss_bytes("VmHWM")
-    for _ in range(repeats - 1):
+    for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    peak = _rss_bytes("VmHWM")
     return {
         "method": method,
-        "times": times,
+        "times": times[1:],
+        "warmup_time": times[0],
         "peak_extra": peak - before,
         "peak_exact": exact,
         "threads": torch.get_num_threads(),
@@ -164,13 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes, one round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--shape",
+        nargs=3,
+        type=int,
+        action="append",
+        metavar=("N", "H", "V"),
+        help="run this shape instead of the default cases (repeatable)",
+    )
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.worker:
         method, *dims = args.worker
         print(json.dumps(worker(method, *map(int, dims), args.repeats)))
         return 0
-    cases = QUICK_CASES if args.quick else CASES
+    cases = args.shape or (QUICK_CASES if args.quick else CASES)
     rounds = 1 if args.quick else args.rounds
     results = []
     for rows, hidden, vocab in cases:
