@@ -1,18 +1,21 @@
 """Benchmark: chunked linear + cross-entropy against torch and the three bare GEMMs.
 
-For each (N, H, V) three methods run, each in a fresh subprocess (so peak memory is
-the process's own high-water mark), interleaved over a few rounds so machine noise
-hits them alike:
+Methods, all fp32:
 
 - ``xloss``: ``xloss.linear_cross_entropy(x, W, y)`` then ``backward()``.
 - ``torch``: ``F.cross_entropy(x @ W.T, y)`` then ``backward()`` (materialised logits).
 - ``gemms``: the three GEMMs alone, into preallocated outputs: logits = x W^T,
   grad_x = G W, grad_W = G^T x. This is the floor any linear cross-entropy pays.
 
-Time is forward + backward (best over the runs, after one warm-up step). Peak extra
-memory is the RSS high-water mark during the timed steps minus the RSS just before
-them (inputs allocated, one step done and its gradients dropped), so it includes the
-gradients (N x H + V x H) every method must return. Everything is fp32.
+Memory: each method runs in a fresh subprocess; after one warm-up step (JIT, thread
+pools, GEMM workspaces) and dropping its gradients, the peak extra memory is the RSS
+high-water mark of one more step minus the RSS just before it. It includes the
+gradients (N x H + V x H) every method must return; the "minus grads" column takes
+them out.
+
+Time: one more subprocess per shape runs all methods, interleaved step by step for
+``--rounds`` rounds, so load from other processes hits them alike. The table shows the
+best time per method and the median over rounds of the per-round ratio to the GEMMs.
 
 Run: ``python benchmarks/linear_ce.py`` (``--quick`` for small shapes).
 """
@@ -85,63 +88,66 @@ def _make_step(method: str, rows: int, hidden: int, vocab: int):
     return step
 
 
-def worker(method: str, rows: int, hidden: int, vocab: int, repeats: int) -> dict:
-    """One method on one shape, in this (fresh) process: warm up, then measure."""
+def memory_worker(method: str, rows: int, hidden: int, vocab: int) -> dict:
+    """Peak extra RSS of one step of one method, in this (fresh) process."""
     import gc
 
-    import torch
-
-    torch.manual_seed(0)
     step = _make_step(method, rows, hidden, vocab)
-    warmup = time.perf_counter()
     step()  # JIT compilation, thread pools, GEMM workspaces: not part of a step's cost
-    times = [time.perf_counter() - warmup]
     gc.collect()
     before = _rss_bytes("VmRSS")
     exact = _reset_peak_rss()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = _rss_bytes("VmHWM")
-    return {
-        "method": method,
-        "times": times[1:],
-        "warmup_time": times[0],
-        "peak_extra": peak - before,
-        "peak_exact": exact,
-        "threads": torch.get_num_threads(),
-    }
+    step()
+    return {"peak_extra": _rss_bytes("VmHWM") - before, "peak_exact": exact}
 
 
-def run_case(rows: int, hidden: int, vocab: int, rounds: int, repeats: int) -> dict:
-    """All methods on one shape, each in fresh subprocesses, interleaved over rounds."""
-    results = {method: {"times": [], "peak_extra": []} for method in METHODS}
+def time_worker(rows: int, hidden: int, vocab: int, rounds: int) -> dict:
+    """Time every method in this process, interleaved round by round, so that noise from
+    other processes on the machine hits all of them alike."""
+    steps = {method: _make_step(method, rows, hidden, vocab) for method in METHODS}
+    for step in steps.values():
+        step()  # warm-up
+    times = {method: [] for method in METHODS}
     for _ in range(rounds):
-        for method in METHODS:
-            command = [sys.executable, __file__, "--worker", method]
-            command += [str(rows), str(hidden), str(vocab), "--repeats", str(repeats)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            record = json.loads(done.stdout.strip().splitlines()[-1])
-            results[method]["times"] += record["times"]
-            results[method]["peak_extra"].append(record["peak_extra"])
-    return {
+        for method, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[method].append(time.perf_counter() - start)
+    return times
+
+
+def _run_worker(*args) -> dict:
+    command = [sys.executable, __file__, "--worker", *map(str, args)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_case(rows: int, hidden: int, vocab: int, rounds: int) -> dict:
+    """Memory of each method in its own fresh process, then interleaved timings."""
+    result = {
         "shape": (rows, hidden, vocab),
         "logits_bytes": rows * vocab * 4,
         "grad_bytes": (rows + vocab) * hidden * 4,
-        **{
-            method: {"time": min(r["times"]), "peak_extra": min(r["peak_extra"])}
-            for method, r in results.items()
-        },
     }
+    for method in METHODS:
+        result[method] = _run_worker("memory", method, rows, hidden, vocab)
+    times = _run_worker("time", rounds, rows, hidden, vocab)
+    for method in METHODS:
+        result[method]["times"] = times[method]
+        result[method]["time"] = min(times[method])
+    # per-round ratios: the two steps of a round ran seconds apart, under similar load
+    for method in ("xloss", "torch"):
+        ratios = sorted(a / b for a, b in zip(times[method], times["gemms"], strict=True))
+        result[method]["ratio_median"] = ratios[len(ratios) // 2]
+    return result
 
 
 def format_table(cases: list[dict]) -> str:
     """A markdown table: times, ratios to the bare GEMMs, peak extra memory."""
     mib = 2**20
     lines = [
-        "| N, H, V | xloss fwd+bwd | torch fwd+bwd | 3 bare GEMMs | xloss / GEMMs "
-        "| torch / GEMMs | xloss peak extra | (minus grads) | torch peak extra "
+        "| N, H, V | xloss fwd+bwd | torch fwd+bwd | 3 bare GEMMs | xloss / GEMMs (median) "
+        "| torch / GEMMs (median) | xloss peak extra | (minus grads) | torch peak extra "
         "| N x V fp32 logits |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -153,7 +159,7 @@ def format_table(cases: list[dict]) -> str:
         lines.append(
             f"| {', '.join(map(str, case['shape']))} "
             f"| {case['xloss']['time']:.2f} s | {case['torch']['time']:.2f} s | {gemm:.2f} s "
-            f"| {case['xloss']['time'] / gemm:.2f}x | {case['torch']['time'] / gemm:.2f}x "
+            f"| {case['xloss']['ratio_median']:.2f}x | {case['torch']['ratio_median']:.2f}x "
             f"| {ours / mib:.0f} MiB ({ours / logits:.2f}x) "
             f"| {ours_net / mib:.0f} MiB ({ours_net / logits:.2f}x) "
             f"| {theirs / mib:.0f} MiB ({theirs / logits:.2f}x) | {logits / mib:.0f} MiB |"
@@ -163,10 +169,9 @@ def format_table(cases: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=4, metavar=("METHOD", "N", "H", "V"))
-    parser.add_argument("--quick", action="store_true", help="small shapes, one round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--worker", nargs=5, metavar=("KIND", "ARG", "N", "H", "V"))
+    parser.add_argument("--quick", action="store_true", help="small shapes")
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per method")
     parser.add_argument(
         "--shape",
         nargs=3,
@@ -178,14 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.worker:
-        method, *dims = args.worker
-        print(json.dumps(worker(method, *map(int, dims), args.repeats)))
+        kind, arg, *dims = args.worker
+        dims = [int(d) for d in dims]
+        if kind == "memory":
+            print(json.dumps(memory_worker(arg, *dims)))
+        else:
+            print(json.dumps(time_worker(*dims, rounds=int(arg))))
         return 0
     cases = args.shape or (QUICK_CASES if args.quick else CASES)
-    rounds = 1 if args.quick else args.rounds
     results = []
     for rows, hidden, vocab in cases:
-        results.append(run_case(rows, hidden, vocab, rounds, args.repeats))
+        results.append(run_case(rows, hidden, vocab, args.rounds))
         print(f"done {rows, hidden, vocab}", file=sys.stderr, flush=True)
     print(f"linear cross-entropy, fp32, {os.cpu_count()} CPU(s)")
     print(format_table(results))
