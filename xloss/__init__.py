@@ -1,13 +1,36 @@
 """xloss: classification losses for PyTorch, right on every shape, mask and dtype."""
 
-from xloss.functional import cross_entropy, linear_cross_entropy
-from xloss.nn import CrossEntropyLoss, LinearCrossEntropyLoss
+from xloss import distributed  # noqa: F401  (xloss.distributed.vocab_parallel_...)
+from xloss.functional import (
+    asymmetric_loss,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    linear_cross_entropy,
+    multilabel_balance_weights,
+    positive_rate,
+    sigmoid_focal_loss,
+)
+from xloss.nn import (
+    AsymmetricLoss,
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    LinearCrossEntropyLoss,
+    SigmoidFocalLoss,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsymmetricLoss",
+    "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
+    "SigmoidFocalLoss",
+    "asymmetric_loss",
+    "binary_cross_entropy_with_logits",
     "cross_entropy",
     "linear_cross_entropy",
+    "multilabel_balance_weights",
+    "positive_rate",
+    "sigmoid_focal_loss",
 ]

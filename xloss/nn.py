@@ -9,7 +9,19 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from xloss._core.validation import check_class_weight
+from xloss.functional.binary import (
+    binary_cross_entropy_with_logits,
+    check_binary_settings,
+    check_elementwise_weight,
+    check_pos_weight,
+)
 from xloss.functional.cross_entropy import check_cross_entropy_settings, cross_entropy
+from xloss.functional.focal import (
+    asymmetric_loss,
+    check_asymmetric_settings,
+    check_focal_settings,
+    sigmoid_focal_loss,
+)
 from xloss.functional.linear_cross_entropy import check_chunk_size, linear_cross_entropy
 
 
@@ -93,6 +105,258 @@ class CrossEntropyLoss(nn.Module):
         return (
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, class_dim={self.class_dim}"
+        )
+
+
+class _ElementwiseLoss(nn.Module):
+    """Settings shared by the binary family: element weight, smoothing, masking, reduction."""
+
+    def __init__(
+        self,
+        weight: Tensor | None,
+        *,
+        reduction: str,
+        label_smoothing: float,
+        smoothing_rule: str,
+        ignore_index: int | None,
+        class_dim: int,
+        validate_args: bool,
+    ) -> None:
+        super().__init__()
+        check_binary_settings(
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            smoothing_rule=smoothing_rule,
+            ignore_index=ignore_index,
+        )
+        check_elementwise_weight(weight, None)
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.smoothing_rule = smoothing_rule
+        self.ignore_index = ignore_index
+        self.class_dim = class_dim
+        self.validate_args = validate_args
+
+    def extra_repr(self) -> str:
+        return (
+            f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+            f"smoothing_rule={self.smoothing_rule!r}, ignore_index={self.ignore_index}, "
+            f"class_dim={self.class_dim}"
+        )
+
+
+class BCEWithLogitsLoss(_ElementwiseLoss):
+    r"""Module form of :func:`xloss.binary_cross_entropy_with_logits`; see it for the formula.
+
+    ``weight`` (element weights) and ``pos_weight`` (per class) are buffers; per-batch
+    tensors (``mask``, ``lengths``, ``normalizer``) are passed to ``forward``.
+
+    Shape:
+        - input: (*), any shape; the class axis is ``class_dim`` (last by default).
+        - target: (*), the input's shape.
+        - output: scalar; (*) for ``"none"``; (N) for ``"sample"``.
+
+    Example:
+        >>> import torch, xloss
+        >>> loss_fn = xloss.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 3.0]),
+        ...                                   label_smoothing=0.1)
+        >>> loss_fn(torch.tensor([[2.0, -1.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        tensor(0.5933)
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        *,
+        pos_weight: Tensor | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        smoothing_rule: str = "binary",
+        ignore_index: int | None = None,
+        class_dim: int = -1,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(
+            weight,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            smoothing_rule=smoothing_rule,
+            ignore_index=ignore_index,
+            class_dim=class_dim,
+            validate_args=validate_args,
+        )
+        check_pos_weight(pos_weight, None)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(
+        self,
+        input: Tensor,
+        target: Tensor,
+        *,
+        mask: Tensor | None = None,
+        lengths: Tensor | None = None,
+        normalizer: float | Tensor | None = None,
+    ) -> Tensor:
+        return binary_cross_entropy_with_logits(
+            input,
+            target,
+            self.weight,
+            pos_weight=self.pos_weight,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            smoothing_rule=self.smoothing_rule,
+            ignore_index=self.ignore_index,
+            mask=mask,
+            lengths=lengths,
+            class_dim=self.class_dim,
+            normalizer=normalizer,
+            validate_args=self.validate_args,
+        )
+
+
+class SigmoidFocalLoss(_ElementwiseLoss):
+    r"""Module form of :func:`xloss.sigmoid_focal_loss`; see it for the formula.
+
+    Shape:
+        - input: (*), any shape.
+        - target: (*), the input's shape.
+        - output: scalar; (*) for ``"none"``; (N) for ``"sample"``.
+
+    Example:
+        >>> import torch, xloss
+        >>> loss_fn = xloss.SigmoidFocalLoss(alpha=0.25, gamma=2.0, reduction="sum")
+        >>> loss_fn(torch.tensor([[3.0, -2.0]]), torch.tensor([[1.0, 1.0]]))
+        tensor(0.4125)
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        *,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        smoothing_rule: str = "binary",
+        ignore_index: int | None = None,
+        class_dim: int = -1,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(
+            weight,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            smoothing_rule=smoothing_rule,
+            ignore_index=ignore_index,
+            class_dim=class_dim,
+            validate_args=validate_args,
+        )
+        self.alpha, self.gamma = check_focal_settings(alpha=alpha, gamma=gamma)
+
+    def forward(
+        self,
+        input: Tensor,
+        target: Tensor,
+        *,
+        mask: Tensor | None = None,
+        lengths: Tensor | None = None,
+        normalizer: float | Tensor | None = None,
+    ) -> Tensor:
+        return sigmoid_focal_loss(
+            input,
+            target,
+            self.weight,
+            alpha=self.alpha,
+            gamma=self.gamma,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            smoothing_rule=self.smoothing_rule,
+            ignore_index=self.ignore_index,
+            mask=mask,
+            lengths=lengths,
+            class_dim=self.class_dim,
+            normalizer=normalizer,
+            validate_args=self.validate_args,
+        )
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, " + super().extra_repr()
+
+
+class AsymmetricLoss(_ElementwiseLoss):
+    r"""Module form of :func:`xloss.asymmetric_loss` (ASL); see it for the formula.
+
+    Shape:
+        - input: (*), any shape.
+        - target: (*), the input's shape.
+        - output: scalar; (*) for ``"none"``; (N) for ``"sample"``.
+
+    Example:
+        >>> import torch, xloss
+        >>> loss_fn = xloss.AsymmetricLoss(gamma_pos=0.0, gamma_neg=4.0, clip=0.05)
+        >>> loss_fn(torch.tensor([[3.0, -2.0, 1.0]]), torch.tensor([[1.0, 0.0, 0.0]]))
+        tensor(0.0981)
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        *,
+        gamma_pos: float = 1.0,
+        gamma_neg: float = 4.0,
+        clip: float = 0.05,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        smoothing_rule: str = "binary",
+        ignore_index: int | None = None,
+        class_dim: int = -1,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(
+            weight,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            smoothing_rule=smoothing_rule,
+            ignore_index=ignore_index,
+            class_dim=class_dim,
+            validate_args=validate_args,
+        )
+        self.gamma_pos, self.gamma_neg, self.clip = check_asymmetric_settings(
+            gamma_pos=gamma_pos, gamma_neg=gamma_neg, clip=clip
+        )
+
+    def forward(
+        self,
+        input: Tensor,
+        target: Tensor,
+        *,
+        mask: Tensor | None = None,
+        lengths: Tensor | None = None,
+        normalizer: float | Tensor | None = None,
+    ) -> Tensor:
+        return asymmetric_loss(
+            input,
+            target,
+            self.weight,
+            gamma_pos=self.gamma_pos,
+            gamma_neg=self.gamma_neg,
+            clip=self.clip,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            smoothing_rule=self.smoothing_rule,
+            ignore_index=self.ignore_index,
+            mask=mask,
+            lengths=lengths,
+            class_dim=self.class_dim,
+            normalizer=normalizer,
+            validate_args=self.validate_args,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"gamma_pos={self.gamma_pos}, gamma_neg={self.gamma_neg}, clip={self.clip}, "
+            + super().extra_repr()
         )
 
 
