@@ -31,6 +31,7 @@ import time
 
 CASES = [(8192, 512, 32000), (4096, 2048, 32000), (2048, 1024, 128256)]
 QUICK_CASES = [(1024, 256, 8000), (2048, 256, 8000)]
+SWEEP_ROWS = [2048, 8192, 32768]  # xloss memory as N grows, at H = 512, V = 32000
 METHODS = ("xloss", "torch", "gemms")
 
 
@@ -142,6 +143,25 @@ def run_case(rows: int, hidden: int, vocab: int, rounds: int) -> dict:
     return result
 
 
+def memory_sweep(rows_list: list[int], hidden: int = 512, vocab: int = 32000) -> str:
+    """xloss peak extra memory as N grows: flat once the gradients are taken out."""
+    mib = 2**20
+    lines = [
+        f"xloss peak extra memory as N grows (H={hidden}, V={vocab})",
+        "| N | peak extra | minus grads | N x V fp32 logits |",
+        "|---|---|---|---|",
+    ]
+    for rows in rows_list:
+        peak = _run_worker("memory", "xloss", rows, hidden, vocab)["peak_extra"]
+        net = peak - (rows + vocab) * hidden * 4
+        logits = rows * vocab * 4
+        lines.append(
+            f"| {rows} | {peak / mib:.0f} MiB ({peak / logits:.3f}x) "
+            f"| {net / mib:.0f} MiB | {logits / mib:.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(cases: list[dict]) -> str:
     """A markdown table: times, ratios to the bare GEMMs, peak extra memory."""
     mib = 2**20
@@ -180,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("N", "H", "V"),
         help="run this shape instead of the default cases (repeatable)",
     )
+    parser.add_argument("--sweep", action="store_true", help="also the memory sweep over N")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.worker:
@@ -197,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done {rows, hidden, vocab}", file=sys.stderr, flush=True)
     print(f"linear cross-entropy, fp32, {os.cpu_count()} CPU(s)")
     print(format_table(results))
+    if args.sweep:
+        print(memory_sweep(SWEEP_ROWS))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=1)
