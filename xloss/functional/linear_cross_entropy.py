@@ -122,7 +122,7 @@ def linear_cross_entropy(
     applied to the returned loss get exact gradients.
 
     Memory: one chunk of logits (``chunk_size x V`` in the compute dtype; by default
-    about 64 MiB), the gradients, and for fp16/bf16 a fp32 copy of ``weight``. fp16
+    about 48 MiB), the gradients, and for fp16/bf16 a fp32 copy of ``weight``. fp16
     and bf16 inputs are computed in fp32 (GEMMs included) and the loss is returned in
     the input's dtype. On CPU the numba row kernel is used when available.
 
@@ -141,7 +141,7 @@ def linear_cross_entropy(
         lengths: (B,) valid lengths along T for (B, T, H) input: integers, or floats in
             (0, 1] as relative lengths.
         normalizer: divide the summed loss by this number or one-element tensor.
-        chunk_size: rows per chunk; None picks about 64 MiB of logits per chunk.
+        chunk_size: rows per chunk; None picks about 48 MiB of logits per chunk.
         validate_args: check target ranges and lengths (these synchronise with the
             device).
 

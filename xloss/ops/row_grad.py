@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# ~4 MiB of fp32 per sub-chunk: large enough to amortise op overhead, small enough for cache.
+# CPU: ~4 MiB of fp32 per sub-chunk, large enough to amortise op overhead, small enough
+# for cache. Accelerators: kernel launches dominate small blocks, so take ~64 MiB at once.
 SUB_CHUNK_ELEMENTS = 1 << 20
+ACCELERATOR_SUB_CHUNK_ELEMENTS = 1 << 24
 
 
 def row_loss_and_grad_(
@@ -55,7 +57,8 @@ def row_loss_and_grad_(
     loss = torch.empty(rows, dtype=dtype, device=logits.device)  # R
     weight = None if class_weight is None else class_weight.to(device=logits.device, dtype=dtype)
     weight_sum = float(num_classes) if weight is None else weight.sum()
-    step = max(1, SUB_CHUNK_ELEMENTS // max(num_classes, 1))
+    elements = SUB_CHUNK_ELEMENTS if logits.device.type == "cpu" else ACCELERATOR_SUB_CHUNK_ELEMENTS
+    step = max(1, elements // max(num_classes, 1))
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         scale = grad_scale
