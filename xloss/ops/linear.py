@@ -17,7 +17,7 @@ from xloss.ops.row_grad import row_loss_and_grad_ as portable_row_loss_and_grad_
 # Default logits chunk: this many bytes of compute-dtype logits (chunk x V) at a time.
 # Measured at N, H, V = 8192, 512, 32000 on 2 cores: 48 MiB (393 rows) keeps the peak
 # extra memory, gradients included, at 0.13x the N x V fp32 logits with the GEMMs as fast
-# as unchunked; 32 MiB chunks made the GEMMs ~15% slower.
+# as unchunked; 32 MiB chunks made the GEMMs ~15% slower in one (noisy) run.
 CHUNK_BYTES = 48 * 2**20
 
 
