@@ -153,3 +153,15 @@ def test_property_matches_reference(rows, classes, eps, z, cap, weighted, seed):
     )
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_expanded_scale_tensor_equals_float_scale():
+    logits, target, weight = make_case(7, 5, {"class_weight": True})
+    by_float, by_tensor = logits.clone(), logits.clone()
+    options = dict(class_weight=weight, label_smoothing=0.1, z_loss=1e-3)
+    loss_f = row_loss_and_grad_(by_float, target, grad_scale=0.5, **options)
+    loss_t = row_loss_and_grad_(
+        by_tensor, target, grad_scale=torch.tensor(0.5).expand(7), **options
+    )
+    torch.testing.assert_close(loss_f, loss_t)
+    torch.testing.assert_close(by_float, by_tensor)
