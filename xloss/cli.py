@@ -1,4 +1,4 @@
-"""Command line: ``xloss demo`` (also ``python -m xloss demo``)."""
+"""Command line: ``xloss demo`` and ``xloss bench`` (also ``python -m xloss ...``)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xloss", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="run the demo")
+    from xloss.bench import add_arguments, run_from_args
+
+    add_arguments(commands.add_parser("bench", help="time and memory of the losses"))
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_worked_example()
+    if args.command == "bench":
+        return run_from_args(args)
     return 0
 
 

@@ -57,6 +57,7 @@ class CrossEntropyLoss(nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         validate_args: bool = True,
+        inplace_backward: bool = False,
     ) -> None:
         super().__init__()
         check_cross_entropy_settings(
@@ -75,6 +76,7 @@ class CrossEntropyLoss(nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.validate_args = validate_args
+        self.inplace_backward = inplace_backward
 
     def forward(
         self,
@@ -99,6 +101,7 @@ class CrossEntropyLoss(nn.Module):
             softcap=self.softcap,
             normalizer=normalizer,
             validate_args=self.validate_args,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ from xloss._core.validation import (
     check_tensor,
     check_unit_interval,
 )
+from xloss.ops.fused_cross_entropy import fused_cross_entropy, fused_kernel_applies
 from xloss.ops.rows import cross_entropy_rows, soft_cross_entropy_rows
 
 
@@ -56,6 +57,7 @@ def cross_entropy(
     softcap: float | None = None,
     normalizer: float | Tensor | None = None,
     validate_args: bool = True,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""Cross-entropy between logits and class indices or class probabilities.
 
@@ -83,6 +85,11 @@ def cross_entropy(
     A batch with no kept position gives 0 with a zero gradient, not NaN as PyTorch does.
     The z-loss term is reduced with the loss (including the ``w[y]`` denominator).
 
+    On CPU, class-index targets in fp32, fp16 or bf16 run through a fused numba kernel
+    (:mod:`xloss.ops.kernel`) that computes the loss and writes the gradient in one pass
+    over each row, in fp32; other cases (probability targets, fp64, other devices) use
+    portable torch ops.
+
     Args:
         input: logits; floating point. fp16 and bf16 are computed in fp32 and the
             result is returned in the input's dtype.
@@ -102,6 +109,12 @@ def cross_entropy(
         normalizer: divide the summed loss by this number or one-element tensor.
         validate_args: check target ranges and lengths; these checks synchronise with
             the device, so they can be switched off.
+        inplace_backward: write the gradient into the storage of ``input`` (no extra
+            memory; ``input`` then holds the gradient, not the logits). The version counter
+            of ``input`` is bumped, so autograd raises if another op saved it. Applies on
+            the CPU kernel path (class-index targets, fp32/fp16/bf16, numba present) when
+            the class axis is last and ``input`` is contiguous; otherwise the logits are
+            copied first and ``input`` is left untouched.
 
     Shape:
         - input: (C), (N, C) or (N, C, d_1, ..., d_K) with ``class_dim=1``; the class
@@ -133,6 +146,8 @@ def cross_entropy(
         normalizer=normalizer,
     )
     check_normalizer(normalizer, validate_args)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
     check_floating_input(input)
     check_tensor("target", target)
     layout = class_layout(input, target, class_dim)
@@ -155,10 +170,22 @@ def cross_entropy(
 
     dtype = compute_dtype(input.dtype)
     class_weight = None if weight is None else weight.to(device=device, dtype=dtype)
-    rows = layout.logits.reshape(-1, num_classes).to(dtype)  # R x C
     options = dict(
         class_weight=class_weight, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
     )
+    if fused_kernel_applies(input, layout.soft):
+        reduced = fused_cross_entropy(
+            layout.logits,
+            target,
+            keep=keep,
+            reduction=reduction,
+            normalizer=normalizer,
+            batched=layout.batched,
+            inplace_backward=inplace_backward,
+            **options,
+        )
+        return reduced.to(input.dtype)
+    rows = layout.logits.reshape(-1, num_classes).to(dtype)  # R x C
     if layout.soft:
         probs = target.movedim(layout.class_dim, -1).reshape(-1, num_classes).to(dtype)
         row_loss = soft_cross_entropy_rows(rows, probs, **options)

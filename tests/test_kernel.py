@@ -1,0 +1,491 @@
+"""The fused numba row kernel and the cross-entropy path through it, against float64."""
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import xloss
+from xloss.ops import kernel
+from xloss.ops.kernel import row_loss, row_loss_and_grad, row_loss_and_grad_
+
+# one unit in the last place of the half type, since the fp32 gradient is rounded once
+HALF_TOLERANCE = {
+    torch.float16: dict(rtol=1e-3, atol=1e-7),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-7),
+}
+
+pytestmark = pytest.mark.skipif(not kernel.kernel_available(), reason="numba is unavailable")
+
+
+def reference_row_loss(x, target, *, weight=None, eps=0.0, z=0.0, cap=None):
+    """float64 per-row loss of the shared contract; a negative target drops its row."""
+    num_classes = x.shape[1]
+    w = torch.ones(num_classes, dtype=torch.float64) if weight is None else weight.double()
+    capped = x if cap is None else cap * torch.tanh(x / cap)
+    lse = torch.logsumexp(capped, dim=1)
+    kept = target >= 0
+    y = target.clamp(min=0)
+    loss = (1 - eps) * w[y] * (lse - capped.gather(1, y[:, None])[:, 0])
+    if eps > 0:
+        loss = loss + eps / num_classes * (w * (lse[:, None] - capped)).sum(1)
+    if z > 0:
+        loss = loss + z * lse**2
+    return torch.where(kept, loss, 0.0)
+
+
+def reference_rows(x, target, *, scale=1.0, **options):
+    """float64 per-row loss and d(sum_i s_i loss_i)/dx, by autograd."""
+    x = x.detach().double().requires_grad_()
+    loss = reference_row_loss(x, target, **options)
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((loss * scale).sum(), x)
+    return loss.detach(), grad
+
+
+def random_case(rows, classes, seed=0, dtype=torch.float32, spread=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    x = (spread * torch.randn(rows, classes, generator=generator)).to(dtype)
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    return x, target
+
+
+def check_rows(x, target, atol=2e-6, rtol=2e-5, **options):
+    loss_ref, grad_ref = reference_rows(x, target, **options)
+    kernel_options = dict(options)
+    kernel_options["class_weight"] = kernel_options.pop("weight", None)
+    kernel_options["label_smoothing"] = kernel_options.pop("eps", 0.0)
+    kernel_options["z_loss"] = kernel_options.pop("z", 0.0)
+    kernel_options["softcap"] = kernel_options.pop("cap", None)
+    kernel_options["grad_scale"] = kernel_options.pop("scale", 1.0)
+    grad = x.clone()
+    loss = row_loss_and_grad_(grad, target, **kernel_options)
+    assert loss.dtype == torch.float32 and loss.shape == (x.shape[0],)
+    assert grad.dtype == x.dtype
+    torch.testing.assert_close(loss.double(), loss_ref, atol=atol * 10, rtol=rtol)
+    torch.testing.assert_close(grad.double(), grad_ref, atol=atol, rtol=rtol)
+    return loss, grad
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 1023, 32001])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_rows_match_float64_across_sizes(classes, eps):
+    x, target = random_case(3, classes, seed=classes)
+    check_rows(x, target, eps=eps)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(weight=True),
+        dict(weight=True, eps=0.2),
+        dict(z=1e-2),
+        dict(cap=4.0),
+        dict(cap=4.0, eps=0.1, z=1e-3, weight=True),
+        dict(scale=0.25, eps=0.1),
+        dict(scale="per_row", eps=0.1, weight=True),
+    ],
+    ids=lambda options: "-".join(sorted(options)),
+)
+@pytest.mark.parametrize("classes", [3, 1023])
+def test_rows_every_option(options, classes):
+    x, target = random_case(6, classes, seed=1)
+    target[2] = -1  # a dropped row
+    options = dict(options)
+    if options.get("weight"):
+        options["weight"] = torch.rand(classes, generator=torch.Generator().manual_seed(5)) + 0.5
+    if options.get("scale") == "per_row":
+        options["scale"] = torch.linspace(0.5, 2.0, 6)
+    loss, grad = check_rows(x, target, **options)
+    assert loss[2] == 0 and bool((grad[2] == 0).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    classes=st.integers(1, 70),
+    eps=st.sampled_from([0.0, 0.05, 1.0]),
+    z=st.sampled_from([0.0, 1e-2]),
+    cap=st.sampled_from([None, 2.0]),
+    weighted=st.booleans(),
+    spread=st.sampled_from([0.1, 5.0, 60.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_rows_property_random_options(rows, classes, eps, z, cap, weighted, spread, seed):
+    x, target = random_case(rows, classes, seed=seed, spread=spread)
+    target[::3] = -1  # every third row dropped
+    weight = (
+        torch.rand(classes, generator=torch.Generator().manual_seed(seed)) if weighted else None
+    )
+    scale = torch.rand(rows, generator=torch.Generator().manual_seed(seed + 1))
+    check_rows(x, target, eps=eps, z=z, cap=cap, weight=weight, scale=scale, atol=1e-5)
+
+
+def test_rows_all_equal_logits():
+    x = torch.full((4, 1000), 7.5)
+    target = torch.tensor([0, 10, 999, 500])
+    loss, grad = check_rows(x, target, eps=0.1)
+    torch.testing.assert_close(loss, torch.full((4,), float(torch.log(torch.tensor(1000.0)))))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_rows_extreme_logits(eps):
+    generator = torch.Generator().manual_seed(3)
+    x = 1e4 * torch.randint(-1, 2, (4, 257), generator=generator).float()
+    target = torch.tensor([0, 5, 100, 256])
+    loss, grad = check_rows(x, target, eps=eps, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("classes", [300, 3000])  # one block; several (fully masked ones too)
+def test_rows_masked_vocabulary_with_minus_inf(classes):
+    x, target = random_case(5, classes, seed=7)
+    visible = 2 * classes // 3
+    x[:, visible:] = float("-inf")  # a vocabulary masked to its first 2/3
+    x[1, : classes // 2] = float("-inf")
+    target = target % (classes // 2)  # every target is a visible class
+    target[1] = classes // 2 + 7
+    loss, grad = check_rows(x, target, z=1e-3)
+    assert bool((grad[:, visible:] == 0).all()) and bool((grad[1, : classes // 2] == 0).all())
+    weight = torch.linspace(0.5, 1.5, classes)
+    check_rows(x, target, weight=weight, scale=0.5)
+    # smoothing spreads mass over the masked classes: the loss is infinite, as in float64
+    smoothed = row_loss(x, target, label_smoothing=0.1)
+    assert bool(torch.isinf(smoothed).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(), dict(eps=0.1, weight=True), dict(cap=3.0, z=1e-3)])
+def test_rows_half_precision(dtype, options):
+    x, target = random_case(5, 1001, seed=11, dtype=dtype)
+    x[0, :4] = torch.tensor([0.0, -0.0, 6e-8, 60000.0]).to(dtype)  # zeros, subnormal, large
+    target[3] = -1
+    if options.get("weight"):
+        options = dict(options, weight=torch.linspace(0.5, 1.5, 1001))
+    loss_ref, grad_ref = reference_rows(x, target, **options)
+    grad = x.clone()
+    loss = row_loss_and_grad_(
+        grad,
+        target,
+        grad_scale=1.0,
+        class_weight=options.get("weight"),
+        label_smoothing=options.get("eps", 0.0),
+        z_loss=options.get("z", 0.0),
+        softcap=options.get("cap"),
+    )
+    assert grad.dtype == dtype
+    # the loss is computed in fp32 from the exact half inputs; the gradient is rounded once
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=2e-5, atol=1e-4)
+    torch.testing.assert_close(grad, grad_ref.to(dtype), **HALF_TOLERANCE[dtype])
+
+
+def test_half_conversion_round_trips_special_values():
+    values = torch.tensor([0.0, -0.0, 1.0, -2.5, 6e-8, 1e-6, 65504.0, -65504.0, 1 / 3])
+    for dtype in (torch.float16, torch.bfloat16):
+        # single-class rows: the loss is 0 and the gradient exactly 0 ...
+        x = values.to(dtype)[:, None].clone()
+        loss = row_loss_and_grad_(x, torch.zeros(len(values), dtype=torch.long), grad_scale=1.0)
+        assert bool((x == 0).all()) and bool((loss == 0).all())
+    # ... and the widening itself is exact: loss of [v, 0] with target 1 is log(1 + e^v)
+    small = torch.tensor([[6e-8, 0.0], [-2.5, 0.0], [1 / 3, 0.0]])
+    for dtype in (torch.float16, torch.bfloat16):
+        rounded = small.to(dtype)
+        loss = row_loss(rounded, torch.ones(3, dtype=torch.long))
+        expected = torch.nn.functional.softplus(rounded.double()[:, 0])
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_out_of_place_and_forward_only_leave_logits_untouched():
+    x, target = random_case(4, 50, seed=2)
+    original = x.clone()
+    loss, grad = row_loss_and_grad(x, target, grad_scale=0.5, label_smoothing=0.1)
+    loss_only = row_loss(x, target, label_smoothing=0.1)
+    assert torch.equal(x, original)
+    loss_ref, grad_ref = reference_rows(x, target, scale=0.5, eps=0.1)
+    torch.testing.assert_close(grad.double(), grad_ref, atol=2e-7, rtol=1e-5)
+    torch.testing.assert_close(loss, loss_only)
+
+
+@pytest.mark.parametrize(
+    ("logits", "target", "scale", "error", "match"),
+    [
+        (torch.zeros(4), torch.zeros(4, dtype=torch.long), 1.0, ValueError, "2-D"),
+        (torch.zeros(2, 3).double(), torch.zeros(2, dtype=torch.long), 1.0, TypeError, "float32"),
+        (torch.zeros(3, 2).t(), torch.zeros(2, dtype=torch.long), 1.0, ValueError, "contiguous"),
+        (torch.zeros(2, 3), torch.zeros(3, dtype=torch.long), 1.0, ValueError, "shape \\(2,\\)"),
+        (torch.zeros(2, 3), torch.zeros(2, dtype=torch.int32), 1.0, ValueError, "int64"),
+        (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.ones(3), ValueError, "1 or 2"),
+    ],
+)
+def test_row_kernel_errors(logits, target, scale, error, match):
+    with pytest.raises(error, match=match):
+        row_loss_and_grad_(logits, target, grad_scale=scale)
+
+
+# --- xloss.cross_entropy through the kernel ---------------------------------------------
+
+
+def reference_cross_entropy(x, target, *, weight=None, keep=None, reduction="mean", **options):
+    """float64 reduced loss for (N, C) or (N, T, C) logits with the class axis last."""
+    classes = x.shape[-1]
+    flat_target = target.reshape(-1).clone()
+    if keep is not None:
+        flat_target[~keep.reshape(-1)] = -1
+    loss = reference_row_loss(x.reshape(-1, classes), flat_target, weight=weight, **options)
+    kept = (flat_target >= 0).double()
+    counts = kept if weight is None else kept * weight.double()[flat_target.clamp(min=0)]
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / counts.sum()
+    per_sample = loss.reshape(target.shape[0], -1).sum(1)
+    return per_sample / counts.reshape(target.shape[0], -1).sum(1)
+
+
+def reference_grad(x, target, grad_output, **options):
+    x = x.detach().double().requires_grad_()
+    out = reference_cross_entropy(x, target, **options)
+    (grad,) = torch.autograd.grad(out, x, grad_output.double())
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "sample"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(label_smoothing=0.1, weight=True),
+        dict(z_loss=1e-3, softcap=5.0, ignore=True),
+        dict(label_smoothing=0.2, mask=True, weight=True, z_loss=1e-4),
+    ],
+    ids=["plain", "smooth-weight", "z-softcap-ignore", "mask-all"],
+)
+def test_cross_entropy_kernel_matches_float64(reduction, options):
+    generator = torch.Generator().manual_seed(4)
+    batch, steps, classes = 3, 5, 37
+    x = 2 * torch.randn(batch, steps, classes, generator=generator)
+    target = torch.randint(0, classes, (batch, steps), generator=generator)
+    weight = torch.rand(classes, generator=generator) + 0.5 if options.get("weight") else None
+    keep = torch.ones(batch, steps, dtype=torch.bool)
+    kwargs = dict(
+        reduction=reduction,
+        label_smoothing=options.get("label_smoothing", 0.0),
+        z_loss=options.get("z_loss", 0.0),
+        softcap=options.get("softcap"),
+    )
+    if options.get("ignore"):
+        target[0, 1] = -100
+        keep[0, 1] = False
+    mask = None
+    if options.get("mask"):
+        mask = torch.rand(batch, steps, generator=generator) > 0.3
+        keep &= mask
+    lengths = torch.tensor([5, 3, 4])
+    keep &= torch.arange(steps) < lengths[:, None]
+
+    logits = x.clone().requires_grad_()
+    out = xloss.cross_entropy(
+        logits, target, weight, class_dim=-1, mask=mask, lengths=lengths, **kwargs
+    )
+    grad_output = torch.rand(out.shape, generator=generator) + 0.5
+    out.backward(grad_output)
+    ref_kwargs = dict(eps=kwargs["label_smoothing"], z=kwargs["z_loss"], cap=kwargs["softcap"])
+    expected, expected_grad = reference_grad(
+        x, target, grad_output, weight=weight, keep=keep, reduction=reduction, **ref_kwargs
+    )
+    torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad.double(), expected_grad, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 2.5])
+@pytest.mark.parametrize("normalizer", [None, 7.0])
+def test_cross_entropy_kernel_class_dim_1_and_normalizer(grad_scale, normalizer):
+    x, target = random_case(6, 11, seed=9)
+    images = x.reshape(2, 3, 11).transpose(1, 2).contiguous()  # (N, C, d) with class_dim=1
+    labels = target.reshape(2, 3)
+    logits = images.clone().requires_grad_()
+    out = xloss.cross_entropy(logits, labels, normalizer=normalizer, label_smoothing=0.1)
+    (out * grad_scale).backward()
+    rows = images.transpose(1, 2).reshape(6, 11)
+    total = normalizer if normalizer is not None else 6.0
+    scale = grad_scale / total
+    loss_ref, grad_ref = reference_rows(rows, target, eps=0.1, scale=scale)
+    assert out.item() == pytest.approx(loss_ref.sum().item() / total, rel=1e-6)
+    torch.testing.assert_close(
+        logits.grad.transpose(1, 2).reshape(6, 11).double(), grad_ref, atol=1e-7, rtol=1e-5
+    )
+
+
+def test_cross_entropy_matches_torch_and_empty_batch_is_zero():
+    x, target = random_case(8, 20, seed=12)
+    target[3] = -100
+    for eps in (0.0, 0.1):
+        ours = x.clone().requires_grad_()
+        theirs = x.clone().requires_grad_()
+        xloss.cross_entropy(ours, target, label_smoothing=eps).backward()
+        F.cross_entropy(theirs, target, label_smoothing=eps).backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-5)
+    empty = x.clone().requires_grad_()
+    out = xloss.cross_entropy(empty, torch.full((8,), -100))
+    out.backward()
+    assert out.item() == 0 and bool((empty.grad == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cross_entropy_half_inputs(dtype):
+    x, target = random_case(6, 40, seed=13, dtype=dtype)
+    logits = x.clone().requires_grad_()
+    out = xloss.cross_entropy(logits, target, label_smoothing=0.1)
+    out.backward()
+    assert out.dtype == dtype and logits.grad.dtype == dtype
+    loss_ref, grad_ref = reference_rows(x, target, eps=0.1, scale=1 / 6)
+    torch.testing.assert_close(out.double(), loss_ref.mean(), rtol=1e-2, atol=0.0)
+    torch.testing.assert_close(logits.grad, grad_ref.to(dtype), **HALF_TOLERANCE[dtype])
+
+
+def test_no_gradient_is_written_without_grad(monkeypatch):
+    destinations = []
+    launch = kernel._launch
+
+    def spy(logits, target, dest, **options):
+        destinations.append(dest)
+        return launch(logits, target, dest, **options)
+
+    monkeypatch.setattr(kernel, "_launch", spy)
+    x, target = random_case(4, 9, seed=1)
+    with torch.no_grad():
+        xloss.cross_entropy(x.requires_grad_(), target)
+    xloss.cross_entropy(x.detach(), target, inplace_backward=True)
+    assert destinations == [None, None]
+
+
+def test_inplace_backward_writes_into_logits_and_bumps_version():
+    x, target = random_case(5, 13, seed=6)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0  # an intermediate whose storage the loss may reuse
+    version = logits._version
+    out = xloss.cross_entropy(logits, target, label_smoothing=0.1, inplace_backward=True)
+    assert logits._version > version
+    _, grad_ref = reference_rows(x, target, eps=0.1, scale=1 / 5)
+    torch.testing.assert_close(logits.detach().double(), grad_ref, atol=1e-7, rtol=1e-5)
+    (out * 3).backward()
+    torch.testing.assert_close(leaf.grad.double(), 3 * grad_ref, atol=3e-7, rtol=1e-5)
+    module = xloss.CrossEntropyLoss(inplace_backward=True, reduction="sum", label_smoothing=0.1)
+    again = leaf * 1.0
+    module(again, target).backward()
+    torch.testing.assert_close(again.detach().double(), 5 * grad_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_inplace_backward_raises_when_a_saved_tensor_would_be_corrupted():
+    x, target = random_case(4, 6, seed=8)
+    leaf = x.clone().requires_grad_()
+    logits = leaf.exp()  # exp saves its output for backward
+    out = xloss.cross_entropy(logits, target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+def test_inplace_backward_with_class_dim_1_copies_and_keeps_input():
+    x, target = random_case(6, 11, seed=10)
+    images = x.reshape(2, 3, 11).transpose(1, 2).contiguous()  # (N, C, d)
+    logits = images.clone().requires_grad_()
+    out = xloss.cross_entropy(logits, target.reshape(2, 3), inplace_backward=True)
+    out.backward()
+    assert torch.equal(logits.detach(), images)
+    _, grad_ref = reference_rows(x, target, scale=1 / 6)
+    torch.testing.assert_close(
+        logits.grad.transpose(1, 2).reshape(6, 11).double(), grad_ref, atol=1e-7, rtol=1e-5
+    )
+
+
+def test_torch_compile_fullgraph_traces_the_kernel(monkeypatch):
+    monkeypatch.setattr(kernel, "_loaded", {})  # as in a fresh process: numba not loaded yet
+    x, target = random_case(4, 10, seed=14)
+
+    def loss_fn(logits, labels):
+        options = dict(label_smoothing=0.1, validate_args=False)
+        out_of_place = xloss.cross_entropy(logits, labels, **options)
+        in_place = xloss.cross_entropy(logits * 2.0, labels, inplace_backward=True, **options)
+        return out_of_place + in_place
+
+    # aot_eager runs dynamo and AOT autograd (fake tensors, the ops' autograd) without
+    # inductor's code generation, which would take minutes on two cores
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    logits = x.clone().requires_grad_()
+    out = compiled(logits, target)
+    out.backward()
+    loss_ref, grad_ref = reference_rows(x, target, eps=0.1, scale=1 / 4)
+    loss_ref2, grad_ref2 = reference_rows(2 * x, target, eps=0.1, scale=1 / 4)
+    torch.testing.assert_close(
+        out.double(), loss_ref.mean() + loss_ref2.mean(), rtol=1e-6, atol=1e-7
+    )
+    torch.testing.assert_close(logits.grad.double(), grad_ref + 2 * grad_ref2, atol=1e-7, rtol=1e-5)
+
+
+def test_without_numba_the_portable_path_runs_and_warns_once(monkeypatch):
+    monkeypatch.setitem(sys.modules, "xloss.ops._numba_rows", None)  # import now fails
+    monkeypatch.setattr(kernel, "_loaded", {})
+    x, target = random_case(4, 10, seed=15)
+    logits = x.clone().requires_grad_()
+    with pytest.warns(RuntimeWarning, match="numba is unavailable"):
+        out = xloss.cross_entropy(logits, target, label_smoothing=0.1)
+    assert not kernel.kernel_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xloss.cross_entropy(x, target)  # no second warning
+    out.backward()
+    loss_ref, grad_ref = reference_rows(x, target, eps=0.1, scale=1 / 4)
+    torch.testing.assert_close(out.double(), loss_ref.mean(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(logits.grad.double(), grad_ref, atol=1e-7, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        row_loss(x, target)
+
+
+def test_gradient_buffer_is_reused_only_when_free():
+    kernel.release_buffers()
+    first = kernel.gradient_buffer((30, 40), torch.float32)
+    pointer = first.data_ptr()
+    view = first[1:]
+    del first
+    busy = kernel.gradient_buffer((30, 40), torch.float32)  # `view` still uses the buffer
+    assert busy.data_ptr() != pointer
+    pointer = busy.data_ptr()
+    del busy, view
+    again = kernel.gradient_buffer((30, 40), torch.float32)
+    assert again.data_ptr() == pointer and again.shape == (30, 40)
+    half = kernel.gradient_buffer((30, 40), torch.bfloat16)  # another size: a new buffer
+    assert half.dtype == torch.bfloat16 and half.data_ptr() != pointer
+    kernel.release_buffers()
+
+
+def test_inplace_backward_on_a_strided_slice_leaves_the_base_untouched():
+    x, target = random_case(4, 20, seed=16)
+    base = x.clone().requires_grad_()
+    logits = base[:, :13]  # rows of 13 classes inside rows of 20: not contiguous
+    out = xloss.cross_entropy(logits, target % 13, inplace_backward=True)
+    out.backward()
+    assert torch.equal(base.detach(), x)
+    _, grad_ref = reference_rows(x[:, :13], target % 13, scale=1 / 4)
+    torch.testing.assert_close(base.grad[:, :13].double(), grad_ref, atol=1e-7, rtol=1e-5)
+    assert bool((base.grad[:, 13:] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_with_no_rows(dtype):
+    logits = torch.zeros(0, 5, dtype=dtype, requires_grad=True)
+    out = xloss.cross_entropy(logits, torch.zeros(0, dtype=torch.long))
+    out.backward()
+    assert out.item() == 0 and logits.grad.shape == (0, 5)
+    none = xloss.cross_entropy(logits, torch.zeros(0, dtype=torch.long), reduction="none")
+    assert none.shape == (0,)
+
+
+def test_inplace_backward_must_be_a_bool():
+    with pytest.raises(TypeError, match="`inplace_backward` must be a bool, got str"):
+        xloss.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), inplace_backward="yes")

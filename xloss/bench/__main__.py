@@ -1,0 +1,5 @@
+import sys
+
+from xloss.bench import run
+
+sys.exit(run())

@@ -1,0 +1,74 @@
+"""One (table, case, variant) measurement in a fresh process; prints a JSON line.
+
+Steps: 1. create the inputs (the variant's setup); 2. warm up (compilation, caches) and
+drop cached buffers; 3. measure the STREAM triad now, since other processes sharing the
+machine change the bandwidth from minute to minute; 4. record the resident set size and
+reset the kernel's peak RSS counter (Linux ``/proc/self/clear_refs``); 5. time
+``repeats`` steps; 6. report the median time, the triad and the peak RSS above step 4.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> dict:
+    from xloss.bench.registry import load_tables
+    from xloss.bench.stream import triad_bandwidth
+    from xloss.ops import kernel
+
+    spec = load_tables()[table]
+    step = spec.variants[variant](case)
+    for _ in range(warmup):
+        step()
+    kernel.release_buffers()  # the timed steps pay for (and count) their own buffers
+    triad = triad_bandwidth(1 << 24, repeats=5)
+    gc.collect()
+    baseline_kib = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "table": table,
+        "variant": variant,
+        "case": case,
+        "seconds": statistics.median(times),
+        "all_seconds": times,
+        "peak_extra_bytes": max(0, peak_kib - baseline_kib) * 1024,
+        "triad_bytes_per_second": triad,
+    }
+
+
+def main() -> None:
+    request = json.loads(sys.argv[1])
+    print(json.dumps(measure(**request)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""numba kernels of the fused row cross-entropy; imported lazily by xloss.ops.kernel.
+
+One pass over each row of logits, in fp32, while the row sits in cache:
+
+1. the row max (an integer max over the float bit patterns: the float max reduction does
+   not vectorise with this llvmlite),
+2. t = x - max, S = sum exp(t) with a polynomial exp (no SVML here, so ``math.exp`` would
+   not vectorise), T = sum w t (the smoothing sum, without cancellation), the target's t,
+3. the gradient s * (p * A - eps/C * w), then the target entry, written over the row.
+
+With lse = max + log S the loss is (1-eps) w[y] (log S - t[y]) + eps/C (W log S - T)
++ z lse^2 and A = (1-eps) w[y] + eps/C W + 2 z lse. Soft-capping x <- cap tanh(x/cap)
+is monotonic, so the max is taken on the raw logits; its rows use ``math.tanh`` (slower
+path, recomputed per pass) and the chain factor 1 - tanh^2.
+
+fp16 and bf16 rows arrive as uint16 bit patterns, are widened into a per-thread fp32
+scratch row and narrowed back with round-to-nearest-even.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+# No `nnan`/`ninf`: rows may hold -inf (a masked vocabulary) and must give the reference's inf.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_FLOOR = np.float32(-87.0)  # exp below this (< 2e-38) is flushed to 0
+
+
+@intrinsic
+def _int_as_float(typingctx, bits):
+    """Reinterpret int32 bits as float32 (a bit cast the vectoriser understands)."""
+
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float_as_int(typingctx, value):
+    """Reinterpret float32 bits as int32."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _exp_nonpositive(t):
+    """exp(t) for t <= 0 in fp32 (Cephes-style polynomial on t - n ln2, n = round(t/ln2))."""
+    clamped = max(t, _EXP_FLOOR)
+    n = np.floor(clamped * _LOG2E + np.float32(0.5))
+    r = clamped - n * _LN2_HI - n * _LN2_LO
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    scale = _int_as_float((np.int32(n) + np.int32(127)) << np.int32(23))
+    return np.float32(0.0) if t < _EXP_FLOOR else p * scale
+
+
+@njit(inline="always", cache=True)
+def _row_max(row):
+    """Max of a float32 row via an integer max over order-preserving bit keys."""
+    return _range_max(row, 0, row.shape[0])
+
+
+@njit(inline="always", cache=True)
+def _range_max(row, start, stop):
+    """Max of ``row[start:stop]`` via an integer max over order-preserving bit keys."""
+    best = np.int32(-2147483648)
+    for c in range(start, stop):
+        bits = _float_as_int(row[c])
+        key = np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+        best = max(best, key)
+    return _int_as_float(best ^ ((best >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write):
+    """Whole-row passes (max, sums, gradient); used for soft-capped rows."""
+    num = row.shape[0]
+    has_weight = weight.shape[0] > 0
+    has_cap = cap > np.float32(0.0)
+    smooth = eps / np.float32(num)
+    peak = _row_max(row)
+    if has_cap:
+        peak = cap * np.float32(math.tanh(peak / cap))
+    # pass 2: sum exp(t) and the smoothing sum of t = x - max
+    sum_exp = np.float32(0.0)
+    sum_t = np.float32(0.0)
+    total_weight = np.float32(num)
+    target_weight = np.float32(1.0)
+    x_target = row[y]
+    if has_cap:
+        x_target = cap * np.float32(math.tanh(x_target / cap))
+        for c in range(num):
+            t = cap * np.float32(math.tanh(row[c] / cap)) - peak
+            sum_exp += _exp_nonpositive(t)
+            sum_t += t if not has_weight else weight[c] * t
+    elif write:
+        for c in range(num):
+            t = row[c] - peak
+            e = _exp_nonpositive(t)
+            row[c] = e  # kept for pass 3: the exp is the expensive part
+            sum_exp += e
+            sum_t += t if not has_weight else weight[c] * t
+    else:
+        for c in range(num):
+            t = row[c] - peak
+            sum_exp += _exp_nonpositive(t)
+            sum_t += t if not has_weight else weight[c] * t
+    if has_weight:
+        total_weight = np.float32(0.0)
+        for c in range(num):
+            total_weight += weight[c]
+        target_weight = weight[y]
+    log_sum = np.float32(math.log(sum_exp))
+    lse = peak + log_sum
+    loss = (np.float32(1.0) - eps) * target_weight * (log_sum - (x_target - peak))
+    if eps > 0:
+        loss += smooth * (total_weight * log_sum - sum_t)
+    if z > 0:
+        loss += z * lse * lse
+    if not write:
+        return loss
+    # pass 3: gradient = scale * (p * A - eps/C w) - scale (1-eps) w[y] onehot, times softcap'
+    inv_sum = np.float32(1.0) / sum_exp
+    coef = scale * inv_sum * ((np.float32(1.0) - eps) * target_weight + smooth * total_weight)
+    coef += scale * inv_sum * (np.float32(2.0) * z * lse)
+    offset = scale * smooth
+    target_step = scale * (np.float32(1.0) - eps) * target_weight
+    if has_cap:
+        target_factor = np.float32(1.0) - (x_target / cap) * (x_target / cap)
+        for c in range(num):
+            capped = np.float32(math.tanh(row[c] / cap))
+            e = _exp_nonpositive(cap * capped - peak)
+            w = weight[c] if has_weight else np.float32(1.0)
+            row[c] = (e * coef - offset * w) * (np.float32(1.0) - capped * capped)
+        row[y] -= target_step * target_factor
+    else:
+        if has_weight:
+            for c in range(num):
+                row[c] = row[c] * coef - offset * weight[c]
+        else:
+            for c in range(num):
+                row[c] = row[c] * coef - offset
+        row[y] -= target_step
+    return loss
+
+
+BLOCK = 1024  # elements per block: 4 KiB, stays in L1 between the block's two loops
+_MINUS_INF = np.float32(-np.inf)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
+    """Uncapped rows, in blocks so the exp overlaps the stream from memory.
+
+    Pass 1, per block b of the row (the block is read from memory once, then reused
+    from L1): its max m_b, e = exp(x - m_b) (stored over the row), S_b = sum e and
+    T_b = sum w (x - m_b). With m = max m_b: S = sum_b S_b exp(m_b - m) and
+    T = sum_b T_b + W_b (m_b - m). Pass 2 (the row is in L2): gradient = e * coef_b - eps/C w
+    with coef_b = scale * A / S * exp(m_b - m), then the target entry.
+    Blocks are sliced so that every loop index starts at 0: numba's negative-index
+    wrap-around check on ``row[start + c]`` would otherwise stop the vectoriser.
+    """
+    num = row.shape[0]
+    has_weight = weight.shape[0] > 0
+    smooth = eps / np.float32(num)
+    x_target = row[y]
+    num_blocks = (num + BLOCK - 1) // BLOCK
+    block_peak = np.empty(num_blocks, dtype=np.float32)
+    block_sum = np.empty(num_blocks, dtype=np.float32)
+    block_t = np.empty(num_blocks, dtype=np.float32)
+    block_weight = np.empty(num_blocks, dtype=np.float32)
+    for b in range(num_blocks):
+        block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
+        block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)] if has_weight else weight
+        size = block.shape[0]
+        peak = _row_max(block)
+        sum_exp = np.float32(0.0)
+        sum_t = np.float32(0.0)
+        sum_w = np.float32(size)
+        if has_weight:
+            sum_w = np.float32(0.0)
+            for c in range(size):
+                sum_w += block_w[c]
+        if peak == _MINUS_INF:  # a fully masked block: e = 0, and x - m is -inf
+            sum_t = _MINUS_INF
+            if write:
+                for c in range(size):
+                    block[c] = np.float32(0.0)
+        elif write:
+            for c in range(size):
+                t = block[c] - peak
+                e = _exp_nonpositive(t)
+                block[c] = e
+                sum_exp += e
+                sum_t += t if not has_weight else block_w[c] * t
+        else:
+            for c in range(size):
+                t = block[c] - peak
+                sum_exp += _exp_nonpositive(t)
+                sum_t += t if not has_weight else block_w[c] * t
+        block_peak[b] = peak
+        block_sum[b] = sum_exp
+        block_t[b] = sum_t
+        block_weight[b] = sum_w
+    peak = _MINUS_INF
+    for b in range(num_blocks):
+        peak = max(peak, block_peak[b])
+    sum_exp = np.float32(0.0)
+    sum_t = np.float32(0.0)
+    total_weight = np.float32(0.0)
+    for b in range(num_blocks):
+        total_weight += block_weight[b]
+        if block_peak[b] == _MINUS_INF:
+            sum_t += block_t[b]
+        else:
+            sum_exp += block_sum[b] * _exp_nonpositive(block_peak[b] - peak)
+            sum_t += block_t[b] + block_weight[b] * (block_peak[b] - peak)
+    target_weight = weight[y] if has_weight else np.float32(1.0)
+    log_sum = np.float32(math.log(sum_exp))
+    lse = peak + log_sum
+    loss = (np.float32(1.0) - eps) * target_weight * (log_sum - (x_target - peak))
+    if eps > 0:
+        loss += smooth * (total_weight * log_sum - sum_t)
+    if z > 0:
+        loss += z * lse * lse
+    if not write:
+        return loss
+    # pass 2: gradient = scale * (p * A - eps/C w) - scale (1-eps) w[y] onehot
+    weight_part = (np.float32(1.0) - eps) * target_weight + smooth * total_weight
+    coef = scale / sum_exp * (weight_part + np.float32(2.0) * z * lse)
+    offset = scale * smooth
+    for b in range(num_blocks):
+        block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
+        block_coef = coef * _exp_nonpositive(block_peak[b] - peak)
+        if has_weight:
+            block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)]
+            for c in range(block.shape[0]):
+                block[c] = block[c] * block_coef - offset * block_w[c]
+        else:
+            for c in range(block.shape[0]):
+                block[c] = block[c] * block_coef - offset
+    row[y] -= scale * (np.float32(1.0) - eps) * target_weight
+    return loss
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_loss_grad(row, y, scale, weight, eps, z, cap, write):
+    """Loss of one float32 row with target y >= 0; overwrite the row with its gradient.
+
+    ``weight`` is (C,) float32 or empty (unweighted); ``cap`` <= 0 means no softcap.
+    """
+    if cap > np.float32(0.0):
+        return _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write)
+    return _row_loss_grad_blocked(row, y, scale, weight, eps, z, write)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write, loss):
+    """fp32 rows. write: gradient into ``dest`` (after copying ``source`` there if
+    ``copy_rows``; in place when ``dest`` is the logits). Not write: read ``source`` only."""
+    num_rows = target.shape[0]
+    per_row_scale = scale.shape[0] > 1
+    for i in prange(num_rows):
+        s = scale[i] if per_row_scale else scale[0]
+        y = target[i]
+        if not write:
+            loss[i] = (
+                np.float32(0.0)
+                if y < 0
+                else _row_loss_grad(source[i], y, s, weight, eps, z, cap, False)
+            )
+            continue
+        row = dest[i]
+        if y < 0:
+            row[:] = np.float32(0.0)
+            loss[i] = np.float32(0.0)
+            continue
+        if copy_rows:
+            row[:] = source[i]
+        loss[i] = _row_loss_grad(row, y, s, weight, eps, z, cap, True)
+
+
+@njit(inline="always", cache=True)
+def _half_to_float(bits):
+    """IEEE fp16 bits (as int32) to float32: shift into place, rescale the exponent."""
+    magnitude = (bits & np.int32(0x7FFF)) << np.int32(13)
+    value = _int_as_float(magnitude) * np.float32(5.192296858534828e33)  # 2**112
+    if (bits & np.int32(0x7C00)) == np.int32(0x7C00):  # inf / nan
+        value = _int_as_float(magnitude | np.int32(0x7F800000))
+    return -value if bits & np.int32(0x8000) else value
+
+
+@njit(inline="always", cache=True)
+def _float_to_half(value):
+    """float32 to IEEE fp16 bits with round-to-nearest-even (subnormals, inf, nan)."""
+    bits = _float_as_int(value)
+    sign = (bits >> np.int32(16)) & np.int32(0x8000)
+    magnitude = bits & np.int32(0x7FFFFFFF)
+    if magnitude >= np.int32(0x47800000):  # >= 65536 after rounding: inf, or nan
+        out = np.int32(0x7E00) if magnitude > np.int32(0x7F800000) else np.int32(0x7C00)
+    elif magnitude < np.int32(0x38800000):  # fp16 subnormal: let the fp32 adder round
+        rounded = _int_as_float(magnitude) + np.float32(0.5)
+        out = _float_as_int(rounded) - np.int32(0x3F000000)
+    else:
+        odd = (magnitude >> np.int32(13)) & np.int32(1)
+        out = (magnitude + np.int32(-0x37FFF001) + odd) >> np.int32(13)
+    return np.uint16(out | sign)
+
+
+@njit(inline="always", cache=True)
+def _bf16_to_float(bits):
+    return _int_as_float(bits << np.int32(16))
+
+
+@njit(inline="always", cache=True)
+def _float_to_bf16(value):
+    bits = _float_as_int(value)
+    if (bits & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000):  # nan stays a quiet nan
+        return np.uint16(((bits >> np.int32(16)) | np.int32(0x40)) & np.int32(0xFFFF))
+    rounded = bits + np.int32(0x7FFF) + ((bits >> np.int32(16)) & np.int32(1))
+    return np.uint16((rounded >> np.int32(16)) & np.int32(0xFFFF))
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss):
+    """fp16 / bf16 rows as uint16 bits; the gradient goes to ``dest`` (may be ``source``)."""
+    num_rows, num = source.shape
+    per_row_scale = scale.shape[0] > 1
+    num_blocks = min(num_rows, 64)
+    for block in prange(num_blocks):
+        scratch = np.empty(num, dtype=np.float32)  # one widened row per block
+        for i in range(block, num_rows, num_blocks):
+            y = target[i]
+            if y < 0:
+                loss[i] = np.float32(0.0)
+                if write:
+                    dest[i, :] = np.uint16(0)
+                continue
+            bits = source[i]
+            if is_bf16:
+                for c in range(num):
+                    scratch[c] = _bf16_to_float(np.int32(bits[c]))
+            else:
+                for c in range(num):
+                    scratch[c] = _half_to_float(np.int32(bits[c]))
+            s = scale[i] if per_row_scale else scale[0]
+            loss[i] = _row_loss_grad(scratch, y, s, weight, eps, z, cap, write)
+            if write:
+                out = dest[i]
+                if is_bf16:
+                    for c in range(num):
+                        out[c] = _float_to_bf16(scratch[c])
+                else:
+                    for c in range(num):
+                        out[c] = _float_to_half(scratch[c])

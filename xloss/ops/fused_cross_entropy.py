@@ -1,0 +1,251 @@
+"""Cross-entropy through the fused CPU row kernel, as ``torch.library`` custom ops.
+
+Two ops in the ``xloss`` namespace, each with a fake (meta) implementation, so
+``torch.compile(fullgraph=True)`` traces through them:
+
+- ``xloss::fused_cross_entropy`` returns ``(output, grad)`` with ``grad`` a new buffer;
+  its autograd formula is registered with ``register_autograd``.
+- ``xloss::fused_cross_entropy_`` writes the gradient into ``logits`` itself
+  (``inplace_backward=True``). PyTorch allows no autograd formula on a mutating op, so
+  :class:`InplaceFusedCrossEntropy` (an ``autograd.Function``) carries it. Declaring the
+  mutation makes the dispatcher bump the version counter of ``logits``, so autograd
+  raises instead of silently using a tensor that another op saved.
+
+Forward, step by step:
+
+1. the kernel reads each row once and writes its gradient while the row is in cache,
+   already multiplied by ``grad_scale`` (1/denominator of a mean, 1 for a sum);
+2. ``output`` is ``grad_scale * sum(loss)`` (a scalar) or, with ``per_row``, the (R,)
+   losses, which the caller reduces with ``reduce_loss`` ("none", "sample");
+3. without a gradient to compute (grad mode off, logits not requiring grad) the kernel
+   writes nothing.
+
+Backward multiplies the stored gradient by ``grad_output`` (one factor per row with
+``per_row``), and skips the multiply when every factor is exactly 1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from xloss._core.reduction import reduce_loss, safe_divide
+from xloss.ops import kernel
+
+
+def fused_kernel_applies(input: Tensor, soft_target: bool) -> bool:
+    """The kernel serves class-index targets on CPU in fp32, fp16 and bf16."""
+    return (
+        not soft_target
+        and input.device.type == "cpu"
+        and input.dtype in kernel.KERNEL_DTYPES
+        and kernel.kernel_available()
+    )
+
+
+def _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap,
+             per_row, write_grad, grad):  # fmt: skip
+    loss = kernel._launch(
+        logits,
+        target,
+        grad,
+        grad_scale=grad_scale,
+        class_weight=class_weight,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap if softcap > 0 else None,
+    )
+    return loss if per_row else (loss.double().sum() * grad_scale).float()
+
+
+@torch.library.custom_op("xloss::fused_cross_entropy", mutates_args=(), device_types="cpu")
+def _fused_op(
+    logits: Tensor,
+    target: Tensor,
+    class_weight: Optional[Tensor],  # noqa: UP045 (custom_op reads the annotation)
+    grad_scale: Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    per_row: bool,
+    write_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    if write_grad:
+        grad = kernel.gradient_buffer(logits.shape, logits.dtype)  # R x C, reused
+    else:
+        grad = logits.new_empty(0)
+    output = _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss,
+                      softcap, per_row, write_grad, grad if write_grad else None)  # fmt: skip
+    return output, grad
+
+
+@torch.library.custom_op(
+    "xloss::fused_cross_entropy_", mutates_args=("logits",), device_types="cpu"
+)
+def _fused_inplace_op(
+    logits: Tensor,
+    target: Tensor,
+    class_weight: Optional[Tensor],  # noqa: UP045 (custom_op reads the annotation)
+    grad_scale: Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    per_row: bool,
+) -> Tensor:
+    return _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss,
+                    softcap, per_row, True, logits)  # fmt: skip
+
+
+def _output_like(logits: Tensor, per_row: bool) -> Tensor:
+    shape = (logits.shape[0],) if per_row else ()
+    return logits.new_empty(shape, dtype=torch.float32)
+
+
+@_fused_op.register_fake
+def _(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap, per_row,
+      write_grad):  # fmt: skip
+    grad = torch.empty_like(logits) if write_grad else logits.new_empty(0)
+    return _output_like(logits, per_row), grad
+
+
+@_fused_inplace_op.register_fake
+def _(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap, per_row):
+    return _output_like(logits, per_row)
+
+
+def _scale_grad(grad: Tensor, grad_output: Tensor, per_row: bool, in_place: bool) -> Tensor:
+    """grad * grad_output; no multiply when every factor is exactly 1 (eager only)."""
+    if not torch.compiler.is_compiling() and bool((grad_output == 1).all()):
+        return grad
+    factor = grad_output.unsqueeze(-1) if per_row else grad_output
+    return grad.mul_(factor) if in_place else (grad * factor).to(grad.dtype)
+
+
+def _setup(ctx, inputs, output):
+    ctx.per_row = inputs[7]
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else backward gets an R x C zero tensor for `grad`
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_output, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    if grad_output is None:  # grads are not materialised
+        return (None,) * 9
+    grad_logits = _scale_grad(grad, grad_output, ctx.per_row, in_place=False)
+    return (grad_logits,) + (None,) * 8  # one value per input of the op
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup)
+
+
+class InplaceFusedCrossEntropy(torch.autograd.Function):
+    """The in-place op with autograd: the logits' storage becomes their gradient.
+
+    forward: 1. run ``xloss::fused_cross_entropy_`` (bumps the logits' version);
+    2. save the logits, which now hold the gradient scaled by ``grad_scale``.
+    backward: multiply that gradient in place by ``grad_output`` (skipped when 1) and
+    return it for ``logits``; the other inputs get None.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, settings):
+        output = _fused_inplace_op(logits, target, class_weight, *settings)
+        ctx.per_row = settings.per_row
+        ctx.save_for_backward(logits)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return _scale_grad(grad, grad_output, ctx.per_row, in_place=True), None, None, None
+
+
+class KernelSettings(NamedTuple):
+    """The scalar arguments of both ops, in their order."""
+
+    grad_scale: Tensor  # 0-dim float32
+    label_smoothing: float
+    z_loss: float
+    softcap: float  # 0 for none
+    per_row: bool
+
+
+def _scalar_scale(reduction, keep, denominator, normalizer, like: Tensor) -> Tensor:
+    """The factor s with reduced = s * sum(loss) for "mean", "sum" and a normalizer.
+
+    A 0-dim float32 tensor, so ``torch.compile`` needs no data-dependent branch.
+    """
+    one = torch.ones((), dtype=torch.float32, device=like.device)
+    if normalizer is not None:
+        return safe_divide(one, normalizer)
+    if reduction == "sum":
+        return one
+    if denominator is not None:
+        count = (denominator if keep is None else torch.where(keep, denominator, 0)).sum()
+    else:
+        count = torch.tensor(keep.numel()) if keep is None else keep.sum()
+    return safe_divide(one, count.float())
+
+
+def fused_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    keep: Tensor | None,
+    reduction: str,
+    normalizer=None,
+    batched: bool = True,
+    class_weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Reduced cross-entropy of ``logits`` (..., C), class axis last, through the kernel.
+
+    ``target`` holds class indices of shape ``logits.shape[:-1]``; ``keep`` marks the
+    kept positions (None: all). With ``inplace_backward`` the gradient is written into
+    the logits' storage when they are contiguous with the class axis last; any other
+    layout (class_dim=1 on (N, C, d) input, a strided slice) is copied first, so only
+    the copy is overwritten and the caller's tensor is untouched.
+    """
+    target_shape = logits.shape[:-1]
+    # R x C: a view of the caller's logits when they are contiguous, else a private copy
+    rows = logits.reshape(-1, logits.shape[-1]).contiguous()
+    index = target.reshape(-1).long()
+    if keep is not None:
+        index = torch.where(keep.reshape(-1), index, -1)  # the kernel drops negative rows
+    denominator = _denominator(class_weight, target, keep)
+    per_row = normalizer is None and reduction in ("none", "sample")
+    if per_row:
+        scale = torch.ones((), dtype=torch.float32, device=rows.device)
+    else:
+        scale = _scalar_scale(reduction, keep, denominator, normalizer, rows)
+    settings = KernelSettings(
+        scale, label_smoothing, z_loss, 0.0 if softcap is None else softcap, per_row
+    )
+    write_grad = torch.is_grad_enabled() and rows.requires_grad
+    if write_grad and inplace_backward:
+        output = InplaceFusedCrossEntropy.apply(rows, index, class_weight, settings)
+    else:
+        output, _ = _fused_op(rows, index, class_weight, *settings, write_grad)
+    if not per_row:
+        return output
+    return reduce_loss(
+        output.reshape(target_shape),
+        reduction,
+        keep=keep,
+        denominator=denominator,
+        batched=batched,
+    )
+
+
+def _denominator(class_weight, target, keep):
+    """w[y] per position for a weighted mean (dropped positions read class 0)."""
+    if class_weight is None:
+        return None
+    index = target.long() if keep is None else torch.where(keep, target.long(), 0)
+    return class_weight[index]

@@ -1,0 +1,221 @@
+"""The fused CPU row cross-entropy (numba): one pass per row, gradient written in place.
+
+``row_loss_and_grad_`` follows the shared row-gradient contract (the portable twin is
+``xloss.ops.row_grad``). numba is imported on first use, so ``import xloss`` stays fast;
+compiled kernels are cached on disk (numba ``cache=True``). Without numba the callers use
+the portable torch path, and a warning says why, once.
+
+Threads: the kernels run on numba's thread pool, capped at ``torch.get_num_threads()`` so
+``torch.set_num_threads`` limits both libraries (numba's own cap is ``NUMBA_NUM_THREADS``,
+all cores by default).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+_loaded: dict = {}  # "kernels": the kernel module, or None when numba is unusable
+
+
+def _kernels():
+    """The compiled-kernel module, or None (with one warning) when numba is unusable."""
+    if "kernels" not in _loaded:
+        try:
+            _numba_rows = importlib.import_module("xloss.ops._numba_rows")
+        except Exception as error:  # ImportError, or a broken numba/llvmlite install
+            warnings.warn(
+                f"xloss: numba is unavailable ({type(error).__name__}: {error}); "
+                "cross-entropy on CPU uses the slower portable torch path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _numba_rows = None
+        _loaded["kernels"] = _numba_rows
+    return _loaded["kernels"]
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it once instead of tracing it
+def kernel_available() -> bool:
+    """True when the numba row kernel can run (numba imports)."""
+    return _kernels() is not None
+
+
+def _set_threads() -> None:
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _as_array(tensor: Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; fp16/bf16 as their uint16 bit patterns."""
+    tensor = tensor.detach()
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def _check_rows(logits: Tensor, target: Tensor) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(
+            f"`logits` must be a 2-D (R, C) tensor, got {type(logits).__name__} "
+            f"of shape {tuple(getattr(logits, 'shape', ()))}"
+        )
+    if logits.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"`logits` must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.device.type != "cpu" or not logits.is_contiguous():
+        raise ValueError("`logits` must be a contiguous CPU tensor")
+    if target.shape != (logits.shape[0],) or target.dtype != torch.int64:
+        raise ValueError(
+            f"`target` must be an int64 tensor of shape ({logits.shape[0]},), "
+            f"got {target.dtype} of shape {tuple(target.shape)}"
+        )
+
+
+def _launch(
+    logits: Tensor,
+    target: Tensor,
+    dest: Tensor | None,
+    *,
+    grad_scale: float | Tensor = 1.0,
+    class_weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """Run the kernel over rows; ``dest`` None: loss only, else the gradient goes there."""
+    _check_rows(logits, target)
+    kernels = _kernels()
+    if kernels is None:
+        raise RuntimeError("the numba row kernel is unavailable; check kernel_available()")
+    _set_threads()
+    num_rows = logits.shape[0]
+    if isinstance(grad_scale, Tensor):
+        scale = grad_scale.detach().to(torch.float32).contiguous().reshape(-1).numpy()
+        if scale.shape not in ((1,), (num_rows,)):
+            raise ValueError(
+                f"`grad_scale` must be a float or a tensor of 1 or {num_rows} elements, "
+                f"got shape {tuple(grad_scale.shape)}"
+            )
+    else:
+        scale = np.array([grad_scale], dtype=np.float32)
+    if class_weight is None:
+        weight = np.empty(0, dtype=np.float32)
+    else:
+        weight = class_weight.detach().to(torch.float32).contiguous().numpy()
+    loss = torch.empty(num_rows, dtype=torch.float32)
+    settings = (
+        weight,
+        np.float32(label_smoothing),
+        np.float32(z_loss),
+        np.float32(0.0 if softcap is None else softcap),
+    )
+    source = _as_array(logits)
+    target_array = target.detach().numpy()
+    write = dest is not None
+    if write and (dest.shape != logits.shape or dest.dtype != logits.dtype):
+        raise ValueError("the gradient buffer must have the logits' shape and dtype")
+    if write and not dest.is_contiguous():
+        raise ValueError("the gradient buffer must be contiguous")
+    if logits.dtype == torch.float32:
+        in_place = write and dest.data_ptr() == logits.data_ptr()
+        # In place passes one array: aliased source/dest arrays would defeat vectorisation.
+        rows_source = np.empty((0, 0), np.float32) if in_place else source
+        rows_dest = _as_array(dest) if write else np.empty((0, 0), np.float32)
+        kernels.rows_f32(
+            rows_source, rows_dest, target_array, scale, *settings,
+            write and not in_place, write, loss.numpy(),
+        )  # fmt: skip
+    else:
+        rows_dest = _as_array(dest) if write else np.empty((0, 0), np.uint16)
+        kernels.rows_half(
+            source, rows_dest, target_array, scale, *settings,
+            logits.dtype == torch.bfloat16, write, loss.numpy(),
+        )  # fmt: skip
+    return loss
+
+
+def row_loss_and_grad_(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    grad_scale: float | Tensor,
+    class_weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """Per-row loss; ``logits`` is OVERWRITTEN with the scaled gradient (shared contract).
+
+    loss_i = (1-eps) w[y] (lse - x[y]) + eps/C sum_c w[c] (lse - x[c]) + z lse^2, with x
+    after the softcap; the row of ``logits`` becomes
+    s_i [(1-eps) w[y] (p - onehot_y) + eps/C (W p - w) + 2 z lse p] (times the softcap
+    factor 1 - tanh(x/cap)^2). A negative target drops its row: loss 0, gradient 0.
+
+    Args:
+        logits: (R, C) contiguous CPU float32, float16 or bfloat16; overwritten.
+        target: (R,) int64 class indices; negative marks a dropped row.
+        grad_scale: s_i, a float or an (R,) tensor.
+        class_weight: (C,) weights w, or None.
+        label_smoothing, z_loss, softcap: eps, z and the softcap (None: off).
+
+    Returns:
+        (R,) float32 loss, not scaled by s_i.
+    """
+    return _launch(
+        logits, target, logits, grad_scale=grad_scale, class_weight=class_weight,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+    )  # fmt: skip
+
+
+def row_loss_and_grad(logits: Tensor, target: Tensor, **options) -> tuple[Tensor, Tensor]:
+    """Out-of-place twin of :func:`row_loss_and_grad_`: returns (loss, gradient).
+
+    The gradient goes to a buffer from :func:`gradient_buffer`.
+    """
+    grad = gradient_buffer(logits.shape, logits.dtype)  # R x C
+    return _launch(logits, target, grad, **options), grad
+
+
+# One reusable gradient buffer. A fresh R x C buffer costs a page fault per 4 KiB on first
+# touch (2-4 GB/s here, slower than the kernel itself), so the last buffer is kept and
+# handed out again once nothing references it any more, like a caching allocator.
+_buffer_pool: list[np.ndarray] = []
+
+
+def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised contiguous CPU tensor, reusing the pooled buffer when it is free.
+
+    The tensor wraps a numpy array whose reference count tells whether any tensor still
+    uses it; a buffer of another size, or one still in use, is replaced in the pool.
+    """
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if _buffer_pool:
+        pooled = _buffer_pool[0]
+        # 3 references: the pool, `pooled` and getrefcount's argument; a live tensor adds one
+        if pooled.nbytes == nbytes and sys.getrefcount(pooled) <= 3:
+            return torch.from_numpy(pooled).view(dtype).view(shape)
+        _buffer_pool.clear()
+    fresh = np.empty(nbytes, dtype=np.uint8)
+    _buffer_pool.append(fresh)
+    return torch.from_numpy(fresh).view(dtype).view(shape)
+
+
+def release_buffers() -> None:
+    """Drop the pooled gradient buffer (it is freed once no tensor uses it)."""
+    _buffer_pool.clear()
+
+
+def row_loss(logits: Tensor, target: Tensor, **options) -> Tensor:
+    """Per-row loss only (no gradient is written); options as :func:`row_loss_and_grad_`."""
+    return _launch(logits, target, None, grad_scale=1.0, **options)
