@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 
-CASES = [(8192, 512, 32000), (4096, 2048, 32000), (2048, 1024, 128256)]
 QUICK_CASES = [(1024, 256, 8000), (2048, 256, 8000)]
 SWEEP_ROWS = [2048, 8192, 32768]  # xloss memory as N grows, at H = 512, V = 32000
 METHODS = ("xloss", "torch", "gemms")
@@ -54,47 +53,22 @@ def _reset_peak_rss() -> bool:
 
 
 def _make_step(method: str, rows: int, hidden: int, vocab: int):
-    import torch
-    import torch.nn.functional as F
+    """The step of one method: the setups of ``xloss bench``'s linear table."""
+    from xloss.bench.linear_cross_entropy import bare_gemms, torch_matmul, xloss_chunked
 
-    import xloss
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, hidden, generator=gen).requires_grad_(method != "gemms")
-    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).requires_grad_(method != "gemms")
-    y = torch.randint(0, vocab, (rows,), generator=gen)
-
-    if method == "xloss":
-
-        def step():
-            xloss.linear_cross_entropy(x, w, y).backward()
-            x.grad = w.grad = None  # the gradients count in the step's memory, not the baseline
-
-    elif method == "torch":
-
-        def step():
-            F.cross_entropy(x @ w.T, y).backward()
-            x.grad = w.grad = None
-
-    else:
-        logits = torch.empty(rows, vocab)  # N x V
-        grad_x = torch.empty(rows, hidden)  # N x H
-        grad_w = torch.empty(vocab, hidden)  # V x H
-
-        def step():
-            torch.mm(x, w.T, out=logits)
-            torch.mm(logits, w, out=grad_x)
-            torch.mm(logits.T, x, out=grad_w)
-
-    return step
+    setup = {"xloss": xloss_chunked, "torch": torch_matmul, "gemms": bare_gemms}[method]
+    return setup(dict(n=rows, h=hidden, v=vocab))
 
 
 def memory_worker(method: str, rows: int, hidden: int, vocab: int) -> dict:
     """Peak extra RSS of one step of one method, in this (fresh) process."""
     import gc
 
+    from xloss.ops import kernel
+
     step = _make_step(method, rows, hidden, vocab)
     step()  # JIT compilation, thread pools, GEMM workspaces: not part of a step's cost
+    kernel.release_buffers()  # as xloss bench: the measured step counts its own buffers
     gc.collect()
     before = _rss_bytes("VmRSS")
     exact = _reset_peak_rss()
@@ -211,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(json.dumps(time_worker(*dims, rounds=int(arg))))
         return 0
-    cases = args.shape or (QUICK_CASES if args.quick else CASES)
+    from xloss.bench.linear_cross_entropy import SHAPES
+
+    cases = args.shape or (QUICK_CASES if args.quick else SHAPES)
     results = []
     for rows, hidden, vocab in cases:
         results.append(run_case(rows, hidden, vocab, args.rounds))

@@ -431,3 +431,16 @@ def test_no_grad_mode_computes_the_loss_only(monkeypatch):
     loss = xloss.linear_cross_entropy(hidden, weight, target, bias)
     assert seen == [None, (False, True, False)]
     torch.testing.assert_close(value, loss.detach())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_portable_row_gradient_path_in_fp32(option, reduction, monkeypatch):
+    """The path other devices take, forced on CPU (the numba kernel is used by default)."""
+    monkeypatch.setattr(
+        linear_ops, "select_row_kernel", lambda device, dtype: portable_row_loss_and_grad_
+    )
+    hidden, weight, bias, target = make_inputs((10,))
+    assert_matches_reference(
+        hidden, weight, bias, target, chunk_size=3, reduction=reduction, **OPTIONS[option]
+    )
