@@ -444,3 +444,20 @@ def test_portable_row_gradient_path_in_fp32(option, reduction, monkeypatch):
     assert_matches_reference(
         hidden, weight, bias, target, chunk_size=3, reduction=reduction, **OPTIONS[option]
     )
+
+
+def test_torch_compile_runs_and_matches_eager():
+    # backend="eager" exercises dynamo's tracing (where numba broke it) without inductor's
+    # compile time; the chunk loop itself runs eagerly behind a graph break.
+    hidden, weight, bias, target = make_inputs((7,))
+    compiled = torch.compile(
+        lambda h, w, t, b: xloss.linear_cross_entropy(h, w, t, b, label_smoothing=0.1),
+        backend="eager",
+    )
+    got_loss, got_grads = loss_and_grads(compiled, hidden, weight, bias, target)
+    want_loss, want_grads = loss_and_grads(
+        xloss.linear_cross_entropy, hidden, weight, bias, target, label_smoothing=0.1
+    )
+    torch.testing.assert_close(got_loss, want_loss)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want)

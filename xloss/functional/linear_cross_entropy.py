@@ -18,7 +18,7 @@ from xloss._core.validation import (
     shape_str,
 )
 from xloss.functional.cross_entropy import check_cross_entropy_settings
-from xloss.ops.linear import LinearCrossEntropyConfig, LinearCrossEntropyFunction
+from xloss.ops.linear import LinearCrossEntropyConfig, linear_cross_entropy_rows
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -228,9 +228,7 @@ def linear_cross_entropy(
         per_row=per_row,
         grad_enabled=torch.is_grad_enabled(),
     )
-    result = LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, index, class_weight, scale, config
-    )
+    result = linear_cross_entropy_rows(hidden, weight, bias, index, class_weight, scale, config)
     if per_row:
         loss = result
         if kept_rows is not None:

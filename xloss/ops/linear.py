@@ -108,6 +108,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (*out, None, None, None, None)
 
 
+@torch.compiler.disable  # a graph break: torch.compile runs the chunk loop eagerly
+def linear_cross_entropy_rows(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    scale: float | Tensor,
+    config: LinearCrossEntropyConfig,
+) -> Tensor:
+    """``LinearCrossEntropyFunction.apply``, hidden from torch.compile's tracer (numba and
+    a data-dependent loop inside)."""
+    return LinearCrossEntropyFunction.apply(
+        input, weight, bias, target, class_weight, scale, config
+    )
+
+
 def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, needs_grad):
     """Steps 1-4 of LinearCrossEntropyFunction; ``needs_grad`` None computes the loss only.
 
