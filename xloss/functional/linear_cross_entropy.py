@@ -201,7 +201,9 @@ def linear_cross_entropy(
     hidden = input.reshape(-1, input.shape[-1])  # N x H
     index = target.reshape(-1).long()  # N
     kept_rows = None
-    if keep is not None:
+    # The gather copies K x H (and its backward scatters into N x H): skip it when every
+    # row is kept, which the default ignore_index alone cannot tell.
+    if keep is not None and not bool(keep.all()):
         kept_rows = keep.reshape(-1).nonzero().squeeze(1)  # K
         hidden = hidden.index_select(0, kept_rows)  # K x H, gathered once
         index = index.index_select(0, kept_rows)  # K
