@@ -461,3 +461,10 @@ def test_torch_compile_runs_and_matches_eager():
     torch.testing.assert_close(got_loss, want_loss)
     for got, want in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_every_row_kept_with_the_default_ignore_index(reduction):
+    hidden, weight, bias, target = make_inputs((8,))
+    target = target.clamp(min=0)  # nothing equals ignore_index=-100: no gather
+    assert_matches_reference(hidden, weight, bias, target, reduction=reduction, chunk_size=3)
