@@ -122,9 +122,11 @@ def linear_cross_entropy(
     applied to the returned loss get exact gradients.
 
     Memory: one chunk of logits (``chunk_size x V`` in the compute dtype; by default
-    about 48 MiB), the gradients, and for fp16/bf16 a fp32 copy of ``weight``. fp16
-    and bf16 inputs are computed in fp32 (GEMMs included) and the loss is returned in
-    the input's dtype. On CPU the numba row kernel is used when available.
+    about 48 MiB), the gradients, when some rows are dropped a copy of the kept rows
+    of ``input``, and for fp16/bf16 a fp32 copy of ``weight``. fp16 and bf16 inputs are
+    computed in fp32 (GEMMs included; on accelerators this forgoes low-precision GEMMs)
+    and the loss is returned in the input's dtype. On CPU the numba row kernel is used
+    when available. Under ``torch.compile`` the call is a graph break and runs eagerly.
 
     Args:
         input: hidden states, floating point, (N, H) or (B, T, H).
