@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xloss.compat.liger import LigerCrossEntropyLoss
+from xloss.compat.liger import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
 
 
 def reference(
@@ -247,3 +247,78 @@ def test_inplace_backward_errors():
         LigerCrossEntropyLoss(inplace_backward=1)
     with pytest.raises(ValueError, match="inplace_backward"):
         LigerCrossEntropyLoss(weight=torch.ones(3), lse_square_scale=0.1, inplace_backward=True)
+
+
+# --------------------------------------------------------------------------- fused linear
+
+
+def linear_batch(rows=7, hidden=4, classes=6, seed=11):
+    gen = torch.Generator().manual_seed(seed)
+    _input = torch.randn(rows, hidden, generator=gen, dtype=torch.float64)
+    lin_weight = torch.randn(classes, hidden, generator=gen, dtype=torch.float64)
+    bias = torch.randn(classes, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, classes, (rows,), generator=gen)
+    target[::3] = -100
+    return _input, lin_weight, bias, target
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"lse_square_scale": 1e-2, "label_smoothing": 0.1},
+        {"lse_square_scale": 1e-2, "softcap": 3.0, "weighted": True},
+    ],
+)
+def test_fused_linear_matches_reference(reduction, options):
+    options = dict(options)
+    _input, lin_weight, bias, target = linear_batch()
+    if options.pop("weighted", False):
+        options["weight"] = torch.rand(6, generator=torch.Generator().manual_seed(4)) + 0.5
+    ce_weight = options.pop("weight", None)
+    loss_fn = LigerFusedLinearCrossEntropyLoss(
+        ce_weight, reduction=reduction, return_z_loss=True, **options
+    )
+    loss, z_loss = loss_fn(lin_weight, _input, target, bias)
+    logits = _input @ lin_weight.T + bias
+    expected, expected_z = reference(logits, target, ce_weight, reduction=reduction, **options)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(z_loss, expected_z)
+
+
+def test_fused_linear_gradients_match_reference():
+    _input, lin_weight, bias, target = linear_batch(seed=12)
+    ce_weight = torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0, 0.25], dtype=torch.float64)
+    tensors = [t.clone().requires_grad_(True) for t in (_input, lin_weight, bias)]
+    loss_fn = LigerFusedLinearCrossEntropyLoss(
+        ce_weight, lse_square_scale=0.05, label_smoothing=0.1
+    )
+    grads = torch.autograd.grad(loss_fn(tensors[1], tensors[0], target, tensors[2]), tensors)
+    ref = [t.clone().requires_grad_(True) for t in (_input, lin_weight, bias)]
+    logits = ref[0] @ ref[1].T + ref[2]
+    expected = reference(logits, target, ce_weight, lse_square_scale=0.05, label_smoothing=0.1)
+    expected_grads = torch.autograd.grad(expected[0], ref)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_fused_linear_sequence_input_and_plain_return():
+    gen = torch.Generator().manual_seed(13)
+    _input = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    lin_weight = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 5, (2, 3), generator=gen)
+    loss = LigerFusedLinearCrossEntropyLoss(lse_square_scale=1e-3)(lin_weight, _input, target)
+    expected, _ = reference(_input @ lin_weight.T, target, lse_square_scale=1e-3)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_fused_linear_errors():
+    with pytest.raises(ValueError, match="reduction"):
+        LigerFusedLinearCrossEntropyLoss(reduction="sample")
+    with pytest.raises(TypeError, match="ce_weight"):
+        LigerFusedLinearCrossEntropyLoss(ce_weight=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="return_z_loss"):
+        LigerFusedLinearCrossEntropyLoss(return_z_loss="yes")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        LigerFusedLinearCrossEntropyLoss(label_smoothing=-0.1)

@@ -19,6 +19,7 @@ from xloss._core.validation import (
     check_unit_interval,
 )
 from xloss.functional.cross_entropy import cross_entropy
+from xloss.functional.linear_cross_entropy import linear_cross_entropy
 
 LIGER_REDUCTIONS = ("mean", "sum", "none")
 
@@ -175,6 +176,114 @@ class LigerCrossEntropyLoss(nn.Module):
             z_loss=self.lse_square_scale,
             softcap=self.softcap,
         )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, lse_square_scale={self.lse_square_scale}, "
+            f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
+            f"softcap={self.softcap}, return_z_loss={self.return_z_loss}"
+        )
+
+
+class LigerFusedLinearCrossEntropyLoss(nn.Module):
+    r"""Linear layer + cross-entropy without the logits in memory, as Liger-Kernel's module.
+
+    Upstream signature: ``LigerFusedLinearCrossEntropyLoss(ce_weight=None,
+    ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0, reduction="mean",
+    softcap=None, return_z_loss=False)``, ``forward(lin_weight, _input, target,
+    bias=None)``. The loss is that of :class:`LigerCrossEntropyLoss` on the logits
+    ``_input @ lin_weight.T + bias`` (with ``ce_weight`` as the class weights), computed by
+    :func:`xloss.linear_cross_entropy` in row chunks, so the (BT, V) logits never exist.
+
+    Computation: one :func:`xloss.linear_cross_entropy` pass with ``z_loss`` when no
+    ``ce_weight`` is given (the z-loss is then averaged over rows, as upstream). When the
+    z part is needed on its own (``return_z_loss``, or ``ce_weight`` with
+    ``lse_square_scale > 0``, where upstream averages the z-loss over rows but the loss
+    over weights), it is the difference of two unweighted, unsmoothed passes with and
+    without ``z_loss`` (exact up to rounding; without autograd when it is only returned).
+
+    Deliberate differences from upstream: runs on any device without Triton; ``_input``
+    may be (BT, H) or (B, T, H); errors are ValueError/TypeError, not ``assert``; newer
+    upstream options (``accum_dtype``, ``use_token_scaling``, ``return_token_accuracy``)
+    are not supported.
+
+    Shape:
+        - lin_weight: (V, H); bias: (V).
+        - _input: (BT, H) or (B, T, H).
+        - target: (BT) or (B, T) class indices.
+        - output: scalar, or the target's shape for ``"none"``; a pair with
+          ``return_z_loss``.
+
+    Example:
+        >>> import torch
+        >>> from xloss.compat.liger import LigerFusedLinearCrossEntropyLoss
+        >>> hidden = torch.tensor([[1.0, 0.0], [0.5, -1.0], [0.0, 2.0]])
+        >>> lin_weight = torch.tensor([[1.0, 1.0], [-1.0, 0.5], [0.0, -1.0]])
+        >>> target = torch.tensor([0, 2, -100])
+        >>> loss_fn = LigerFusedLinearCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True)
+        >>> loss_fn(lin_weight, hidden, target)
+        (tensor(0.3754), tensor(0.0184))
+    """
+
+    def __init__(
+        self,
+        ce_weight: Tensor | None = None,
+        ignore_index: int = -100,
+        lse_square_scale: float = 0.0,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        softcap: float | None = None,
+        return_z_loss: bool = False,
+    ) -> None:
+        super().__init__()
+        check_class_weight(ce_weight, None, name="ce_weight")
+        check_ignore_index(ignore_index)
+        if not isinstance(reduction, str) or reduction not in LIGER_REDUCTIONS:
+            raise ValueError(f"`reduction` must be one of {LIGER_REDUCTIONS}, got {reduction!r}")
+        if not isinstance(return_z_loss, bool):
+            raise TypeError(f"`return_z_loss` must be a bool, got {type(return_z_loss).__name__}")
+        self.register_buffer("ce_weight", ce_weight)
+        self.ignore_index = ignore_index
+        self.lse_square_scale = check_non_negative("lse_square_scale", lse_square_scale)
+        self.label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
+        self.reduction = reduction
+        self.softcap = check_positive_or_none("softcap", softcap)
+        self.return_z_loss = return_z_loss
+
+    def forward(
+        self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        options = dict(
+            ignore_index=self.ignore_index, reduction=self.reduction, softcap=self.softcap
+        )
+        scale = self.lse_square_scale
+        separate_z = self.ce_weight is not None and scale > 0.0
+        loss = linear_cross_entropy(
+            _input,
+            lin_weight,
+            target,
+            bias,
+            class_weight=self.ce_weight,
+            label_smoothing=self.label_smoothing,
+            z_loss=0.0 if separate_z else scale,
+            **options,
+        )
+        if not (separate_z or self.return_z_loss):
+            return loss
+        if scale == 0.0:
+            return loss, torch.zeros_like(loss)
+
+        def z_part() -> Tensor:
+            with_z = linear_cross_entropy(_input, lin_weight, target, bias, z_loss=scale, **options)
+            return with_z - linear_cross_entropy(_input, lin_weight, target, bias, **options)
+
+        if separate_z:
+            z_loss = z_part()
+            loss = loss + z_loss
+        else:
+            with torch.no_grad():
+                z_loss = z_part()
+        return (loss, z_loss.detach()) if self.return_z_loss else loss
 
     def extra_repr(self) -> str:
         return (
