@@ -1,8 +1,11 @@
-"""Liger-Kernel's cross-entropy module, without overwriting the caller's logits.
+"""Liger-Kernel's cross-entropy modules, without overwriting the caller's logits.
 
 Upstream: ``liger_kernel.transformers.LigerCrossEntropyLoss(weight=None, ignore_index=-100,
 lse_square_scale=0.0, label_smoothing=0.0, reduction="mean", softcap=None,
-return_z_loss=False)``, ``forward(_input, target)``.
+return_z_loss=False)``, ``forward(_input, target)``; and
+``LigerFusedLinearCrossEntropyLoss(ce_weight=None, ...)``,
+``forward(lin_weight, _input, target, bias=None)``, here over
+:func:`xloss.linear_cross_entropy`.
 """
 
 from __future__ import annotations
