@@ -685,3 +685,34 @@ def test_validate_args_false_skips_data_dependent_checks():
         xloss.cross_entropy(xs, ts, class_dim=-1, lengths=lengths)
     out = xloss.cross_entropy(xs, ts, class_dim=-1, lengths=lengths, validate_args=False)
     assert torch.isfinite(out)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "sample"])
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_float32_path_every_option(options, reduction, use_mask, inplace_backward):
+    """fp32 on CPU takes the fused kernel: the same grid as above at fp32 tolerance."""
+    g = torch.Generator().manual_seed(21)
+    options = dict(options)
+    batch, steps, vocab = 3, 5, 37
+    x = torch.randn(batch, steps, vocab, generator=g) * 2
+    ignore_index = options.pop("ignore_index", -100)
+    target = random_index_target((batch, steps), vocab, g, ignore_index, 0.2)
+    weight = None
+    if options.pop("weighted", False):
+        weight = torch.rand(vocab, generator=g) + 0.5
+    mask = torch.rand(batch, steps, generator=g) > 0.3 if use_mask else None
+    kwargs = dict(ignore_index=ignore_index, reduction=reduction, mask=mask, **options)
+    ours_input = x.clone().requires_grad_(True)
+    ours = xloss.cross_entropy(
+        ours_input, target, weight, class_dim=-1, inplace_backward=inplace_backward, **kwargs
+    )
+    ref_input = x.double().requires_grad_(True)
+    ref = reference_cross_entropy(ref_input, target, weight, class_dim=-1, **kwargs)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref.detach(), atol=2e-5, rtol=2e-5)
+    probe = torch.rand(ours.shape, generator=g, dtype=torch.float64)
+    (ours.double() * probe).sum().backward()
+    (ref * probe).sum().backward()
+    torch.testing.assert_close(ours_input.grad.double(), ref_input.grad, atol=2e-6, rtol=2e-5)

@@ -5,11 +5,18 @@ from xloss.functional import (
     asymmetric_loss,
     binary_cross_entropy_with_logits,
     cross_entropy,
+    linear_cross_entropy,
     multilabel_balance_weights,
     positive_rate,
     sigmoid_focal_loss,
 )
-from xloss.nn import AsymmetricLoss, BCEWithLogitsLoss, CrossEntropyLoss, SigmoidFocalLoss
+from xloss.nn import (
+    AsymmetricLoss,
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    LinearCrossEntropyLoss,
+    SigmoidFocalLoss,
+)
 
 __version__ = "0.1.0"
 
@@ -17,10 +24,12 @@ __all__ = [
     "AsymmetricLoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "SigmoidFocalLoss",
     "asymmetric_loss",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "linear_cross_entropy",
     "multilabel_balance_weights",
     "positive_rate",
     "sigmoid_focal_loss",

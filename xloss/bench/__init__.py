@@ -5,7 +5,8 @@ subprocess reports the median forward + backward time after warm-up and the peak
 above the RSS after the inputs exist. The effective bandwidth of a variant is the
 table's minimal traffic (for cross-entropy one read and one write of the logits) over
 its time, also shown as a share of the triad bandwidth, which each worker measures right
-before its timed steps (the machine may be shared; the run's first triad is reported too).
+before and after its timed steps (the machine may be shared, so the bandwidth varies; the
+run's first triad is reported too).
 Results are printed as a table and written as JSON and a PNG chart.
 """
 
@@ -116,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="build/bench", help="where JSON and PNG go")
     parser.add_argument("--tables", nargs="*", help="table names (default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case")
+    parser.add_argument("--match", default="", help="only cases whose label contains this")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -133,6 +135,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     for name in names:
         table = tables[name]
         for case in table.quick_cases if args.quick else table.cases:
+            if args.match not in table.label(case):
+                continue
             jobs.extend((table, case, variant) for variant in table.variants)
     results: dict[str, list[dict]] = {name: [] for name in names}
     baselines: dict[tuple, dict] = {}

@@ -40,6 +40,6 @@ def register(table: Table) -> Table:
 
 def load_tables() -> dict[str, Table]:
     """Import the modules that register tables."""
-    from xloss.bench import cross_entropy  # noqa: F401
+    from xloss.bench import cross_entropy, linear_cross_entropy  # noqa: F401
 
     return TABLES

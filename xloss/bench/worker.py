@@ -4,7 +4,8 @@ Steps: 1. create the inputs (the variant's setup); 2. warm up (compilation, cach
 drop cached buffers; 3. measure the STREAM triad now, since other processes sharing the
 machine change the bandwidth from minute to minute; 4. record the resident set size and
 reset the kernel's peak RSS counter (Linux ``/proc/self/clear_refs``); 5. time
-``repeats`` steps; 6. report the median time, the triad and the peak RSS above step 4.
+``repeats`` steps and read the peak RSS; 6. measure the triad again; 7. report the median
+time, the mean of the two triads and the peak RSS above step 4.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
     for _ in range(warmup):
         step()
     kernel.release_buffers()  # the timed steps pay for (and count) their own buffers
-    triad = triad_bandwidth(1 << 24, repeats=5)
+    triad_before = triad_bandwidth(1 << 24, repeats=5)
     gc.collect()
     baseline_kib = _status_kib("VmRSS")
     reset = _reset_peak_rss()
@@ -54,6 +55,7 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
         step()
         times.append(time.perf_counter() - start)
     peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    triad_after = triad_bandwidth(1 << 24, repeats=5)
     return {
         "table": table,
         "variant": variant,
@@ -61,7 +63,8 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
         "seconds": statistics.median(times),
         "all_seconds": times,
         "peak_extra_bytes": max(0, peak_kib - baseline_kib) * 1024,
-        "triad_bytes_per_second": triad,
+        "triad_bytes_per_second": (triad_before + triad_after) / 2,
+        "triad_before_after": [triad_before, triad_after],
     }
 
 

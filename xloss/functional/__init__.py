@@ -7,11 +7,13 @@ from xloss.functional.binary import (
 )
 from xloss.functional.cross_entropy import cross_entropy
 from xloss.functional.focal import asymmetric_loss, sigmoid_focal_loss
+from xloss.functional.linear_cross_entropy import linear_cross_entropy
 
 __all__ = [
     "asymmetric_loss",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "linear_cross_entropy",
     "multilabel_balance_weights",
     "positive_rate",
     "sigmoid_focal_loss",

@@ -186,7 +186,7 @@ def _scalar_scale(reduction, keep, denominator, normalizer, like: Tensor) -> Ten
     if denominator is not None:
         count = (denominator if keep is None else torch.where(keep, denominator, 0)).sum()
     else:
-        count = torch.tensor(keep.numel()) if keep is None else keep.sum()
+        count = torch.tensor(like.shape[0], device=like.device) if keep is None else keep.sum()
     return safe_divide(one, count.float())
 
 

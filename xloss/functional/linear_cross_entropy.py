@@ -1,0 +1,247 @@
+"""Linear layer + cross-entropy in one call, without materialising the N x V logits."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from xloss._core.masking import build_mask
+from xloss._core.reduction import reduce_loss, safe_divide
+from xloss._core.validation import (
+    check_class_weight,
+    check_floating_input,
+    check_index_target_range,
+    check_normalizer,
+    check_tensor,
+    shape_str,
+)
+from xloss.functional.cross_entropy import check_cross_entropy_settings
+from xloss.ops.linear import LinearCrossEntropyConfig, linear_cross_entropy_rows
+
+
+def check_chunk_size(chunk_size) -> None:
+    """``chunk_size`` is None or a positive int (rows per chunk)."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(
+            f"`chunk_size` must be a positive int or None, got {type(chunk_size).__name__}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1 or None, got {chunk_size}")
+
+
+def _check_linear_tensors(input: Tensor, weight: Tensor, target: Tensor, bias) -> None:
+    check_floating_input(input)
+    check_tensor("weight", weight)
+    check_tensor("target", target)
+    if input.dim() not in (2, 3):
+        raise ValueError(
+            f"`input` must have shape (N, H) or (B, T, H), got {shape_str(input.shape)}"
+        )
+    hidden = input.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != hidden:
+        raise ValueError(
+            f"`weight` must have shape (V, {hidden}) for `input` of shape "
+            f"{shape_str(input.shape)}, got {shape_str(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("`weight` has no classes: shape (0, H)")
+    tensors = [("weight", weight)] + ([] if bias is None else [("bias", bias)])
+    for name, tensor in tensors:
+        if tensor.dtype != input.dtype:
+            raise TypeError(
+                f"`{name}` must have the input's dtype {input.dtype}, got {tensor.dtype}"
+            )
+        if tensor.device != input.device:
+            raise ValueError(
+                f"`{name}` must be on the input's device {input.device}, got {tensor.device}"
+            )
+    if bias is not None:
+        check_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(
+                f"`bias` must have shape ({weight.shape[0]},), one value per class, "
+                f"got {shape_str(bias.shape)}"
+            )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"`target` must hold integer class indices, got dtype {target.dtype}")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"`target` must have shape {shape_str(input.shape[:-1])} for `input` of shape "
+            f"{shape_str(input.shape)}, got {shape_str(target.shape)}"
+        )
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    class_weight: Tensor | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    mask: Tensor | None = None,
+    lengths: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    chunk_size: int | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Cross-entropy of the logits ``input @ weight.T + bias``, computed in row chunks.
+
+    The result equals ``xloss.cross_entropy(input @ weight.T + bias, target,
+    class_dim=-1, ...)`` with the same options, but the N x V logits are never held
+    in memory: rows are processed ``chunk_size`` at a time, each chunk of logits is
+    turned into its gradient in place, and three GEMMs per chunk give the gradients of
+    ``input``, ``weight`` and ``bias`` (``weight`` and ``bias`` accumulated in fp32).
+    With x the logits of a row, lse its log-sum-exp, w the class weights, eps the label
+    smoothing and z the z-loss coefficient, the loss of a row with target y is
+
+    .. math::
+        \ell = (1-\epsilon)\, w_y (\mathrm{lse} - x_y)
+             + \frac{\epsilon}{C} \sum_c w_c (\mathrm{lse} - x_c) + z\, \mathrm{lse}^2
+
+    (x replaced by ``softcap * tanh(x / softcap)`` first when ``softcap`` is set).
+    Rows whose target is ``ignore_index``, where ``mask`` is False or past
+    ``lengths`` are dropped before any GEMM; they give loss 0 and zero gradient.
+
+    Reductions as :func:`xloss.cross_entropy`: ``"mean"`` divides by the summed
+    ``w[y]`` of the kept rows, ``"sum"``, ``normalizer`` (sum / normalizer),
+    ``"none"`` (the target's shape) and ``"sample"`` ((B,) means for (B, T, H) input).
+    For ``"mean"``, ``"sum"`` and ``normalizer`` the gradients are computed during the
+    forward pass (their scale is known) and backward only multiplies them by
+    ``grad_output``; the forward pass then costs about as much as forward + backward.
+    For ``"none"`` and ``"sample"`` the forward pass computes only the loss and backward
+    recomputes each chunk's logits with ``grad_output`` folded in, so per-token weights
+    applied to the returned loss get exact gradients.
+
+    Memory: one chunk of logits (``chunk_size x V`` in the compute dtype; by default
+    about 48 MiB), the gradients, when some rows are dropped a copy of the kept rows
+    of ``input``, and for fp16/bf16 a fp32 copy of ``weight``. fp16 and bf16 inputs are
+    computed in fp32 (GEMMs included; on accelerators this forgoes low-precision GEMMs)
+    and the loss is returned in the input's dtype. On CPU the numba row kernel is used
+    when available. Under ``torch.compile`` the call is a graph break and runs eagerly.
+
+    Args:
+        input: hidden states, floating point, (N, H) or (B, T, H).
+        weight: the linear layer's weight (V, H), the input's dtype and device.
+        target: class indices, the input's shape without H.
+        bias: the linear layer's bias (V,), or None.
+        class_weight: class weights w of shape (V,).
+        ignore_index: class index whose rows are dropped; None drops nothing.
+        reduction: ``"none"``, ``"mean"``, ``"sum"`` or ``"sample"``.
+        label_smoothing: eps in [0, 1].
+        z_loss: coefficient of lse^2, >= 0.
+        softcap: cap of the logit soft-capping, > 0, or None.
+        mask: bool, the target's shape; False drops a row.
+        lengths: (B,) valid lengths along T for (B, T, H) input: integers, or floats in
+            (0, 1] as relative lengths.
+        normalizer: divide the summed loss by this number or one-element tensor.
+        chunk_size: rows per chunk; None picks about 48 MiB of logits per chunk.
+        validate_args: check target ranges and lengths (these synchronise with the
+            device).
+
+    Shape:
+        - input: (N, H) or (B, T, H), H the hidden size.
+        - weight: (V, H), V the number of classes; bias and class_weight: (V).
+        - target: (N) or (B, T).
+        - output: a scalar; the target's shape for ``"none"``; (B) for ``"sample"``.
+
+    Example:
+        >>> import torch, xloss
+        >>> hidden = torch.tensor([[1.0, 0.0], [0.5, -1.0], [0.0, 2.0]])
+        >>> weight = torch.tensor([[1.0, 1.0], [-1.0, 0.5], [0.0, -1.0]])
+        >>> target = torch.tensor([0, 2, -100])
+        >>> xloss.linear_cross_entropy(hidden, weight, target, label_smoothing=0.1)
+        tensor(0.4653)
+        >>> xloss.linear_cross_entropy(hidden, weight, target, reduction="none")
+        tensor([0.4076, 0.3064, 0.0000])
+    """
+    label_smoothing, z_loss, softcap = check_cross_entropy_settings(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalizer=normalizer,
+    )
+    check_normalizer(normalizer, validate_args)
+    check_chunk_size(chunk_size)
+    _check_linear_tensors(input, weight, target, bias)
+    num_classes = weight.shape[0]
+    check_class_weight(class_weight, num_classes, name="class_weight")
+    if reduction == "sample" and input.dim() != 3:
+        raise ValueError(
+            "reduction='sample' needs (B, T, H) input, got `input` of shape "
+            f"{shape_str(input.shape)}"
+        )
+
+    device = input.device
+    target_shape = target.shape
+    target = target.to(device)
+    keep = build_mask(
+        target_shape,
+        device,
+        index_target=target,
+        ignore_index=ignore_index,
+        mask=mask,
+        lengths=lengths,
+        validate_args=validate_args,
+    )
+    if validate_args:
+        check_index_target_range(target, num_classes, ignore_index, keep)
+
+    dtype = torch.promote_types(input.dtype, torch.float32)
+    if class_weight is not None:
+        class_weight = class_weight.to(device=device, dtype=dtype)
+    hidden = input.reshape(-1, input.shape[-1])  # N x H
+    index = target.reshape(-1).long()  # N
+    kept_rows = None
+    # The gather copies K x H (and its backward scatters into N x H): skip it when every
+    # row is kept, which the default ignore_index alone cannot tell.
+    if keep is not None and not bool(keep.all()):
+        kept_rows = keep.reshape(-1).nonzero().squeeze(1)  # K
+        hidden = hidden.index_select(0, kept_rows)  # K x H, gathered once
+        index = index.index_select(0, kept_rows)  # K
+
+    per_row = reduction in ("none", "sample") and normalizer is None
+    if per_row:
+        scale = 1.0
+    elif normalizer is not None:
+        scale = safe_divide(torch.ones((), dtype=dtype, device=device), normalizer)
+    elif reduction == "mean":
+        count = (
+            index.numel()
+            if class_weight is None
+            else class_weight.index_select(0, index).sum().to(dtype)
+        )
+        scale = safe_divide(torch.ones((), dtype=dtype, device=device), count)
+    else:
+        scale = 1.0
+    config = LinearCrossEntropyConfig(
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        chunk_size=chunk_size,
+        per_row=per_row,
+        grad_enabled=torch.is_grad_enabled(),
+    )
+    result = linear_cross_entropy_rows(hidden, weight, bias, index, class_weight, scale, config)
+    if per_row:
+        loss = result
+        if kept_rows is not None:
+            loss = torch.zeros(target.numel(), dtype=dtype, device=device).index_copy(
+                0, kept_rows, loss
+            )
+        loss = loss.reshape(target_shape)
+        denominator = None
+        if class_weight is not None:
+            denominator = class_weight[target.long().clamp(0, num_classes - 1)]
+        result = reduce_loss(loss, reduction, keep=keep, denominator=denominator)
+    return result.to(input.dtype)
