@@ -716,3 +716,19 @@ def test_float32_path_every_option(options, reduction, use_mask, inplace_backwar
     (ours.double() * probe).sum().backward()
     (ref * probe).sum().backward()
     torch.testing.assert_close(ours_input.grad.double(), ref_input.grad, atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("normalizer", [7, torch.tensor(13.0), 0])
+def test_normalizer_float32_kernel_path(normalizer):
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(4, 9, generator=g)
+    target = torch.tensor([0, 1, -100, 8])
+    kwargs = dict(normalizer=normalizer, z_loss=0.1, label_smoothing=0.1)
+    ours_input = x.clone().requires_grad_(True)
+    ours = xloss.cross_entropy(ours_input, target, **kwargs)
+    ref_input = x.double().requires_grad_(True)
+    ref = reference_cross_entropy(ref_input, target, **kwargs)
+    torch.testing.assert_close(ours.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours_input.grad.double(), ref_input.grad, atol=1e-6, rtol=1e-5)
