@@ -18,7 +18,6 @@ from xloss._core.validation import (
     shape_str,
 )
 from xloss.functional.cross_entropy import check_cross_entropy_settings
-from xloss.ops.linear import LinearCrossEntropyConfig, linear_cross_entropy_rows
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -224,6 +223,10 @@ def linear_cross_entropy(
         scale = safe_divide(torch.ones((), dtype=dtype, device=device), count)
     else:
         scale = 1.0
+    # Imported here: xloss.ops.linear marks its entry point with torch.compiler.disable,
+    # which imports torch._dynamo (about 1.5 s), a cost `import xloss` should not pay.
+    from xloss.ops.linear import LinearCrossEntropyConfig, linear_cross_entropy_rows
+
     config = LinearCrossEntropyConfig(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
