@@ -21,7 +21,6 @@ from xloss._core.reduction import reduce_loss, safe_divide
 from xloss._core.validation import (
     check_floating_input,
     check_index_target_range,
-    check_normalizer,
     check_tensor,
     shape_str,
 )
@@ -201,8 +200,8 @@ def vocab_parallel_cross_entropy(
         z_loss=z_loss,
         softcap=None,
         normalizer=normalizer,
+        validate_args=validate_args,
     )
-    check_normalizer(normalizer, validate_args)
     check_vocab_start(vocab_start)
     check_floating_input(local_logits)
     check_index_target(target)
@@ -521,8 +520,8 @@ def vocab_parallel_linear_cross_entropy(
         z_loss=z_loss,
         softcap=None,
         normalizer=normalizer,
+        validate_args=validate_args,
     )
-    check_normalizer(normalizer, validate_args)
     check_vocab_start(vocab_start)
     check_chunk_size(chunk_size)
     check_floating_input(input)

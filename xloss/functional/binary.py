@@ -45,16 +45,27 @@ Pointwise = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 def check_binary_settings(
-    *, reduction, label_smoothing, smoothing_rule, ignore_index, normalizer=None
+    *,
+    reduction,
+    label_smoothing,
+    smoothing_rule,
+    ignore_index,
+    normalizer=None,
+    validate_args: bool = True,
 ) -> float:
-    """Validate the options shared by BCE, focal and ASL; return ``label_smoothing``."""
+    """Validate the options shared by BCE, focal and ASL; return ``label_smoothing``.
+
+    ``normalizer`` is checked too (its value only with ``validate_args``, as it may sync).
+    """
     check_reduction(reduction, normalizer)
     check_ignore_index(ignore_index)
     if not isinstance(smoothing_rule, str) or smoothing_rule not in SMOOTHING_RULES:
         raise ValueError(
             f"`smoothing_rule` must be one of {SMOOTHING_RULES}, got {smoothing_rule!r}"
         )
-    return check_unit_interval("label_smoothing", label_smoothing)
+    label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
+    check_normalizer(normalizer, validate_args)
+    return label_smoothing
 
 
 def check_elementwise_weight(weight, shape: torch.Size | None) -> None:
@@ -176,8 +187,8 @@ def elementwise_loss(
         smoothing_rule=smoothing_rule,
         ignore_index=ignore_index,
         normalizer=normalizer,
+        validate_args=validate_args,
     )
-    check_normalizer(normalizer, validate_args)
     check_floating_input(input)
     target = elementwise_target(target, input)
     dim = class_axis(input.dim(), class_dim)

@@ -25,16 +25,28 @@ from xloss.ops.rows import cross_entropy_rows, soft_cross_entropy_rows
 
 
 def check_cross_entropy_settings(
-    *, ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer=None
+    *,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    normalizer=None,
+    validate_args: bool = True,
 ) -> tuple[float, float, float | None]:
-    """Validate the settings of cross-entropy; return (label_smoothing, z_loss, softcap)."""
+    """Validate the settings of cross-entropy; return (label_smoothing, z_loss, softcap).
+
+    ``normalizer`` is checked too (its value only with ``validate_args``, as it may sync).
+    """
     check_ignore_index(ignore_index)
     check_reduction(reduction, normalizer)
-    return (
+    settings = (
         check_unit_interval("label_smoothing", label_smoothing),
         check_non_negative("z_loss", z_loss),
         check_positive_or_none("softcap", softcap),
     )
+    check_normalizer(normalizer, validate_args)
+    return settings
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -144,8 +156,8 @@ def cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
         normalizer=normalizer,
+        validate_args=validate_args,
     )
-    check_normalizer(normalizer, validate_args)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
     check_floating_input(input)

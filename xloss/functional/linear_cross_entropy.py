@@ -13,7 +13,6 @@ from xloss._core.validation import (
     check_class_weight,
     check_floating_input,
     check_index_target_range,
-    check_normalizer,
     check_tensor,
     shape_str,
 )
@@ -169,8 +168,8 @@ def linear_cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
         normalizer=normalizer,
+        validate_args=validate_args,
     )
-    check_normalizer(normalizer, validate_args)
     check_chunk_size(chunk_size)
     _check_linear_tensors(input, weight, target, bias)
     num_classes = weight.shape[0]
