@@ -27,6 +27,34 @@ from xloss.functional.linear_cross_entropy import linear_cross_entropy
 LIGER_REDUCTIONS = ("mean", "sum", "none")
 
 
+def store_liger_settings(
+    module: nn.Module,
+    weight_name: str,
+    weight: Tensor | None,
+    *,
+    ignore_index,
+    lse_square_scale,
+    label_smoothing,
+    reduction,
+    softcap,
+    return_z_loss,
+) -> None:
+    """Validate the settings both Liger modules share and store them on ``module``."""
+    check_class_weight(weight, None, name=weight_name)
+    check_ignore_index(ignore_index)
+    if not isinstance(reduction, str) or reduction not in LIGER_REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {LIGER_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(return_z_loss, bool):
+        raise TypeError(f"`return_z_loss` must be a bool, got {type(return_z_loss).__name__}")
+    module.register_buffer(weight_name, weight)
+    module.ignore_index = ignore_index
+    module.lse_square_scale = check_non_negative("lse_square_scale", lse_square_scale)
+    module.label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
+    module.reduction = reduction
+    module.softcap = check_positive_or_none("softcap", softcap)
+    module.return_z_loss = return_z_loss
+
+
 class LigerCrossEntropyLoss(nn.Module):
     r"""Cross-entropy with z-loss and soft-capping, as Liger-Kernel's module.
 
@@ -111,19 +139,17 @@ class LigerCrossEntropyLoss(nn.Module):
         inplace_backward: bool = False,
     ) -> None:
         super().__init__()
-        check_class_weight(weight, None)
-        check_ignore_index(ignore_index)
-        if not isinstance(reduction, str) or reduction not in LIGER_REDUCTIONS:
-            raise ValueError(f"`reduction` must be one of {LIGER_REDUCTIONS}, got {reduction!r}")
-        if not isinstance(return_z_loss, bool):
-            raise TypeError(f"`return_z_loss` must be a bool, got {type(return_z_loss).__name__}")
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.lse_square_scale = check_non_negative("lse_square_scale", lse_square_scale)
-        self.label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
-        self.reduction = reduction
-        self.softcap = check_positive_or_none("softcap", softcap)
-        self.return_z_loss = return_z_loss
+        store_liger_settings(
+            self,
+            "weight",
+            weight,
+            ignore_index=ignore_index,
+            lse_square_scale=lse_square_scale,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+            softcap=softcap,
+            return_z_loss=return_z_loss,
+        )
         if not isinstance(inplace_backward, bool):
             raise TypeError(
                 f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}"
@@ -239,19 +265,17 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
         return_z_loss: bool = False,
     ) -> None:
         super().__init__()
-        check_class_weight(ce_weight, None, name="ce_weight")
-        check_ignore_index(ignore_index)
-        if not isinstance(reduction, str) or reduction not in LIGER_REDUCTIONS:
-            raise ValueError(f"`reduction` must be one of {LIGER_REDUCTIONS}, got {reduction!r}")
-        if not isinstance(return_z_loss, bool):
-            raise TypeError(f"`return_z_loss` must be a bool, got {type(return_z_loss).__name__}")
-        self.register_buffer("ce_weight", ce_weight)
-        self.ignore_index = ignore_index
-        self.lse_square_scale = check_non_negative("lse_square_scale", lse_square_scale)
-        self.label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
-        self.reduction = reduction
-        self.softcap = check_positive_or_none("softcap", softcap)
-        self.return_z_loss = return_z_loss
+        store_liger_settings(
+            self,
+            "ce_weight",
+            ce_weight,
+            ignore_index=ignore_index,
+            lse_square_scale=lse_square_scale,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+            softcap=softcap,
+            return_z_loss=return_z_loss,
+        )
 
     def forward(
         self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Tensor | None = None
