@@ -92,6 +92,19 @@ def _range_max(row, start, stop):
     return _int_as_float(best ^ ((best >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
 
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _row_loss(peak, sum_exp, sum_t, x_target, target_weight, total_weight, smooth, eps, z):
+    """A row's loss from its statistics (t = x - peak); returns (loss, lse)."""
+    log_sum = np.float32(math.log(sum_exp))
+    lse = peak + log_sum
+    loss = (np.float32(1.0) - eps) * target_weight * (log_sum - (x_target - peak))
+    if eps > 0:
+        loss += smooth * (total_weight * log_sum - sum_t)
+    if z > 0:
+        loss += z * lse * lse
+    return loss, lse
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write):
     """Whole-row passes (max, sums, gradient); used for soft-capped rows."""
@@ -131,13 +144,9 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write):
         for c in range(num):
             total_weight += weight[c]
         target_weight = weight[y]
-    log_sum = np.float32(math.log(sum_exp))
-    lse = peak + log_sum
-    loss = (np.float32(1.0) - eps) * target_weight * (log_sum - (x_target - peak))
-    if eps > 0:
-        loss += smooth * (total_weight * log_sum - sum_t)
-    if z > 0:
-        loss += z * lse * lse
+    loss, lse = _row_loss(
+        peak, sum_exp, sum_t, x_target, target_weight, total_weight, smooth, eps, z
+    )
     if not write:
         return loss
     # pass 3: gradient = scale * (p * A - eps/C w) - scale (1-eps) w[y] onehot, times softcap'
@@ -237,13 +246,9 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
             sum_exp += block_sum[b] * _exp_nonpositive(block_peak[b] - peak)
             sum_t += block_t[b] + block_weight[b] * (block_peak[b] - peak)
     target_weight = weight[y] if has_weight else np.float32(1.0)
-    log_sum = np.float32(math.log(sum_exp))
-    lse = peak + log_sum
-    loss = (np.float32(1.0) - eps) * target_weight * (log_sum - (x_target - peak))
-    if eps > 0:
-        loss += smooth * (total_weight * log_sum - sum_t)
-    if z > 0:
-        loss += z * lse * lse
+    loss, lse = _row_loss(
+        peak, sum_exp, sum_t, x_target, target_weight, total_weight, smooth, eps, z
+    )
     if not write:
         return loss
     # pass 2: gradient = scale * (p * A - eps/C w) - scale (1-eps) w[y] onehot
