@@ -48,7 +48,8 @@ def reference(
     if mask is not None:
         keep &= mask
     if lengths is not None:
-        keep &= torch.arange(target.shape[1]) < lengths.unsqueeze(1)
+        by_length = torch.arange(target.shape[1]) < lengths.unsqueeze(1)  # B x T
+        keep &= by_length.reshape(by_length.shape + (1,) * (target.dim() - 2))
     y = torch.where(keep, target, 0)
     lse = torch.logsumexp(logits, -1)
     neg_log_p = lse.unsqueeze(-1) - logits
@@ -347,7 +348,7 @@ def test_available_row_kernel_is_used_on_cpu(monkeypatch):
 
 
 ERRORS = [
-    (dict(input=torch.zeros(H)), ValueError, r"`input` must have shape \(N, H\) or \(B, T, H\)"),
+    (dict(input=torch.zeros(())), ValueError, r"`input` must have shape \(\.\.\., H\)"),
     (dict(input=torch.zeros(3, H, dtype=torch.long)), TypeError, "floating-point"),
     (dict(weight=torch.zeros(V, H + 1)), ValueError, r"`weight` must have shape \(V, 5\)"),
     (dict(weight=torch.zeros(0, H)), ValueError, "no classes"),
@@ -376,7 +377,7 @@ ERRORS = [
     (dict(chunk_size=2.0), TypeError, "`chunk_size` must be a positive int"),
     (dict(chunk_size=True), TypeError, "`chunk_size` must be a positive int"),
     (dict(reduction="avg"), ValueError, "`reduction` must be one of"),
-    (dict(reduction="sample"), ValueError, r"reduction='sample' needs \(B, T, H\) input"),
+    (dict(reduction="sample"), ValueError, r"reduction='sample' needs \(B, T, \.\.\., H\) input"),
     (dict(reduction="none", normalizer=2.0), ValueError, "`normalizer` divides the summed loss"),
     (dict(label_smoothing=1.5), ValueError, "`label_smoothing` must lie in"),
     (dict(z_loss=-1.0), ValueError, "`z_loss` must be >= 0"),
@@ -468,3 +469,19 @@ def test_every_row_kept_with_the_default_ignore_index(reduction):
     hidden, weight, bias, target = make_inputs((8,))
     target = target.clamp(min=0)  # nothing equals ignore_index=-100: no gather
     assert_matches_reference(hidden, weight, bias, target, reduction=reduction, chunk_size=3)
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (2, 3), (2, 3, 4), (2, 1, 3, 2)])
+@pytest.mark.parametrize("reduction", ["mean", "none", "sample"])
+def test_any_number_of_leading_axes(shape, reduction):
+    """input (..., H) with target (...): every leading shape, mask and lengths on them."""
+    if reduction == "sample" and len(shape) < 2:
+        pytest.skip("'sample' needs (B, T, ..., H)")
+    hidden, weight, bias, target = make_inputs(shape, seed=3)
+    assert_matches_reference(hidden, weight, bias, target, reduction=reduction, chunk_size=5)
+    if len(shape) >= 2:
+        mask = torch.rand(shape, generator=torch.Generator().manual_seed(4)) > 0.3
+        lengths = torch.tensor([shape[1], 1] + [0] * (shape[0] - 2))
+        assert_matches_reference(
+            hidden, weight, bias, target, reduction=reduction, mask=mask, lengths=lengths
+        )

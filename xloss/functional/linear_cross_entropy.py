@@ -35,9 +35,10 @@ def _check_linear_tensors(input: Tensor, weight: Tensor, target: Tensor, bias) -
     check_floating_input(input)
     check_tensor("weight", weight)
     check_tensor("target", target)
-    if input.dim() not in (2, 3):
+    if input.dim() < 1:
         raise ValueError(
-            f"`input` must have shape (N, H) or (B, T, H), got {shape_str(input.shape)}"
+            "`input` must have shape (..., H), hidden states with a last (hidden) axis, "
+            f"got {shape_str(input.shape)}"
         )
     hidden = input.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != hidden:
@@ -111,7 +112,7 @@ def linear_cross_entropy(
 
     Reductions as :func:`xloss.cross_entropy`: ``"mean"`` divides by the summed
     ``w[y]`` of the kept rows, ``"sum"``, ``normalizer`` (sum / normalizer),
-    ``"none"`` (the target's shape) and ``"sample"`` ((B,) means for (B, T, H) input).
+    ``"none"`` (the target's shape) and ``"sample"`` ((B,) means for (B, T, ..., H) input).
     For ``"mean"``, ``"sum"`` and ``normalizer`` the gradients are computed during the
     forward pass (their scale is known) and backward only multiplies them by
     ``grad_output``; the forward pass then costs about as much as forward + backward.
@@ -127,9 +128,9 @@ def linear_cross_entropy(
     when available. Under ``torch.compile`` the call is a graph break and runs eagerly.
 
     Args:
-        input: hidden states, floating point, (N, H) or (B, T, H).
+        input: hidden states, floating point, (..., H): any number of leading axes.
         weight: the linear layer's weight (V, H), the input's dtype and device.
-        target: class indices, the input's shape without H.
+        target: class indices, the input's shape without H (any leading axes).
         bias: the linear layer's bias (V,), or None.
         class_weight: class weights w of shape (V,).
         ignore_index: class index whose rows are dropped; None drops nothing.
@@ -138,18 +139,20 @@ def linear_cross_entropy(
         z_loss: coefficient of lse^2, >= 0.
         softcap: cap of the logit soft-capping, > 0, or None.
         mask: bool, the target's shape; False drops a row.
-        lengths: (B,) valid lengths along T for (B, T, H) input: integers, or floats in
-            (0, 1] as relative lengths.
+        lengths: (B,) valid lengths along axis 1 (T) for (B, T, ..., H) input: integers,
+            or floats in (0, 1] as relative lengths.
         normalizer: divide the summed loss by this number or one-element tensor.
         chunk_size: rows per chunk; None picks about 48 MiB of logits per chunk.
         validate_args: check target ranges and lengths (these synchronise with the
             device).
 
     Shape:
-        - input: (N, H) or (B, T, H), H the hidden size.
+        - input: (..., H), H the hidden size, any leading axes: (H), (N, H), (B, T, H),
+          (B, T, K, H), ...
         - weight: (V, H), V the number of classes; bias and class_weight: (V).
-        - target: (N) or (B, T).
-        - output: a scalar; the target's shape for ``"none"``; (B) for ``"sample"``.
+        - target: (...), the input's leading axes.
+        - output: a scalar; the target's shape for ``"none"``; (B) for ``"sample"``
+          (the mean over all positions of each index of axis 0).
 
     Example:
         >>> import torch, xloss
@@ -174,9 +177,9 @@ def linear_cross_entropy(
     _check_linear_tensors(input, weight, target, bias)
     num_classes = weight.shape[0]
     check_class_weight(class_weight, num_classes, name="class_weight")
-    if reduction == "sample" and input.dim() != 3:
+    if reduction == "sample" and input.dim() < 3:
         raise ValueError(
-            "reduction='sample' needs (B, T, H) input, got `input` of shape "
+            "reduction='sample' needs (B, T, ..., H) input, got `input` of shape "
             f"{shape_str(input.shape)}"
         )
 
