@@ -1,6 +1,6 @@
 """xloss: classification losses for PyTorch, right on every shape, mask and dtype."""
 
-from xloss import distributed  # noqa: F401  (xloss.distributed.vocab_parallel_...)
+from xloss import backends, distributed  # noqa: F401  (xloss.backends.use, ...)
 from xloss.functional import (
     asymmetric_loss,
     binary_cross_entropy_with_logits,

@@ -31,23 +31,33 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss.ops import kernel
 
+_KERNEL_BACKENDS = ("numba",)  # backends these ops launch
+_DEVICES = ("cpu", "cuda")  # numba; Triton (also CPU under its interpreter)
+
 
 def fused_kernel_applies(input: Tensor, soft_target: bool) -> bool:
-    """The kernel serves class-index targets on CPU in fp32, fp16 and bf16."""
-    return (
-        not soft_target
-        and input.device.type == "cpu"
-        and input.dtype in kernel.KERNEL_DTYPES
-        and kernel.kernel_available()
-    )
+    """A kernel serves the call: class-index targets in fp32, fp16 or bf16, on a device
+    whose kernel backend ``xloss.backends.select`` picks (numba on CPU)."""
+    return backends.select(input.device.type, input.dtype, not soft_target) in _KERNEL_BACKENDS
+
+
+def _launcher(logits: Tensor):
+    """The row kernel's launch function for these logits: numba, or Triton (GPU tensors,
+    or CPU tensors when ``xloss.backends`` forces it under ``TRITON_INTERPRET=1``)."""
+    if backends.select(logits.device.type, logits.dtype) == "triton":
+        from xloss.ops.triton.cross_entropy import launch
+
+        return launch
+    return kernel._launch
 
 
 def _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap,
              per_row, write_grad, grad):  # fmt: skip
-    loss = kernel._launch(
+    loss = _launcher(logits)(
         logits,
         target,
         grad,
@@ -60,7 +70,7 @@ def _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss, 
     return loss if per_row else (loss.double().sum() * grad_scale).float()
 
 
-@torch.library.custom_op("xloss::fused_cross_entropy", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("xloss::fused_cross_entropy", mutates_args=(), device_types=_DEVICES)
 def _fused_op(
     logits: Tensor,
     target: Tensor,
@@ -72,7 +82,9 @@ def _fused_op(
     per_row: bool,
     write_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    if write_grad:
+    if write_grad and logits.device.type != "cpu":
+        grad = torch.empty_like(logits)  # R x C
+    elif write_grad:
         grad = kernel.gradient_buffer(logits.shape, logits.dtype)  # R x C, reused
     else:
         grad = logits.new_empty(0)
@@ -82,7 +94,7 @@ def _fused_op(
 
 
 @torch.library.custom_op(
-    "xloss::fused_cross_entropy_", mutates_args=("logits",), device_types="cpu"
+    "xloss::fused_cross_entropy_", mutates_args=("logits",), device_types=_DEVICES
 )
 def _fused_inplace_op(
     logits: Tensor,

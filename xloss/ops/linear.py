@@ -12,7 +12,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from xloss import backends
 from xloss.ops.row_grad import row_loss_and_grad_ as portable_row_loss_and_grad_
+from xloss.ops.rows import cross_entropy_rows
 
 # Default logits chunk: this many bytes of compute-dtype logits (chunk x V) at a time.
 # Measured at N, H, V = 8192, 512, 32000 on 2 cores: 48 MiB (393 rows) keeps the peak
@@ -31,14 +33,15 @@ class LinearCrossEntropyConfig(NamedTuple):
 
 
 def select_row_kernel(logits_device: torch.device, dtype: torch.dtype):
-    """The numba row kernel for fp32 CPU logits when it is available, else the torch twin."""
-    if logits_device.type == "cpu" and dtype == torch.float32:
+    """The row kernel ``xloss.backends.select`` picks (numba for fp32 CPU logits), else
+    the torch twin."""
+    backend = backends.select(logits_device.type, dtype)
+    if backend == "numba" and dtype == torch.float32:
         try:
-            from xloss.ops.kernel import kernel_available, row_loss_and_grad_
+            from xloss.ops.kernel import row_loss_and_grad_
         except ImportError:
             return portable_row_loss_and_grad_
-        if kernel_available():
-            return row_loss_and_grad_
+        return row_loss_and_grad_
     return portable_row_loss_and_grad_
 
 
@@ -119,10 +122,24 @@ def linear_cross_entropy_rows(
     config: LinearCrossEntropyConfig,
 ) -> Tensor:
     """``LinearCrossEntropyFunction.apply``, hidden from torch.compile's tracer (numba and
-    a data-dependent loop inside)."""
+    a data-dependent loop inside). Backend "torch" forced: plain torch ops instead."""
+    if backends.forced() == "torch":
+        return _plain_rows(input, weight, bias, target, class_weight, scale, config)
     return LinearCrossEntropyFunction.apply(
         input, weight, bias, target, class_weight, scale, config
     )
+
+
+def _plain_rows(input, weight, bias, target, class_weight, scale, config):
+    """What LinearCrossEntropyFunction returns, from autograd-tracked torch ops: the K x V
+    logits are held, and the result can be differentiated twice."""
+    dtype = torch.promote_types(input.dtype, torch.float32)
+    logits = torch.nn.functional.linear(input, weight, bias).to(dtype)  # K x V
+    loss = cross_entropy_rows(
+        logits, target, class_weight=class_weight, label_smoothing=config.label_smoothing,
+        z_loss=config.z_loss, softcap=config.softcap,
+    )  # fmt: skip
+    return loss if config.per_row else loss.sum() * scale
 
 
 def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, needs_grad):
