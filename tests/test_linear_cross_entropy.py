@@ -313,6 +313,14 @@ def test_default_chunk_is_bounded_by_the_memory_budget():
     assert 1 <= rows and rows * 32000 * 4 <= linear_ops.CHUNK_BYTES
     assert linear_ops.default_chunk_size(10, 32000, torch.float32) == 10
     assert linear_ops.default_chunk_size(10, 10**9, torch.float32) == 1
+    # a large weight allows up to TARGET_ROWS rows, within WEIGHT_SHARE of its gradient
+    for vocab, hidden in [(32000, 2048), (128256, 1024), (128256, 4096)]:
+        rows = linear_ops.default_chunk_size(10**6, vocab, torch.float32, hidden)
+        assert linear_ops.CHUNK_BYTES // (vocab * 4) < rows <= linear_ops.TARGET_ROWS
+        assert rows * vocab <= linear_ops.WEIGHT_SHARE * vocab * hidden
+    # chunks are evened out: 1843 rows in chunks of at most 768 -> 3 chunks of 615
+    assert linear_ops.default_chunk_size(1843, 128256, torch.float32, 1024) == 615
+    assert linear_ops.default_chunk_size(1843, 128256, torch.bfloat16, 1024) == 615
 
 
 def test_row_kernel_dispatch(monkeypatch):
