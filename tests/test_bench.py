@@ -6,7 +6,7 @@ import pytest
 
 from xloss import cli
 from xloss.bench import add_derived, format_table, plot
-from xloss.bench.registry import load_tables
+from xloss.bench.registry import Table, load_tables
 from xloss.bench.worker import _status_kib
 
 
@@ -23,24 +23,50 @@ def test_derived_numbers_and_table_text(tmp_path):
     table = load_tables()["cross_entropy"]
     case = dict(n=4096, v=32000, eps=0.1)
     logits_bytes = 4 * 4096 * 32000
-    eager = dict(variant="torch eager", case=case, seconds=0.6, peak_extra_bytes=3 * logits_bytes)
-    fused = dict(variant="xloss in place", case=case, seconds=0.06, peak_extra_bytes=0)
-    broken = dict(variant="torch.compile", case=case, seconds=None, error="boom")
-    triad = 20e9
-    results = [add_derived(r, table, triad, eager) for r in (eager, fused, broken)]
-    assert results[1]["speedup_vs_first"] == pytest.approx(10.0)
-    assert results[1]["bandwidth"] == pytest.approx(2 * logits_bytes / 0.06)
-    assert results[1]["triad_share"] == pytest.approx(2 * logits_bytes / 0.06 / triad)
-    assert results[0]["peak_extra_x_input"] == pytest.approx(3.0)
-    text = format_table(table, results, triad)
-    assert (
-        "10.00x" in text
-        and "failed: boom" in text
-        and "STREAM triad 20.0 GB/s at the start" in text
+    eager = dict(
+        variant="torch eager", case=case, seconds=0.6, all_seconds=[0.55, 0.6, 0.7],
+        peak_extra_bytes=3 * logits_bytes, copy_seconds=0.03,
+    )  # fmt: skip
+    fused = dict(
+        variant="xloss in place", case=case, seconds=0.06, peak_extra_bytes=0, copy_seconds=0.045
     )
+    broken = dict(variant="torch.compile", case=case, seconds=None, error="boom")
+    results = [add_derived(r, table, None, eager) for r in (eager, fused, broken)]
+    assert results[1]["speedup_vs_first"] == pytest.approx(10.0)
+    assert results[1]["copy_floor_share"] == pytest.approx(0.75)
+    assert results[0]["peak_extra_x_input"] == pytest.approx(3.0)
+    assert "bandwidth" not in results[1]
+    text = format_table(table, results, None)
+    assert "10.00x" in text and "failed: boom" in text and "75%" in text
+    assert "550-700" in text and "GB/s" not in text and "triad" not in text
+    assert f"{3 * logits_bytes / 2**20:.0f}" in text  # extra MiB
     plot(table, results, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
     json.dumps(results)  # the report is plain JSON
+
+
+def test_bandwidth_columns_for_tables_that_ask_for_them():
+    table = Table(
+        name="t", title="t", cases=[], quick_cases=[], variants={"a": None},
+        bytes_moved=lambda case: 10**9, input_bytes=lambda case: 10**6,
+    )  # fmt: skip
+    result = add_derived(
+        dict(variant="a", case={}, seconds=0.1, peak_extra_bytes=0), table, 20e9, None
+    )
+    assert result["bandwidth"] == pytest.approx(10e9)
+    assert result["triad_share"] == pytest.approx(0.5)
+    text = format_table(table, [result], 20e9)
+    assert "STREAM triad 20.0 GB/s" in text and "50%" in text
+
+
+def test_training_step_table_runs_a_step_per_variant():
+    table = load_tables()["training_step"]
+    assert [case["v"] for case in table.cases] == [256, 8192, 32000, 128256]
+    assert list(table.variants) == ["torch", "xloss cross_entropy", "xloss linear"]
+    for setup in table.variants.values():
+        step = setup(dict(v=64))
+        step()
+        step()
 
 
 def test_cli_has_bench_with_quick():

@@ -1,12 +1,13 @@
-"""``xloss bench``: time and memory of each registered table, against the STREAM triad.
+"""``xloss bench``: time and memory of each registered table.
 
 For every (case, variant) of a table (see :mod:`xloss.bench.registry`) a fresh
-subprocess reports the median forward + backward time after warm-up and the peak RSS
-above the RSS after the inputs exist. The effective bandwidth of a variant is the
-table's minimal traffic (for cross-entropy one read and one write of the logits) over
-its time, also shown as a share of the triad bandwidth, which each worker measures right
-before and after its timed steps (the machine may be shared, so the bandwidth varies; the
-run's first triad is reported too).
+subprocess reports the median time of the timed steps after warm-up, their range, and the
+peak RSS above the RSS after the inputs exist. Ratios are against the table's first
+variant. A table may add a floor measured in the same worker right before and after its
+timed steps (the machine may be shared, so bandwidth varies from minute to minute): the
+time of one copy of its main input (``copy_floor_bytes``: cross-entropy reads and writes
+the logits once at best), or the effective bandwidth against the STREAM triad
+(``bandwidth``).
 Results are printed as a table and written as JSON and a PNG chart.
 """
 
@@ -38,39 +39,73 @@ def run_case(table: str, variant: str, case: dict, repeats: int, warmup: int) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def add_derived(result: dict, table, triad: float, baseline: dict | None) -> dict:
+def add_derived(result: dict, table, triad: float | None, baseline: dict | None) -> dict:
     seconds = result["seconds"]
     if seconds is None:
         return result
-    result["bandwidth"] = table.bytes_moved(result["case"]) / seconds
-    result["triad_share"] = result["bandwidth"] / result.get("triad_bytes_per_second", triad)
+    if table.bandwidth:
+        result["bandwidth"] = table.bytes_moved(result["case"]) / seconds
+        result["triad_share"] = result["bandwidth"] / (
+            result.get("triad_bytes_per_second") or triad
+        )
+    if result.get("copy_seconds"):
+        result["copy_floor_share"] = result["copy_seconds"] / seconds
     result["peak_extra_x_input"] = result["peak_extra_bytes"] / table.input_bytes(result["case"])
     if baseline is not None and baseline.get("seconds"):
         result["speedup_vs_first"] = baseline["seconds"] / seconds
     return result
 
 
-def format_table(table, results: list[dict], triad: float) -> str:
+def format_table(table, results: list[dict], triad: float | None) -> str:
+    """Median time, the range of the timed steps, the ratio to the table's first variant,
+    the bandwidth columns (tables with ``bandwidth``), the copy floor (tables with
+    ``copy_floor_bytes``) and the peak extra memory."""
     first = next(iter(table.variants))
-    header = (
-        f"{'case':<28} {'variant':<15} {'time ms':>9} {'vs ' + first:>15} "
-        f"{'GB/s':>7} {'triad GB/s':>10} {'triad %':>8} {'extra mem':>10}"
+    columns = [
+        ("time ms", 9, lambda r: f"{1e3 * r['seconds']:.1f}"),
+        ("range ms", 15, lambda r: "{:.0f}-{:.0f}".format(*(1e3 * t for t in _span(r)))),
+        ("vs " + first, max(15, len(first) + 4), lambda r: _times(r.get("speedup_vs_first"))),
+    ]
+    if table.bandwidth:
+        columns += [
+            ("GB/s", 7, lambda r: f"{r['bandwidth'] / 1e9:.1f}"),
+            ("triad GB/s", 10, lambda r: f"{(r.get('triad_bytes_per_second') or triad) / 1e9:.1f}"),
+            ("triad %", 8, lambda r: f"{100 * r['triad_share']:.0f}%"),
+        ]
+    if table.copy_floor_bytes is not None:
+        columns += [
+            ("copy ms", 8, lambda r: f"{1e3 * r['copy_seconds']:.1f}"),
+            ("of copy", 8, lambda r: f"{100 * r['copy_floor_share']:.0f}%"),
+        ]
+    columns += [
+        ("extra mem", 10, lambda r: f"{r['peak_extra_x_input']:.2f}x"),
+        ("extra MiB", 10, lambda r: f"{r['peak_extra_bytes'] / 2**20:.0f}"),
+    ]
+    width = max([28] + [len(table.label(r["case"])) for r in results])
+    variant_width = max([15] + [len(r["variant"]) for r in results])
+    header = f"{'case':<{width}} {'variant':<{variant_width}}" + "".join(
+        f" {name:>{size}}" for name, size, _ in columns
     )
-    title = f"{table.title}; STREAM triad {triad / 1e9:.1f} GB/s at the start"
+    title = table.title
+    if table.bandwidth and triad:
+        title += f"; STREAM triad {triad / 1e9:.1f} GB/s at the start"
     lines = [title, header, "-" * len(header)]
     for result in results:
-        label = table.label(result["case"])
+        start = f"{table.label(result['case']):<{width}} {result['variant']:<{variant_width}}"
         if result.get("seconds") is None:
-            lines.append(f"{label:<28} {result['variant']:<15} failed: {result.get('error')}")
+            lines.append(f"{start} failed: {result.get('error')}")
             continue
-        speedup = result.get("speedup_vs_first", float("nan"))
-        lines.append(
-            f"{label:<28} {result['variant']:<15} {1e3 * result['seconds']:>9.1f} "
-            f"{speedup:>14.2f}x {result['bandwidth'] / 1e9:>7.1f} "
-            f"{result.get('triad_bytes_per_second', triad) / 1e9:>10.1f} "
-            f"{100 * result['triad_share']:>7.0f}% {result['peak_extra_x_input']:>9.2f}x"
-        )
+        lines.append(start + "".join(f" {cell(result):>{size}}" for _, size, cell in columns))
     return "\n".join(lines)
+
+
+def _span(result: dict) -> tuple[float, float]:
+    times = result.get("all_seconds") or [result["seconds"]]
+    return min(times), max(times)
+
+
+def _times(ratio: float | None) -> str:
+    return "nan" if ratio is None else f"{ratio:.2f}x"
 
 
 def plot(table, results: list[dict], path: Path) -> None:
@@ -117,6 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="build/bench", help="where JSON and PNG go")
     parser.add_argument("--tables", nargs="*", help="table names (default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case first")
     parser.add_argument("--match", default="", help="only cases whose label contains this")
 
 
@@ -130,7 +166,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    triad = triad_bandwidth(1 << 24 if args.quick else 1 << 25)
+    needs_triad = any(tables[name].bandwidth for name in names)
+    triad = triad_bandwidth(1 << 24 if args.quick else 1 << 25) if needs_triad else None
     jobs = []
     for name in names:
         table = tables[name]
@@ -141,7 +178,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     results: dict[str, list[dict]] = {name: [] for name in names}
     baselines: dict[tuple, dict] = {}
     for table, case, variant in tqdm(jobs, desc="xloss bench", unit="run"):
-        result = run_case(table.name, variant, case, repeats, warmup=2)
+        result = run_case(table.name, variant, case, repeats, warmup=args.warmup)
         key = (table.name, json.dumps(case, sort_keys=True))
         baseline = baselines.setdefault(key, result)
         results[table.name].append(add_derived(result, table, triad, baseline))

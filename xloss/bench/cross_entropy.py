@@ -77,8 +77,9 @@ register(
             "xloss": xloss_default,
             "xloss in place": xloss_inplace,
         },
-        bytes_moved=lambda case: 2 * 4 * case["n"] * case["v"],  # read + write the logits
         input_bytes=lambda case: 4 * case["n"] * case["v"],
+        copy_floor_bytes=lambda case: 4 * case["n"] * case["v"],  # read + write the logits
         label=lambda case: f"N={case['n']} V={case['v']} eps={case['eps']}",
+        bandwidth=False,
     )
 )

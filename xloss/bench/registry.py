@@ -28,6 +28,10 @@ class Table:
     # bytes of the main input, to express memory as a multiple of it
     input_bytes: Callable[[dict], int] = lambda case: 0
     label: Callable[[dict], str] = lambda case: str(case)
+    # show the effective bandwidth and its share of the STREAM triad
+    bandwidth: bool = True
+    # bytes of a copy whose time (read + write, measured in the worker) is the floor
+    copy_floor_bytes: Callable[[dict], int] | None = None
 
 
 TABLES: dict[str, Table] = {}
@@ -40,6 +44,6 @@ def register(table: Table) -> Table:
 
 def load_tables() -> dict[str, Table]:
     """Import the modules that register tables."""
-    from xloss.bench import cross_entropy, linear_cross_entropy  # noqa: F401
+    from xloss.bench import cross_entropy, linear_cross_entropy, training_step  # noqa: F401
 
     return TABLES

@@ -35,3 +35,19 @@ def triad_bandwidth(num_elements: int = 1 << 25, repeats: int = 7) -> float:
         triad(a, b, c, 3.0)
         times.append(time.perf_counter() - start)
     return 3 * a.nbytes / statistics.median(times)
+
+
+def copy_seconds(num_bytes: int, repeats: int = 5) -> float:
+    """Median time of ``dst.copy_(src)`` over fp32 tensors of ``num_bytes``, pages faulted in:
+    one read and one write of that many bytes, the floor of a one-pass kernel over them."""
+    import torch
+
+    source = torch.randn(max(1, num_bytes // 4))
+    dest = torch.empty_like(source)
+    dest.copy_(source)  # fault in the pages
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dest.copy_(source)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,11 +1,13 @@
 """One (table, case, variant) measurement in a fresh process; prints a JSON line.
 
 Steps: 1. create the inputs (the variant's setup); 2. warm up (compilation, caches) and
-drop cached buffers; 3. measure the STREAM triad now, since other processes sharing the
+drop cached buffers; 3. measure the STREAM triad (tables with a bandwidth column) and the
+copy floor (tables with ``copy_floor_bytes``) now, since other processes sharing the
 machine change the bandwidth from minute to minute; 4. record the resident set size and
 reset the kernel's peak RSS counter (Linux ``/proc/self/clear_refs``); 5. time
-``repeats`` steps and read the peak RSS; 6. measure the triad again; 7. report the median
-time, the mean of the two triads and the peak RSS above step 4.
+``repeats`` steps and read the peak RSS; 6. measure the triad and the copy again;
+7. report the median time, every time, the means of the two triads and copies and the
+peak RSS above step 4.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _reset_peak_rss() -> bool:
 
 def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> dict:
     from xloss.bench.registry import load_tables
-    from xloss.bench.stream import triad_bandwidth
+    from xloss.bench.stream import copy_seconds, triad_bandwidth
     from xloss.ops import kernel
 
     spec = load_tables()[table]
@@ -45,7 +47,13 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
     for _ in range(warmup):
         step()
     kernel.release_buffers()  # the timed steps pay for (and count) their own buffers
-    triad_before = triad_bandwidth(1 << 24, repeats=5)
+
+    def floors() -> tuple[float | None, float | None]:
+        triad = triad_bandwidth(1 << 24, repeats=5) if spec.bandwidth else None
+        floor_bytes = spec.copy_floor_bytes and spec.copy_floor_bytes(case)
+        return triad, (copy_seconds(floor_bytes) if floor_bytes else None)
+
+    before = floors()
     gc.collect()
     baseline_kib = _status_kib("VmRSS")
     reset = _reset_peak_rss()
@@ -55,7 +63,8 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
         step()
         times.append(time.perf_counter() - start)
     peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    triad_after = triad_bandwidth(1 << 24, repeats=5)
+    after = floors()
+    triad, copy = ((a + b) / 2 if a else None for a, b in zip(before, after, strict=True))
     return {
         "table": table,
         "variant": variant,
@@ -63,8 +72,10 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
         "seconds": statistics.median(times),
         "all_seconds": times,
         "peak_extra_bytes": max(0, peak_kib - baseline_kib) * 1024,
-        "triad_bytes_per_second": (triad_before + triad_after) / 2,
-        "triad_before_after": [triad_before, triad_after],
+        "triad_bytes_per_second": triad,
+        "triad_before_after": [before[0], after[0]],
+        "copy_seconds": copy,
+        "copy_before_after": [before[1], after[1]],
     }
 
 
