@@ -705,8 +705,10 @@ def test_float32_path_every_option(options, reduction, use_mask, inplace_backwar
     mask = torch.rand(batch, steps, generator=g) > 0.3 if use_mask else None
     kwargs = dict(ignore_index=ignore_index, reduction=reduction, mask=mask, **options)
     ours_input = x.clone().requires_grad_(True)
+    # in place needs a non-leaf (the leaf itself raises, as PyTorch's in-place ops do)
+    logits = ours_input.clone() if inplace_backward else ours_input
     ours = xloss.cross_entropy(
-        ours_input, target, weight, class_dim=-1, inplace_backward=inplace_backward, **kwargs
+        logits, target, weight, class_dim=-1, inplace_backward=inplace_backward, **kwargs
     )
     ref_input = x.double().requires_grad_(True)
     ref = reference_cross_entropy(ref_input, target, weight, class_dim=-1, **kwargs)

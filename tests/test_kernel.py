@@ -394,13 +394,14 @@ def test_inplace_backward_raises_when_a_saved_tensor_would_be_corrupted():
 def test_inplace_backward_with_class_dim_1_copies_and_keeps_input():
     x, target = random_case(6, 11, seed=10)
     images = x.reshape(2, 3, 11).transpose(1, 2).contiguous()  # (N, C, d)
-    logits = images.clone().requires_grad_()
+    leaf = images.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf (a leaf raises)
     out = xloss.cross_entropy(logits, target.reshape(2, 3), inplace_backward=True)
     out.backward()
     assert torch.equal(logits.detach(), images)
     _, grad_ref = reference_rows(x, target, scale=1 / 6)
     torch.testing.assert_close(
-        logits.grad.transpose(1, 2).reshape(6, 11).double(), grad_ref, atol=1e-7, rtol=1e-5
+        leaf.grad.transpose(1, 2).reshape(6, 11).double(), grad_ref, atol=1e-7, rtol=1e-5
     )
 
 
@@ -466,14 +467,15 @@ def test_gradient_buffer_is_reused_only_when_free():
 
 def test_inplace_backward_on_a_strided_slice_leaves_the_base_untouched():
     x, target = random_case(4, 20, seed=16)
-    base = x.clone().requires_grad_()
+    leaf = x.clone().requires_grad_()
+    base = leaf * 1.0  # a non-leaf (a view of a leaf raises)
     logits = base[:, :13]  # rows of 13 classes inside rows of 20: not contiguous
     out = xloss.cross_entropy(logits, target % 13, inplace_backward=True)
     out.backward()
     assert torch.equal(base.detach(), x)
     _, grad_ref = reference_rows(x[:, :13], target % 13, scale=1 / 4)
-    torch.testing.assert_close(base.grad[:, :13].double(), grad_ref, atol=1e-7, rtol=1e-5)
-    assert bool((base.grad[:, 13:] == 0).all())
+    torch.testing.assert_close(leaf.grad[:, :13].double(), grad_ref, atol=1e-7, rtol=1e-5)
+    assert bool((leaf.grad[:, 13:] == 0).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 
+import torch
 from torch import Tensor
 
 REDUCTIONS = ("none", "mean", "sum", "sample")
@@ -147,3 +148,29 @@ def check_normalizer(normalizer, validate_args: bool) -> None:
         )
     if not normalizer >= 0:
         raise ValueError(f"`normalizer` must be >= 0, got {normalizer}")
+
+
+def check_inplace_allowed(tensor: Tensor, name: str = "input", option: str = "inplace_backward"):
+    """Raise as PyTorch does before an in-place write into a leaf that requires grad.
+
+    ``option=True`` makes a loss overwrite ``tensor`` with its gradient. PyTorch forbids
+    in-place operations on a leaf that requires grad (an ``nn.Parameter``) and on a view
+    of one while grad mode is on: the parameter would silently become its own gradient.
+    Every loss with an in-place option calls this at its public boundary, in every dtype
+    and on every path, so the rule does not depend on which kernel serves the call. The
+    checks are plain attribute reads, which ``torch.compile(fullgraph=True)`` traces.
+    """
+    if not (torch.is_grad_enabled() and tensor.requires_grad):
+        return
+    if tensor.is_leaf:
+        what = "a leaf tensor that requires grad (e.g. an nn.Parameter)"
+    else:
+        base = tensor._base
+        if base is None or not base.is_leaf:
+            return
+        what = "a view of a leaf tensor that requires grad (e.g. a slice of an nn.Parameter)"
+    raise RuntimeError(
+        f"`{option}=True` would overwrite `{name}` with its gradient, but `{name}` is {what}, "
+        "and PyTorch forbids in-place operations on such tensors. Pass the logits computed "
+        f"from it (any non-leaf tensor), or use `{option}=False`."
+    )

@@ -13,6 +13,7 @@ from xloss._core.validation import (
     check_floating_input,
     check_ignore_index,
     check_index_target_range,
+    check_inplace_allowed,
     check_non_negative,
     check_normalizer,
     check_positive_or_none,
@@ -126,7 +127,9 @@ def cross_entropy(
             of ``input`` is bumped, so autograd raises if another op saved it. Applies on
             the CPU kernel path (class-index targets, fp32/fp16/bf16, numba present) when
             the class axis is last and ``input`` is contiguous; otherwise the logits are
-            copied first and ``input`` is left untouched.
+            copied first and ``input`` is left untouched. Like PyTorch's in-place ops it
+            raises a RuntimeError, on every path, when ``input`` is a leaf that requires
+            grad (an ``nn.Parameter``) or a view of one.
 
     Shape:
         - input: (C), (N, C) or (N, C, d_1, ..., d_K) with ``class_dim=1``; the class
@@ -161,6 +164,8 @@ def cross_entropy(
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
     check_floating_input(input)
+    if inplace_backward:
+        check_inplace_allowed(input)
     check_tensor("target", target)
     layout = class_layout(input, target, class_dim)
     num_classes = layout.num_classes
