@@ -35,7 +35,7 @@ from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss.ops import kernel
 
-_KERNEL_BACKENDS = ("numba",)  # backends these ops launch
+_KERNEL_BACKENDS = ("numba", "triton")  # backends these ops launch
 _DEVICES = ("cpu", "cuda")  # numba; Triton (also CPU under its interpreter)
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xloss.ops.row_grad import check_rows
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -69,20 +71,9 @@ def _as_array(tensor: Tensor) -> np.ndarray:
 
 
 def _check_rows(logits: Tensor, target: Tensor) -> None:
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        raise ValueError(
-            f"`logits` must be a 2-D (R, C) tensor, got {type(logits).__name__} "
-            f"of shape {tuple(getattr(logits, 'shape', ()))}"
-        )
-    if logits.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"`logits` must be float32, float16 or bfloat16, got {logits.dtype}")
+    check_rows(logits, target, KERNEL_DTYPES)
     if logits.device.type != "cpu" or not logits.is_contiguous():
         raise ValueError("`logits` must be a contiguous CPU tensor")
-    if target.shape != (logits.shape[0],) or target.dtype != torch.int64:
-        raise ValueError(
-            f"`target` must be an int64 tensor of shape ({logits.shape[0]},), "
-            f"got {target.dtype} of shape {tuple(target.shape)}"
-        )
 
 
 def _launch(

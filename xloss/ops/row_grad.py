@@ -144,3 +144,21 @@ def _rows_inplace(
     if x is not block:
         block.copy_(x)
     return loss
+
+
+def check_rows(logits: Tensor, target: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    """The row contract's arguments: (R, C) ``logits`` of one of ``dtypes``, (R,) int64
+    ``target`` (kernels call this before launching)."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(
+            f"`logits` must be a 2-D (R, C) tensor, got {type(logits).__name__} "
+            f"of shape {tuple(getattr(logits, 'shape', ()))}"
+        )
+    if logits.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"`logits` must be one of {names}, got {logits.dtype}")
+    if target.shape != (logits.shape[0],) or target.dtype != torch.int64:
+        raise ValueError(
+            f"`target` must be an int64 tensor of shape ({logits.shape[0]},), "
+            f"got {target.dtype} of shape {tuple(target.shape)}"
+        )

@@ -1,0 +1,289 @@
+"""The Triton row kernel, run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
+set in conftest.py), against a float64 reference and against the numba kernel.
+
+The interpreter runs each program (one row) in Python: shapes stay small. The two-pass
+path (rows longer than one block) is reached with the block sizes shrunk to 16.
+"""
+
+import pytest
+import torch
+
+import xloss
+from xloss import backends
+from xloss.ops import kernel
+
+triton = pytest.importorskip("triton")
+if not backends.interpreting():  # pragma: no cover (conftest sets it)
+    pytest.skip("TRITON_INTERPRET=1 must be set before triton loads", allow_module_level=True)
+
+from xloss.ops.triton import cross_entropy as triton_ce  # noqa: E402
+
+NUMBA = kernel.kernel_available()
+TOLERANCE = {
+    torch.float32: dict(rtol=2e-5, atol=2e-6),
+    # the gradient is rounded once to the half type
+    torch.float16: dict(rtol=1e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-4),
+}
+
+
+@pytest.fixture(autouse=True)
+def force_triton():
+    with backends.use("triton"):
+        yield
+
+
+@pytest.fixture(params=["single", "blocks"])
+def block_path(request, monkeypatch):
+    """Both code paths: the row in one block (read once), and blocks of 16 (two passes)."""
+    if request.param == "blocks":
+        monkeypatch.setattr(triton_ce, "SINGLE_BLOCK_MAX", 16)
+        monkeypatch.setattr(triton_ce, "LOOP_BLOCK", 16)
+    return request.param
+
+
+def reference_rows(x, target, *, weight=None, eps=0.0, z=0.0, cap=None, scale=1.0):
+    """float64 loss per row (0 where target < 0) and d(sum s_i loss_i)/dx by autograd."""
+    x = x.detach().double().requires_grad_()
+    num_classes = x.shape[1]
+    w = torch.ones(num_classes, dtype=torch.float64) if weight is None else weight.double()
+    capped = x if cap is None else cap * torch.tanh(x / cap)
+    lse = torch.logsumexp(capped, dim=1)
+    y = target.clamp(min=0)
+    loss = (1 - eps) * w[y] * (lse - capped.gather(1, y[:, None])[:, 0])
+    if eps > 0:
+        loss = loss + eps / num_classes * (w * (lse[:, None] - capped)).sum(1)
+    loss = loss + z * lse**2
+    loss = torch.where(target >= 0, loss, 0.0)
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((loss * scale).sum(), x)
+    return loss.detach(), grad
+
+
+def case(rows, classes, dtype=torch.float32, seed=0, spread=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    x = (spread * torch.randn(rows, classes, generator=generator)).to(dtype)
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    return x, target
+
+
+OPTIONS = {
+    "plain": {},
+    "smoothing": dict(eps=0.1),
+    "z_loss": dict(z=1e-2),
+    "softcap": dict(cap=2.5),
+    "weight": dict(weight="w"),
+    "all": dict(weight="w", eps=0.2, z=1e-3, cap=4.0),
+}
+
+
+def kernel_options(options, classes):
+    options = dict(options)
+    weight = options.pop("weight", None)
+    if weight == "w":
+        weight = torch.linspace(0.5, 2.0, classes)
+    return dict(
+        class_weight=weight,
+        label_smoothing=options.get("eps", 0.0),
+        z_loss=options.get("z", 0.0),
+        softcap=options.get("cap"),
+    ), dict(options, weight=weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("classes", [1, 37])  # 37: not a multiple of any block
+def test_row_kernel_matches_float64_and_numba(classes, option, dtype, block_path):
+    x, target = case(5, classes, dtype, seed=classes)
+    target[1] = -1  # a dropped row
+    scale = torch.tensor([0.5, 2.0, 1.0, 0.25, 1.5])
+    options, reference_options = kernel_options(OPTIONS[option], classes)
+    grad = x.clone()
+    loss = triton_ce.row_loss_and_grad_(grad, target, grad_scale=scale, **options)
+    loss_ref, grad_ref = reference_rows(x, target, scale=scale, **reference_options)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=tol["rtol"], atol=10 * tol["atol"])
+    torch.testing.assert_close(grad.double(), grad_ref, **tol)
+    assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+    if NUMBA:
+        numba_grad = x.clone()
+        numba_loss = kernel.row_loss_and_grad_(numba_grad, target, grad_scale=scale, **options)
+        torch.testing.assert_close(loss, numba_loss, rtol=2e-5, atol=2e-6)
+        # both round an fp32 gradient once: at most one unit in the last place apart
+        torch.testing.assert_close(grad.float(), numba_grad.float(), **tol)
+
+
+def test_buffer_loss_only_and_lse_outputs(block_path):
+    x, target = case(4, 23, seed=3)
+    options = dict(label_smoothing=0.1, z_loss=1e-3)
+    loss_ref, grad_ref = reference_rows(x, target, eps=0.1, z=1e-3, scale=0.5)
+    lse = torch.empty(4)
+    loss, grad = triton_ce.row_loss_and_grad(x, target, grad_scale=0.5, **options)
+    assert torch.equal(x, case(4, 23, seed=3)[0])  # the input is untouched
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=2e-5, atol=2e-6)
+    loss_only = triton_ce.launch(x, target, None, lse=lse, **options)
+    torch.testing.assert_close(loss_only, loss)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(x.double(), 1))
+
+
+def test_all_rows_dropped_and_no_rows():
+    x, target = case(3, 11)
+    target[:] = -1
+    grad = x.clone()
+    loss = triton_ce.row_loss_and_grad_(grad, target, grad_scale=1.0, label_smoothing=0.1)
+    assert torch.equal(loss, torch.zeros(3)) and torch.equal(grad, torch.zeros_like(grad))
+    empty = torch.empty(0, 11)
+    assert triton_ce.row_loss_and_grad_(empty, target[:0], grad_scale=1.0).shape == (0,)
+
+
+def test_extreme_and_masked_logits():
+    """Huge spreads, and -inf for a masked part of the vocabulary, stay finite."""
+    x = torch.tensor([[1e4, -1e4, 0.0, 3.0], [0.0, float("-inf"), 2.0, float("-inf")]])
+    target = torch.tensor([1, 2])
+    grad = x.clone()
+    loss = triton_ce.row_loss_and_grad_(grad, target, grad_scale=1.0)
+    loss_ref, grad_ref = reference_rows(x, target)
+    torch.testing.assert_close(loss.double(), loss_ref)
+    torch.testing.assert_close(grad.double(), grad_ref)
+
+
+def test_argument_errors():
+    x, target = case(2, 5)
+    with pytest.raises(ValueError, match=r"`logits` must be a 2-D \(R, C\) tensor"):
+        triton_ce.row_loss(x[0], target)
+    with pytest.raises(TypeError, match="`logits` must be one of float32"):
+        triton_ce.row_loss(x.double(), target)
+    with pytest.raises(ValueError, match="`target` must be an int64 tensor of shape"):
+        triton_ce.row_loss(x, target.int())
+    with pytest.raises(ValueError, match="contiguous class axis"):
+        triton_ce.row_loss(x.T.contiguous().T, target)
+    with pytest.raises(ValueError, match="`grad_scale` must be a float or a tensor of 1 or 2"):
+        triton_ce.row_loss(x, target, grad_scale=torch.ones(3))
+
+
+# ---------------------------------------------------------------- cross_entropy on Triton
+
+
+def reference_cross_entropy(x, target, weight=None, *, eps=0.0, keep=None, reduction="mean"):
+    """float64 F.cross_entropy semantics, keep: bool mask over rows (None: all)."""
+    x = x.double()
+    logp = x.log_softmax(-1)
+    num_classes = x.shape[-1]
+    w = torch.ones(num_classes, dtype=torch.float64) if weight is None else weight.double()
+    keep = torch.ones(target.shape, dtype=torch.bool) if keep is None else keep
+    y = torch.where(keep, target, 0)
+    loss = -(1 - eps) * w[y] * logp.gather(-1, y[..., None])[..., 0]
+    loss = loss - eps / num_classes * (w * logp).sum(-1)
+    loss = torch.where(keep, loss, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    denominator = torch.where(keep, w[y], 0.0).sum()
+    return loss.sum() / denominator if denominator > 0 else loss.sum() * 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cross_entropy_matches_float64_and_numba(reduction, dtype, inplace):
+    x, target = case(6, 13, dtype, seed=7)
+    target[2] = -100
+    weight = torch.linspace(0.5, 1.5, 13)
+    keep = target != -100
+    options = dict(weight=weight, label_smoothing=0.1, reduction=reduction)
+    logits = x.clone().requires_grad_()
+    work = logits * 1 if inplace else logits  # in place needs a non-leaf
+    loss = xloss.cross_entropy(work, target, inplace_backward=inplace, **options)
+    generator = torch.Generator().manual_seed(1)
+    upstream = torch.rand(loss.shape, generator=generator) if reduction == "none" else 1.0
+    (loss * upstream).sum().backward()
+    x64 = x.double().requires_grad_()
+    want = reference_cross_entropy(x64, target, weight, eps=0.1, keep=keep, reduction=reduction)
+    (want * torch.as_tensor(upstream).double()).sum().backward()
+    # the stored gradient and its product with the upstream gradient: two roundings
+    tol = {key: 2 * value for key, value in TOLERANCE[dtype].items()}
+    torch.testing.assert_close(
+        loss.double(), want.detach(), rtol=tol["rtol"], atol=10 * tol["atol"]
+    )
+    torch.testing.assert_close(logits.grad.double(), x64.grad, **tol)
+    if NUMBA:
+        with backends.use("numba"):
+            numba_loss = xloss.cross_entropy(x, target, **options)
+        torch.testing.assert_close(loss, numba_loss, rtol=2e-5, atol=2e-6)
+
+
+def test_cross_entropy_masks_class_dim_sample_and_normalizer():
+    """(N, C, d) input with class_dim=1, a mask, 'sample' and a normalizer."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 3, generator=generator)
+    target = torch.randint(0, 7, (2, 3), generator=generator)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    rows = x.movedim(1, -1)
+    sample = xloss.cross_entropy(x, target, mask=mask, reduction="sample", z_loss=1e-2)
+    lse = torch.logsumexp(rows.double(), -1)
+    per_position = lse - rows.double().gather(-1, target[..., None])[..., 0] + 1e-2 * lse**2
+    per_position = torch.where(mask, per_position, 0.0)
+    torch.testing.assert_close(sample.double(), per_position.sum(1) / mask.sum(1))
+    logits = x.clone().requires_grad_()
+    normalized = xloss.cross_entropy(logits, target, mask=mask, normalizer=10.0, softcap=3.0)
+    normalized.backward()
+    x64 = x.double().requires_grad_()
+    capped = 3.0 * torch.tanh(x64.movedim(1, -1) / 3.0)
+    want = torch.where(mask, reference_cross_entropy(capped, target, reduction="none"), 0.0)
+    (want.sum() / 10.0).backward()
+    torch.testing.assert_close(normalized.double(), want.sum().detach() / 10.0)
+    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=2e-5, atol=2e-6)
+
+
+def test_cross_entropy_every_row_ignored_gives_zero_and_zero_gradient():
+    x, target = case(4, 9)
+    logits = x.clone().requires_grad_()
+    loss = xloss.cross_entropy(logits, torch.full_like(target, -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(x))
+
+
+def test_the_triton_kernel_serves_the_call(monkeypatch):
+    calls = []
+    launch = triton_ce.launch
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ce, "launch", spy)
+    monkeypatch.setattr(kernel, "_launch", None)  # numba must not run
+    x, target = case(3, 5)
+    xloss.cross_entropy(x, target)
+    assert calls == [(3, 5)]
+
+
+def test_inplace_backward_bumps_the_version_counter():
+    x, target = case(3, 6)
+    logits = x.clone().requires_grad_()
+    work = logits * 1
+    product = work * work  # saves `work` for its backward
+    loss = xloss.cross_entropy(work, target, inplace_backward=True)  # overwrites `work`
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + product.sum()).backward()
+
+
+def test_torch_compile_fullgraph_with_the_triton_op():
+    x, target = case(4, 10, seed=2)
+
+    def loss_fn(logits, labels):
+        options = dict(label_smoothing=0.1, validate_args=False)
+        in_place = xloss.cross_entropy(logits * 2.0, labels, inplace_backward=True, **options)
+        return xloss.cross_entropy(logits, labels, **options) + in_place
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    logits = x.clone().requires_grad_()
+    compiled(logits, target).backward()
+    x64 = x.double().requires_grad_()
+    want = reference_cross_entropy(x64, target, eps=0.1)
+    want = want + reference_cross_entropy(2 * x64, target, eps=0.1)
+    want.backward()
+    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=2e-5, atol=2e-6)

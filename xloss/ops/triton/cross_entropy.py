@@ -1,0 +1,311 @@
+"""Triton row kernel of cross-entropy: loss, lse and gradient per row (shared row contract).
+
+One program per row of logits x (C classes), in fp32 whatever the input dtype (fp16 and
+bf16 are read natively and widened in registers; no fp32 copy of the logits). With
+b the bytes of one logit:
+
+1. statistics pass, over blocks of ``BLOCK`` classes: the online max m and sum
+   S = sum exp(x - m) (rescaled when m grows), and with label smoothing the sum
+   T = sum_c w_c x_c; then lse = m + log S and the row's loss
+
+       loss = (1-eps) w_y (lse - x_y) + eps/C (W lse - T) + z lse^2;
+
+   reads C b bytes (plus x_y and, with class weights, 4 C bytes of w that every row
+   shares from L2);
+2. gradient pass: x again, p = exp(x - lse) and
+
+       g = s [(1-eps) w_y + eps/C W + 2 z lse] p - s eps/C w - s (1-eps) w_y onehot_y,
+
+   times 1 - tanh(x / cap)^2 with a softcap, written in the input dtype into the
+   gradient buffer (which may be the logits themselves): reads C b, writes C b bytes.
+
+A row that fits in one block (C <= ``SINGLE_BLOCK_MAX``) is read once and kept in
+registers: C b read + C b written. A longer row costs 2 C b read + C b written, as
+Liger-Kernel's cross-entropy. Rows with a negative target (ignored or masked) are
+skipped: loss 0 and, when a gradient is written, a row of zeros (C b written).
+
+Softcap x <- cap tanh(x / cap) uses a tanh built from ``tl.exp`` (libdevice's tanh is
+None under Triton's interpreter, which runs these kernels on CPU tensors in the tests).
+Options that change the code are ``tl.constexpr``: one compiled specialisation each.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from xloss.backends import KERNEL_DTYPES
+from xloss.ops.row_grad import check_rows
+
+# A row of up to this many classes is read once and kept in registers.
+SINGLE_BLOCK_MAX = 8192
+# Classes per block of the two-pass path (longer rows).
+LOOP_BLOCK = 4096
+
+
+@triton.jit
+def _tanh(u):
+    """tanh from exp: a series for |u| < 1/4 (no cancellation), (1-e)/(1+e) above."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    series = a * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0
+                                                                     + u2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, series, t)
+    return tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def _load_block(row_ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    """A block of a row in fp32 (-inf past the row), soft-capped; also tanh(x / cap)."""
+    x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    tanh = x
+    if HAS_SOFTCAP:
+        tanh = _tanh(x / softcap)
+        x = tl.where(mask, softcap * tanh, float("-inf"))
+    return x, tanh
+
+
+@triton.jit
+def _grad_block(x, tanh, offs, mask, y, lse, prob_coef, target_coef, smooth_coef, weight_ptr,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr):  # fmt: skip
+    """The gradient of one block: prob_coef p - smooth_coef w - target_coef [c = y]."""
+    g = prob_coef * tl.exp(x - lse)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            g -= smooth_coef * tl.load(weight_ptr + offs, mask=mask, other=0.0)
+        else:
+            g -= smooth_coef
+    g = tl.where(offs == y, g - target_coef, g)
+    if HAS_SOFTCAP:
+        g *= 1.0 - tanh * tanh
+    return g
+
+
+@triton.jit
+def cross_entropy_rows_kernel(
+    logits_ptr,  # (R, C) rows, row stride `logits_stride`
+    logits_stride,
+    grad_ptr,  # (R, C) gradient, the logits' dtype (may be logits_ptr itself)
+    grad_stride,
+    target_ptr,  # (R,) int64 class index, negative: dropped row
+    scale_ptr,  # (1,) or (R,) fp32 gradient scale s
+    weight_ptr,  # (C,) fp32 class weights w (HAS_WEIGHT)
+    weight_sum_ptr,  # (1,) fp32 W = sum w (HAS_WEIGHT)
+    loss_ptr,  # (R,) fp32 loss, not scaled by s
+    lse_ptr,  # (R,) fp32 lse (STORE_LSE)
+    num_classes,
+    class_count,  # float(C): W without class weights
+    label_smoothing,
+    smooth,  # eps / C
+    z_loss,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    ROW_SCALE: tl.constexpr,  # a scale per row, else one for all
+    WRITE_GRAD: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,  # num_classes <= BLOCK: one read of the row
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: R x C passes 2^31 at 16k x 128k
+    row_ptr = logits_ptr + row * logits_stride
+    out_ptr = grad_ptr + row * grad_stride
+    y = tl.load(target_ptr + row)
+    offs0 = tl.arange(0, BLOCK)
+    if y < 0:
+        # A dropped row: loss 0 and a zero gradient, its logits never read.
+        tl.store(loss_ptr + row, 0.0)
+        if STORE_LSE:
+            tl.store(lse_ptr + row, 0.0)
+        if WRITE_GRAD:
+            for start in range(0, num_classes, BLOCK):
+                offs = start + offs0
+                zero = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+                tl.store(out_ptr + offs, zero, mask=offs < num_classes)
+    else:
+        # 1. statistics: online max m and S = sum exp(x - m); T = sum w x for smoothing.
+        if SINGLE_BLOCK:
+            mask0 = offs0 < num_classes
+            x0, tanh0 = _load_block(row_ptr, offs0, mask0, softcap, HAS_SOFTCAP)
+            row_max = tl.max(x0, 0)
+            shift = tl.where(row_max == float("-inf"), 0.0, row_max)  # all -inf: no nan
+            sum_exp = tl.sum(tl.exp(x0 - shift), 0)
+            logit_sum = 0.0
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w0 = tl.load(weight_ptr + offs0, mask=mask0, other=0.0)
+                    logit_sum = tl.sum(tl.where(mask0, x0, 0.0) * w0, 0)
+                else:
+                    logit_sum = tl.sum(tl.where(mask0, x0, 0.0), 0)
+        else:
+            row_max = float("-inf")
+            sum_exp = 0.0
+            logit_sum = 0.0
+            for start in range(0, num_classes, BLOCK):
+                offs = start + offs0
+                mask = offs < num_classes
+                x, _ = _load_block(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
+                new_max = tl.maximum(row_max, tl.max(x, 0))
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift), 0)
+                row_max = new_max
+                if HAS_SMOOTHING:
+                    if HAS_WEIGHT:
+                        w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                        logit_sum += tl.sum(tl.where(mask, x, 0.0) * w, 0)
+                    else:
+                        logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
+            shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        lse = shift + tl.log(sum_exp)
+        x_y = tl.load(row_ptr + y).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_y = softcap * _tanh(x_y / softcap)
+        w_y = 1.0
+        weight_sum = class_count
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y)
+            weight_sum = tl.load(weight_sum_ptr)
+        target_weight = (1.0 - label_smoothing) * w_y
+        loss = target_weight * (lse - x_y)
+        if HAS_SMOOTHING:
+            loss += smooth * (weight_sum * lse - logit_sum)
+        if HAS_Z_LOSS:
+            loss += z_loss * lse * lse
+        tl.store(loss_ptr + row, loss)
+        if STORE_LSE:
+            tl.store(lse_ptr + row, lse)
+
+        # 2. gradient: s [a p - eps/C w - (1-eps) w_y onehot], a = (1-eps) w_y + eps/C W
+        #    + 2 z lse; with a softcap times 1 - tanh^2.
+        if WRITE_GRAD:
+            if ROW_SCALE:
+                scale = tl.load(scale_ptr + row)
+            else:
+                scale = tl.load(scale_ptr)
+            prob_coef = target_weight + smooth * weight_sum
+            if HAS_Z_LOSS:
+                prob_coef += 2.0 * z_loss * lse
+            prob_coef *= scale
+            target_coef = scale * target_weight
+            smooth_coef = scale * smooth
+            out_ty = grad_ptr.dtype.element_ty
+            if SINGLE_BLOCK:
+                g = _grad_block(x0, tanh0, offs0, mask0, y, lse, prob_coef, target_coef,
+                                smooth_coef, weight_ptr, HAS_WEIGHT, HAS_SMOOTHING,
+                                HAS_SOFTCAP)  # fmt: skip
+                tl.store(out_ptr + offs0, g.to(out_ty), mask=mask0)
+            else:
+                for start in range(0, num_classes, BLOCK):
+                    offs = start + offs0
+                    mask = offs < num_classes
+                    x, tanh = _load_block(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
+                    g = _grad_block(x, tanh, offs, mask, y, lse, prob_coef, target_coef,
+                                    smooth_coef, weight_ptr, HAS_WEIGHT, HAS_SMOOTHING,
+                                    HAS_SOFTCAP)  # fmt: skip
+                    tl.store(out_ptr + offs, g.to(out_ty), mask=mask)
+
+
+def launch_config(num_classes: int) -> tuple[int, bool, int]:
+    """Block size, single-read flag and warps for rows of ``num_classes`` classes."""
+    if num_classes <= SINGLE_BLOCK_MAX:
+        block = triton.next_power_of_2(max(num_classes, 1))
+        return block, True, max(1, min(16, block // 512))
+    return LOOP_BLOCK, False, 8
+
+
+def launch(
+    logits: Tensor,
+    target: Tensor,
+    dest: Tensor | None,
+    *,
+    grad_scale: float | Tensor = 1.0,
+    class_weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    lse: Tensor | None = None,
+) -> Tensor:
+    """Run the kernel over the rows of ``logits`` (R, C); returns the (R,) fp32 loss.
+
+    ``dest`` None computes the loss only; else the gradient goes there (``logits``
+    itself for in place). ``lse``, an (R,) fp32 tensor, receives each row's lse.
+    """
+    _check_rows(logits, target, dest)
+    num_rows, num_classes = logits.shape
+    device = logits.device
+    loss = torch.empty(num_rows, dtype=torch.float32, device=device)  # R
+    if num_rows == 0:
+        return loss
+    if isinstance(grad_scale, Tensor):
+        scale = grad_scale.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        if scale.numel() not in (1, num_rows):
+            raise ValueError(
+                f"`grad_scale` must be a float or a tensor of 1 or {num_rows} elements, "
+                f"got shape {tuple(grad_scale.shape)}"
+            )
+        scale = scale.contiguous()
+    else:
+        scale = torch.full((1,), float(grad_scale), dtype=torch.float32, device=device)
+    if class_weight is not None:
+        weight = class_weight.detach().to(device=device, dtype=torch.float32).contiguous()
+        weight_sum = weight.sum().reshape(1)
+    else:
+        weight = weight_sum = scale  # never read
+    write = dest is not None
+    block, single, num_warps = launch_config(num_classes)
+    cross_entropy_rows_kernel[(num_rows,)](
+        logits, logits.stride(0),
+        dest if write else logits, dest.stride(0) if write else 0,
+        target, scale, weight, weight_sum, loss,
+        lse if lse is not None else loss,
+        num_classes, float(num_classes), float(label_smoothing),
+        float(label_smoothing) / num_classes, float(z_loss),
+        float(softcap) if softcap else 1.0,
+        HAS_WEIGHT=class_weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_Z_LOSS=z_loss > 0.0,
+        HAS_SOFTCAP=bool(softcap),
+        ROW_SCALE=scale.numel() == num_rows and num_rows > 1,
+        WRITE_GRAD=write,
+        STORE_LSE=lse is not None,
+        SINGLE_BLOCK=single,
+        BLOCK=block,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return loss
+
+
+def _check_rows(logits: Tensor, target: Tensor, dest: Tensor | None) -> None:
+    check_rows(logits, target, KERNEL_DTYPES)
+    if logits.stride(1) != 1:
+        raise ValueError("`logits` must have a contiguous class axis (stride 1)")
+    if target.device != logits.device:
+        raise ValueError(f"`target` must be on {logits.device}, got {target.device}")
+    if dest is not None and (
+        dest.shape != logits.shape or dest.dtype != logits.dtype or dest.stride(1) != 1
+    ):
+        raise ValueError("the gradient buffer must have the logits' shape and dtype, stride 1")
+
+
+def row_loss_and_grad_(logits: Tensor, target: Tensor, **options) -> Tensor:
+    """Per-row loss; ``logits`` is OVERWRITTEN with the scaled gradient (shared contract,
+    see ``xloss.ops.row_grad.row_loss_and_grad_``). Returns the (R,) fp32 loss."""
+    return launch(logits, target, logits, **options)
+
+
+def row_loss_and_grad(logits: Tensor, target: Tensor, **options) -> tuple[Tensor, Tensor]:
+    """Out-of-place twin of :func:`row_loss_and_grad_`: returns (loss, gradient)."""
+    grad = torch.empty_like(logits)  # R x C
+    return launch(logits, target, grad, **options), grad
+
+
+def row_loss(logits: Tensor, target: Tensor, **options) -> Tensor:
+    """Per-row loss only (no gradient is written)."""
+    return launch(logits, target, None, **options)
