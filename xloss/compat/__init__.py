@@ -10,6 +10,7 @@ on first use, so ``import xloss.compat`` costs nothing::
     from xloss.compat.torchreid import CrossEntropyLoss
     from xloss.compat.liger import LigerCrossEntropyLoss
     from xloss.compat.timm import BinaryCrossEntropy, LabelSmoothingCrossEntropy
+    from xloss.compat.torch import linear_cross_entropy
 
 None of the upstream packages is imported or needed.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBMODULES = ("liger", "paddleclas", "speechbrain", "timm", "torchreid")
+SUBMODULES = ("liger", "paddleclas", "speechbrain", "timm", "torch", "torchreid")
 
 __all__ = list(SUBMODULES)
 
