@@ -493,3 +493,16 @@ def test_any_number_of_leading_axes(shape, reduction):
         assert_matches_reference(
             hidden, weight, bias, target, reduction=reduction, mask=mask, lengths=lengths
         )
+
+
+def test_accum_dtype_float64_and_its_check():
+    hidden, weight, bias, target = make_inputs((9,))
+    weight = weight.clone().requires_grad_()
+    xloss.linear_cross_entropy(hidden, weight, target, bias, accum_dtype=torch.float64).backward()
+    assert weight.grad.dtype == weight.dtype
+    weight64 = weight.detach().double().requires_grad_()
+    logits = hidden.double() @ weight64.T + bias.double()
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="`accum_dtype` must be None or a floating torch.dtype"):
+        xloss.linear_cross_entropy(hidden, weight, target, accum_dtype=torch.int32)

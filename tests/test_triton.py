@@ -287,3 +287,115 @@ def test_torch_compile_fullgraph_with_the_triton_op():
     want = want + reference_cross_entropy(2 * x64, target, eps=0.1)
     want.backward()
     torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------------ linear_cross_entropy on Triton
+
+
+def reference_linear(hidden, weight, target, bias=None, class_weight=None, *, eps=0.0, z=0.0,
+                     cap=None, keep, reduction):  # fmt: skip
+    """float64 loss of the logits hidden @ weight.T + bias, per row or reduced."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    rows = logits.reshape(-1, weight.shape[0])
+    flat_target = torch.where(keep, target, 0).reshape(-1)
+    w = torch.ones(weight.shape[0], dtype=torch.float64) if class_weight is None else class_weight
+    capped = rows if cap is None else cap * torch.tanh(rows / cap)
+    lse = torch.logsumexp(capped, -1)
+    y = flat_target
+    loss = (1 - eps) * w.double()[y] * (lse - capped.gather(1, y[:, None])[:, 0])
+    if eps > 0:
+        loss = loss + eps / rows.shape[1] * (w.double() * (lse[:, None] - capped)).sum(1)
+    loss = (loss + z * lse**2).reshape(target.shape)
+    loss = torch.where(keep, loss, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sample":
+        return loss.sum(1) / torch.where(keep, w.double()[torch.where(keep, target, 0)], 0).sum(1)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / torch.where(keep, w.double()[torch.where(keep, target, 0)], 0).sum()
+
+
+LINEAR_OPTIONS = {
+    "plain": {},
+    "bias_smoothing": dict(bias=True, eps=0.1),
+    "weight_z_softcap": dict(class_weight=True, z=1e-2, cap=3.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "sample"])
+@pytest.mark.parametrize("option", list(LINEAR_OPTIONS))
+def test_linear_cross_entropy_matches_float64_and_numba(option, reduction, dtype):
+    generator = torch.Generator().manual_seed(11)
+    batch, steps, hidden_size, classes = 2, 3, 5, 37
+    hidden = torch.randn(batch, steps, hidden_size, generator=generator).to(dtype)
+    weight = (0.5 * torch.randn(classes, hidden_size, generator=generator)).to(dtype)
+    target = torch.randint(0, classes, (batch, steps), generator=generator)
+    target[0, 1] = -100
+    options = LINEAR_OPTIONS[option]
+    bias = (
+        (0.1 * torch.randn(classes, generator=generator)).to(dtype) if "bias" in options else None
+    )
+    class_weight = torch.linspace(0.5, 1.5, classes) if "class_weight" in options else None
+    settings = dict(
+        class_weight=class_weight,
+        label_smoothing=options.get("eps", 0.0),
+        z_loss=options.get("z", 0.0),
+        softcap=options.get("cap"),
+        reduction=reduction,
+        chunk_size=2,  # 3 chunks of the 5 kept rows
+    )
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    bias_leaf = None if bias is None else bias.clone().requires_grad_()
+    loss = xloss.linear_cross_entropy(leaves[0], leaves[1], target, bias_leaf, **settings)
+    generator = torch.Generator().manual_seed(2)
+    upstream = torch.rand(loss.shape, generator=generator) if loss.dim() else 1.0
+    (loss * upstream).sum().backward()
+
+    wants = [t.double().requires_grad_() for t in (hidden, weight)]
+    bias64 = None if bias is None else bias.double().requires_grad_()
+    want = reference_linear(wants[0], wants[1], target, bias64, class_weight, keep=target >= 0,
+                            eps=settings["label_smoothing"], z=settings["z_loss"],
+                            cap=settings["softcap"], reduction=reduction)  # fmt: skip
+    (want * torch.as_tensor(upstream).double()).sum().backward()
+    # bf16: the GEMMs run in bf16 on this path, so the logits carry bf16 rounding
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(loss.double(), want.detach(), **tol)
+    for got, ref in zip(leaves + [bias_leaf], wants + [bias64], strict=True):
+        if ref is not None:
+            torch.testing.assert_close(got.grad.double(), ref.grad, **tol)
+    if NUMBA:
+        with backends.use("numba"):
+            numba_loss = xloss.linear_cross_entropy(hidden, weight, target, bias, **settings)
+        torch.testing.assert_close(loss.double(), numba_loss.double(), **tol)
+
+
+@pytest.mark.parametrize("accum_dtype", [None, torch.float32, torch.bfloat16])
+def test_linear_bf16_gemms_and_accumulation_dtype(accum_dtype, monkeypatch):
+    """On the Triton path bf16 chunks stay bf16; the weight gradient sums in accum_dtype."""
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(9, 6, generator=generator).bfloat16()
+    weight = torch.randn(21, 6, generator=generator).bfloat16().requires_grad_()
+    target = torch.randint(0, 21, (9,), generator=generator)
+    seen = []
+    row_kernel = triton_ce.row_loss_and_grad_
+
+    def spy(logits, target, **options):
+        seen.append(logits.dtype)
+        return row_kernel(logits, target, **options)
+
+    monkeypatch.setattr(triton_ce, "row_loss_and_grad_", spy)
+    loss = xloss.linear_cross_entropy(
+        hidden, weight, target, reduction="sum", chunk_size=4, accum_dtype=accum_dtype
+    )
+    loss.backward()
+    assert seen == [torch.bfloat16] * 3
+    weight64 = weight.detach().double().requires_grad_()
+    want = reference_linear(hidden, weight64, target, keep=target >= 0, reduction="sum")
+    want.backward()
+    assert weight.grad.dtype == torch.bfloat16
+    tol = 8e-2 if accum_dtype == torch.bfloat16 else 3e-2
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=tol, atol=tol)

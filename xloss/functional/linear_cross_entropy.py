@@ -31,6 +31,17 @@ def check_chunk_size(chunk_size) -> None:
         raise ValueError(f"`chunk_size` must be >= 1 or None, got {chunk_size}")
 
 
+def check_accum_dtype(accum_dtype) -> None:
+    """``accum_dtype`` is None or a floating torch.dtype."""
+    if accum_dtype is not None and (
+        not isinstance(accum_dtype, torch.dtype) or not accum_dtype.is_floating_point
+    ):
+        raise TypeError(
+            "`accum_dtype` must be None or a floating torch.dtype such as torch.float32, "
+            f"got {accum_dtype!r}"
+        )
+
+
 def _check_linear_tensors(input: Tensor, weight: Tensor, target: Tensor, bias) -> None:
     check_floating_input(input)
     check_tensor("weight", weight)
@@ -91,6 +102,7 @@ def linear_cross_entropy(
     normalizer: float | Tensor | None = None,
     chunk_size: int | None = None,
     validate_args: bool = True,
+    accum_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Cross-entropy of the logits ``input @ weight.T + bias``, computed in row chunks.
 
@@ -123,9 +135,11 @@ def linear_cross_entropy(
     Memory: one chunk of logits (``chunk_size x V`` in the compute dtype; by default
     about 48 MiB), the gradients, when some rows are dropped a copy of the kept rows
     of ``input``, and for fp16/bf16 a fp32 copy of ``weight``. fp16 and bf16 inputs are
-    computed in fp32 (GEMMs included; on accelerators this forgoes low-precision GEMMs)
-    and the loss is returned in the input's dtype. On CPU the numba row kernel is used
-    when available. Under ``torch.compile`` the call is a graph break and runs eagerly.
+    computed in fp32 (GEMMs included) and the loss is returned in the input's dtype. On
+    CPU the numba row kernel is used when available. On GPUs with Triton
+    (``xloss.backends``) the GEMMs and the chunk of logits stay in the input dtype (bf16
+    tensor-core GEMMs, no fp32 copies) and the Triton row kernel computes in fp32. Under
+    ``torch.compile`` the call is a graph break and runs eagerly.
 
     Args:
         input: hidden states, floating point, (..., H): any number of leading axes.
@@ -145,6 +159,9 @@ def linear_cross_entropy(
         chunk_size: rows per chunk; None picks about 48 MiB of logits per chunk.
         validate_args: check target ranges and lengths (these synchronise with the
             device).
+        accum_dtype: dtype of the ``weight`` and ``bias`` gradients while they are summed
+            over the chunks; None: float32 (float64 for float64 input). ``torch.bfloat16``
+            halves that memory at the cost of precision, like Liger-Kernel's option.
 
     Shape:
         - input: (..., H), H the hidden size, any leading axes: (H), (N, H), (B, T, H),
@@ -174,6 +191,7 @@ def linear_cross_entropy(
         validate_args=validate_args,
     )
     check_chunk_size(chunk_size)
+    check_accum_dtype(accum_dtype)
     _check_linear_tensors(input, weight, target, bias)
     num_classes = weight.shape[0]
     check_class_weight(class_weight, num_classes, name="class_weight")
@@ -236,6 +254,7 @@ def linear_cross_entropy(
         chunk_size=chunk_size,
         per_row=per_row,
         grad_enabled=torch.is_grad_enabled(),
+        accum_dtype=accum_dtype,
     )
     result = linear_cross_entropy_rows(hidden, weight, bias, index, class_weight, scale, config)
     if per_row:

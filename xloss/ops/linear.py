@@ -31,6 +31,30 @@ class LinearCrossEntropyConfig(NamedTuple):
     chunk_size: int | None = None  # rows per chunk; None: default_chunk_size
     per_row: bool = False  # True: return the loss per row and compute gradients in backward
     grad_enabled: bool = True  # the caller's grad mode (forward always runs without grad)
+    accum_dtype: torch.dtype | None = None  # grad_weight/grad_bias; None: fp32 (fp64 for fp64)
+
+
+def select_row_kernel_and_dtype(device: torch.device, input_dtype: torch.dtype):
+    """(row kernel, dtype of the GEMMs and logits) for ``input_dtype`` rows on ``device``.
+
+    The Triton kernel reads fp16/bf16 logits natively, so its chunks stay in the input
+    dtype (tensor-core GEMMs, half the logits memory); the other kernels compute in
+    ``promote_types(input_dtype, float32)``.
+    """
+    if backends.select(device.type, input_dtype) == "triton":
+        from xloss.ops.triton.cross_entropy import row_loss_and_grad_
+
+        return row_loss_and_grad_, input_dtype
+    dtype = torch.promote_types(input_dtype, torch.float32)
+    return select_row_kernel(device, dtype), dtype
+
+
+def _add_product(total: Tensor, a: Tensor, b: Tensor) -> None:
+    """total += a @ b in total's dtype; a bf16/fp16 product is rounded once per chunk."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    else:
+        total.add_(torch.mm(a, b))
 
 
 def select_row_kernel(logits_device: torch.device, dtype: torch.dtype):
@@ -181,28 +205,29 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
     """
     num_rows, hidden_size = input.shape
     num_classes = weight.shape[0]
-    dtype = torch.promote_types(input.dtype, torch.float32)
     device = input.device
+    row_kernel, dtype = select_row_kernel_and_dtype(device, input.dtype)  # dtype: GEMMs, logits
+    accum_dtype = config.accum_dtype or torch.promote_types(input.dtype, torch.float32)
     chunk = config.chunk_size or default_chunk_size(num_rows, num_classes, dtype, hidden_size)
     chunk = max(1, min(chunk, num_rows))
-    row_kernel = select_row_kernel(device, dtype)
     want_input, want_weight, want_bias = needs_grad or (False, False, False)
     want_bias = want_bias and bias is not None
 
     weight_c = weight.to(dtype)  # V x H; a copy only for fp16/bf16 weights
     bias_c = None if bias is None else bias.to(dtype)  # V
-    class_weight_c = None if class_weight is None else class_weight.to(dtype)
+    loss_dtype = torch.promote_types(dtype, torch.float32)  # also of the row scales
+    class_weight_c = None if class_weight is None else class_weight.to(loss_dtype)
     if isinstance(grad_scale, Tensor) and grad_scale.dim() == 0:
         # A known scale: a float on CPU (free); elsewhere a per-row view, so no sync.
-        grad_scale = grad_scale.to(dtype)
+        grad_scale = grad_scale.to(loss_dtype)
         grad_scale = float(grad_scale) if device.type == "cpu" else grad_scale.expand(num_rows)
     elif isinstance(grad_scale, Tensor):
-        grad_scale = grad_scale.to(dtype).contiguous()
+        grad_scale = grad_scale.to(loss_dtype).contiguous()
 
-    loss = torch.empty(num_rows, dtype=dtype, device=device)  # K
+    loss = torch.empty(num_rows, dtype=loss_dtype, device=device)  # K
     grad_input = torch.empty_like(input, dtype=dtype) if want_input else None  # K x H
-    grad_weight = torch.zeros_like(weight, dtype=dtype) if want_weight else None  # V x H
-    grad_bias = torch.zeros(num_classes, dtype=dtype, device=device) if want_bias else None
+    grad_weight = torch.zeros_like(weight, dtype=accum_dtype) if want_weight else None  # V x H
+    grad_bias = torch.zeros(num_classes, dtype=accum_dtype, device=device) if want_bias else None
     buffer = torch.empty(chunk, num_classes, dtype=dtype, device=device)  # chunk x V
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
@@ -229,7 +254,7 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
             torch.mm(logits, weight_c, out=grad_input[start:stop])  # rows x H
         # 4. grad_weight += g.T @ h, grad_bias += sum of g over rows
         if want_weight:
-            grad_weight.addmm_(logits.T, rows)  # V x H
+            _add_product(grad_weight, logits.T, rows)  # V x H
         if want_bias:
-            grad_bias.add_(logits.sum(0))  # V
+            grad_bias.add_(logits.sum(0, dtype=accum_dtype))  # V
     return loss, (grad_input, grad_weight, grad_bias)
