@@ -130,7 +130,8 @@ def test_mean_divides_by_kept_elements_and_empty_batch_gives_zero():
     ("given_lengths", "counts"),
     [
         (torch.tensor([5, 2, 0]), torch.tensor([5, 2, 0])),
-        (torch.tensor([1.0, 0.4, 0.5]), torch.tensor([5, 2, 2])),  # relative; 2.5 rounds to 2
+        # relative: t < L * 5 - 1e-6 keeps 2 steps for 0.4 and 3 for 0.5 (2.5 -> 3)
+        (torch.tensor([1.0, 0.4, 0.5]), torch.tensor([5, 2, 3])),
     ],
     ids=["integer", "relative"],
 )

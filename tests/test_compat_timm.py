@@ -96,11 +96,15 @@ def reference_bce(
     pos_weight=None,
     reduction="mean",
     sum_classes=False,
+    share=None,
 ):
-    """BCE with y' = y (1-s) + s/C (then [y' > threshold]), class axis last; float64."""
+    """BCE with y' = y (1-s) + s/share (then [y' > threshold]), class axis last; float64.
+
+    share: C (the class count, the rule for class indices) by default; 2 for timm's
+    ``smooth_dense`` rule on dense targets."""
     x = x.double()
-    num_classes = x.shape[-1]
-    y = dense.double() * (1 - smoothing) + smoothing / num_classes
+    share = x.shape[-1] if share is None else share
+    y = dense.double() * (1 - smoothing) + smoothing / share
     if threshold is not None:
         y = (y > threshold).double()
     p = 1.0 if pos_weight is None else torch.as_tensor(pos_weight).double()
@@ -132,15 +136,39 @@ def test_bce_sequence_index_targets():
     torch.testing.assert_close(loss, reference_bce(x, onehot, 0.1))
 
 
-def test_bce_dense_targets_are_smoothed():
-    """Regression: upstream applies no smoothing to dense (mixup) targets."""
+def test_bce_dense_targets_follow_timm_smooth_dense():
+    """Regression: timm 1.0.x takes dense (mixup) targets as already soft unless
+    ``smooth_dense=True``, which moves them toward 0.5: y (1 - a) + a / 2."""
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
     dense = torch.softmax(torch.randn(4, 5, generator=gen, dtype=torch.float64), -1)
-    loss = BinaryCrossEntropy(0.2)(x, dense)
-    torch.testing.assert_close(loss, reference_bce(x, dense, 0.2))
-    unsmoothed = torch.nn.functional.binary_cross_entropy_with_logits(x, dense)
-    assert not torch.allclose(loss, unsmoothed)
+    loss = BinaryCrossEntropy(0.2)(x, dense)  # upstream's default: smooth_dense=False
+    torch.testing.assert_close(loss, reference_bce(x, dense, 0.0))
+    smoothed = BinaryCrossEntropy(0.2, smooth_dense=True)(x, dense)
+    torch.testing.assert_close(smoothed, reference_bce(x, dense, 0.2, share=2))
+    assert not torch.allclose(smoothed, loss)
+    # class indices are smoothed with a / C whatever smooth_dense says
+    index = torch.randint(0, 5, (4,), generator=gen)
+    onehot = torch.nn.functional.one_hot(index, 5)
+    for smooth_dense in (False, True):
+        torch.testing.assert_close(
+            BinaryCrossEntropy(0.2, smooth_dense=smooth_dense)(x, index),
+            reference_bce(x, onehot, 0.2),
+        )
+
+
+def test_bce_smooth_dense_with_threshold_sum_classes_and_pos_weight():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)
+    dense = torch.rand(3, 2, 4, generator=gen, dtype=torch.float64)
+    pos_weight = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    loss = BinaryCrossEntropy(
+        0.3, smooth_dense=True, sum_classes=True, pos_weight=pos_weight
+    )(x, dense)
+    expected = reference_bce(x, dense, 0.3, pos_weight=pos_weight, sum_classes=True, share=2)
+    torch.testing.assert_close(loss, expected)
+    loss = BinaryCrossEntropy(0.3, smooth_dense=True, target_threshold=0.6)(x, dense)
+    torch.testing.assert_close(loss, reference_bce(x, dense, 0.3, threshold=0.6, share=2))
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -149,7 +177,7 @@ def test_bce_threshold_binarises_the_smoothed_target(dense):
     x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
     index = torch.randint(0, 4, (5,), generator=gen)
     onehot = torch.nn.functional.one_hot(index, 4).double()
-    target = onehot * 0.7 if dense else index  # dense 0.7 * 0.9 + 0.025 = 0.655 > 0.5
+    target = onehot * 0.7 if dense else index  # dense 0.7 > 0.5 as given (no smooth_dense)
     loss = BinaryCrossEntropy(0.1, target_threshold=0.5)(x, target)
     torch.testing.assert_close(loss, reference_bce(x, onehot, 0.0))
 
@@ -200,6 +228,8 @@ def test_bce_errors():
         BinaryCrossEntropy(target_threshold="0.5")
     with pytest.raises(TypeError, match="pos_weight"):
         BinaryCrossEntropy(pos_weight="2")
+    with pytest.raises(TypeError, match="`smooth_dense` must be True or False, got 'yes'"):
+        BinaryCrossEntropy(smooth_dense="yes")
     with pytest.raises(TypeError, match="weight"):
         BinaryCrossEntropy(weight=torch.ones(3, dtype=torch.long))
     loss_fn = BinaryCrossEntropy()
@@ -231,3 +261,8 @@ def test_matches_upstream_when_installed():
     torch.testing.assert_close(
         BinaryCrossEntropy(0.1)(x3, index), timm_loss.BinaryCrossEntropy(0.1)(x3, index)
     )
+    for smooth_dense in (False, True):  # timm >= 1.0 has the option
+        torch.testing.assert_close(
+            BinaryCrossEntropy(0.1, smooth_dense=smooth_dense)(x3, soft),
+            timm_loss.BinaryCrossEntropy(0.1, smooth_dense=smooth_dense)(x3, soft),
+        )

@@ -65,8 +65,8 @@ def reference_cross_entropy(
         if keep and lengths is not None:
             steps = target_shape[1]
             length = lengths[pos[0]].item()
-            if isinstance(length, float):
-                length = round(length * steps)
+            if isinstance(length, float):  # relative: keep t < L * T - 1e-6 (SpeechBrain)
+                length = math.ceil(length * steps - 1e-6)
             keep = pos[1] < length
         if keep:
             loss = loss + z_loss * lse**2
@@ -251,7 +251,7 @@ def test_lengths(relative, reduction):
     target = torch.randint(0, 5, (4, 6), generator=g)
     lengths = torch.tensor([6, 3, 1, 4])
     if relative:
-        lengths = torch.tensor([1.0, 0.5, 0.2, 0.7])  # 0.2 * 6 = 1.2 -> 1, 0.7 * 6 = 4.2 -> 4
+        lengths = torch.tensor([1.0, 0.5, 0.2, 0.7])  # 0.2 * 6 = 1.2 -> 2, 0.7 * 6 = 4.2 -> 5
     kwargs = dict(class_dim=-1, lengths=lengths, reduction=reduction, label_smoothing=0.1)
     assert_close_with_grads(
         lambda t: xloss.cross_entropy(t, target, **kwargs),

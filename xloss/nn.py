@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from xloss._core.validation import check_class_weight
+from xloss._core.validation import check_class_dim, check_class_weight, check_flag
 from xloss.functional.binary import (
     binary_cross_entropy_with_logits,
     check_binary_settings,
@@ -66,7 +66,10 @@ class CrossEntropyLoss(nn.Module):
             label_smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
+            validate_args=validate_args,
         )
+        check_class_dim(class_dim)
+        check_flag("inplace_backward", inplace_backward)
         check_class_weight(weight, None)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -131,7 +134,9 @@ class _ElementwiseLoss(nn.Module):
             label_smoothing=label_smoothing,
             smoothing_rule=smoothing_rule,
             ignore_index=ignore_index,
+            validate_args=validate_args,
         )
+        check_class_dim(class_dim)
         check_elementwise_weight(weight, None)
         self.register_buffer("weight", weight)
         self.reduction = reduction
@@ -407,6 +412,7 @@ class LinearCrossEntropyLoss(nn.Module):
             label_smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
+            validate_args=validate_args,
         )
         check_chunk_size(chunk_size)
         check_class_weight(class_weight, None, name="class_weight")

@@ -2,6 +2,12 @@
 
 The mask has the shape of the target (one entry per position that carries a loss);
 True keeps a position. ``None`` means every position is kept, so callers can skip work.
+
+Relative lengths (one rule for every loss and adapter): a floating length L in (0, 1]
+keeps position t of a sequence of T steps when ``t < L * T - 1e-6``, i.e.
+``ceil(L * T - 1e-6)`` positions, SpeechBrain's ``compute_masked_loss`` rule (0.9 of 25
+steps keeps 23). The product is taken in the lengths' own floating dtype (float32 at
+least), as SpeechBrain does, and the 1e-6 absorbs its rounding: 0.4 of 10 keeps 4.
 """
 
 from __future__ import annotations
@@ -11,12 +17,21 @@ from torch import Tensor
 
 from xloss._core.validation import check_tensor, shape_str
 
+RELATIVE_LENGTH_TOLERANCE = 1e-6
+
+
+def relative_length_counts(lengths: Tensor, steps: int) -> Tensor:
+    """Kept positions per sample for relative lengths: #{t < L * steps - 1e-6} (int64)."""
+    lengths = lengths.to(torch.promote_types(lengths.dtype, torch.float32))
+    scaled = lengths * steps - RELATIVE_LENGTH_TOLERANCE
+    return torch.ceil(scaled).clamp(0, steps).long()
+
 
 def lengths_mask(lengths: Tensor, shape: torch.Size, validate_args: bool = True) -> Tensor:
     """Bool mask of ``shape`` keeping positions ``t < length[n]`` along axis 1.
 
-    Integer lengths count positions. Floating lengths are relative, in (0, 1], and
-    are scaled by ``shape[1]`` and rounded, as SpeechBrain does.
+    Integer lengths count positions. Floating lengths are relative, in (0, 1]: position
+    t is kept when ``t < length[n] * shape[1] - 1e-6`` (the module docstring's rule).
     """
     check_tensor("lengths", lengths)
     if len(shape) < 2:
@@ -33,12 +48,13 @@ def lengths_mask(lengths: Tensor, shape: torch.Size, validate_args: bool = True)
     if lengths.dtype == torch.bool or lengths.is_complex():
         raise TypeError(f"`lengths` must hold integers or floats, got dtype {lengths.dtype}")
     if lengths.is_floating_point():
-        if validate_args and bool(((lengths <= 0) | (lengths > 1)).any()):
+        # written so that NaN fails it: `not (0 < L <= 1)`
+        if validate_args and not bool(((lengths > 0) & (lengths <= 1)).all()):
             raise ValueError(
-                "floating `lengths` are relative and must lie in (0, 1], "
-                f"got min {float(lengths.min())} and max {float(lengths.max())}"
+                "floating `lengths` are relative and must lie in (0, 1], got "
+                f"{[float(v) for v in lengths.flatten()[:8]]} (NaN and inf are rejected too)"
             )
-        counts = torch.round(lengths.double() * steps)
+        counts = relative_length_counts(lengths, steps)
     else:
         if validate_args and bool(((lengths < 0) | (lengths > steps)).any()):
             raise ValueError(
@@ -77,6 +93,7 @@ def build_mask(
         mask = mask.to(device)
         keep = mask if keep is None else keep & mask
     if lengths is not None:
+        check_tensor("lengths", lengths)
         by_length = lengths_mask(lengths.to(device), shape, validate_args)
         keep = by_length if keep is None else keep & by_length
     return keep

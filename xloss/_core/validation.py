@@ -8,6 +8,7 @@ argument, what was expected and what was received. Checks that read tensor value
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -42,23 +43,43 @@ def check_unit_interval(name: str, value) -> float:
 
 
 def check_non_negative(name: str, value) -> float:
+    """A finite float setting >= 0 (z-loss, focusing exponents): inf and NaN raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a non-negative float, got {type(value).__name__}")
     value = float(value)
     if not value >= 0.0:  # also rejects NaN
         raise ValueError(f"`{name}` must be >= 0, got {value}")
+    if value == math.inf:
+        raise ValueError(f"`{name}` must be finite, got {value}")
     return value
 
 
 def check_positive_or_none(name: str, value) -> float | None:
+    """A finite float setting > 0, or None for "off" (softcap): inf and NaN raise."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a positive float or None, got {type(value).__name__}")
     value = float(value)
-    if not value > 0.0:
+    if not value > 0.0:  # also rejects NaN
         raise ValueError(f"`{name}` must be > 0 or None, got {value}")
+    if value == math.inf:
+        raise ValueError(f"`{name}` must be finite, got {value}; use None to switch it off")
     return value
+
+
+def check_flag(name: str, value) -> bool:
+    """A bool setting (``validate_args``, ``inplace_backward``, ...); no truthy strings."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}")
+    return value
+
+
+def check_class_dim(class_dim) -> int:
+    """``class_dim`` as a setting: an int (its range is checked against each input)."""
+    if isinstance(class_dim, bool) or not isinstance(class_dim, int):
+        raise TypeError(f"`class_dim` must be an int, got {class_dim!r}")
+    return class_dim
 
 
 def check_ignore_index(ignore_index) -> None:
@@ -85,8 +106,7 @@ def check_tensor(name: str, value) -> None:
 
 def normalize_dim(class_dim, ndim: int) -> int:
     """Return ``class_dim`` as a non-negative axis of a tensor with ``ndim`` dimensions."""
-    if isinstance(class_dim, bool) or not isinstance(class_dim, int):
-        raise TypeError(f"`class_dim` must be an int, got {type(class_dim).__name__}")
+    check_class_dim(class_dim)
     if not -ndim <= class_dim < ndim:
         raise ValueError(
             f"`class_dim` must be in [{-ndim}, {ndim - 1}] for `input` with {ndim} "
@@ -131,6 +151,9 @@ def check_index_target_range(
 
 
 def check_normalizer(normalizer, validate_args: bool) -> None:
+    """``normalizer`` (None, a finite number >= 0, or a one-element tensor) and the
+    ``validate_args`` flag: every settings check passes both through here."""
+    check_flag("validate_args", validate_args)
     if normalizer is None:
         return
     if isinstance(normalizer, Tensor):
@@ -139,15 +162,18 @@ def check_normalizer(normalizer, validate_args: bool) -> None:
                 f"`normalizer` must be a number or a one-element tensor, "
                 f"got shape {shape_str(normalizer.shape)}"
             )
-        if validate_args and bool(normalizer < 0):
-            raise ValueError(f"`normalizer` must be >= 0, got {float(normalizer)}")
+        # a tensor's value is read only with validate_args (it synchronises with the device)
+        if validate_args and not bool((normalizer >= 0) & (normalizer < math.inf)):
+            raise ValueError(
+                f"`normalizer` must be >= 0 and finite, got {float(normalizer)}"
+            )
         return
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(
             f"`normalizer` must be a number or a tensor, got {type(normalizer).__name__}"
         )
-    if not normalizer >= 0:
-        raise ValueError(f"`normalizer` must be >= 0, got {normalizer}")
+    if not 0 <= normalizer < math.inf:  # also rejects NaN
+        raise ValueError(f"`normalizer` must be >= 0 and finite, got {normalizer}")
 
 
 def check_inplace_allowed(tensor: Tensor, name: str = "input", option: str = "inplace_backward"):

@@ -24,7 +24,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from xloss._core.masking import build_mask
+from xloss._core.masking import build_mask, relative_length_counts
 from xloss._core.reduction import reduce_loss
 from xloss._core.validation import check_floating_input, check_tensor, shape_str
 from xloss.functional.binary import binary_cross_entropy_with_logits
@@ -75,7 +75,7 @@ def length_counts(length, steps: int) -> Tensor:
         )
     if length.dtype == torch.bool or length.is_complex():
         raise TypeError(f"`length` must hold relative lengths (floats), got dtype {length.dtype}")
-    return torch.ceil(length * steps - 1e-6).clamp(0, steps).long()
+    return relative_length_counts(length, steps)
 
 
 def reduce_speechbrain(loss: Tensor, keep: Tensor | None, reduction: str, dtype) -> Tensor:

@@ -2,8 +2,8 @@
 
 Upstream: ``timm.loss.LabelSmoothingCrossEntropy(smoothing=0.1)``,
 ``timm.loss.SoftTargetCrossEntropy()`` and ``timm.loss.BinaryCrossEntropy(smoothing=0.1,
-target_threshold=None, weight=None, reduction="mean", sum_classes=False, pos_weight=None)``,
-each with ``forward(x, target)``.
+target_threshold=None, weight=None, reduction="mean", sum_classes=False, pos_weight=None,
+smooth_dense=False)`` (timm 1.0.x), each with ``forward(x, target)``.
 """
 
 from __future__ import annotations
@@ -126,15 +126,22 @@ class SoftTargetCrossEntropy(nn.Module):
 
 
 class BinaryCrossEntropy(nn.Module):
-    r"""BCE with one-hot from class indices, smoothing and thresholding (timm).
+    r"""BCE with one-hot from class indices, smoothing and thresholding (timm 1.0.x).
 
     Upstream signature: ``BinaryCrossEntropy(smoothing=0.1, target_threshold=None,
-    weight=None, reduction="mean", sum_classes=False, pos_weight=None)``. Class-index
-    targets become one-hot over the last axis of ``x`` (C classes); every target is then
-    smoothed to :math:`y' = y (1 - \epsilon) + \epsilon / C` (upstream's ``off_value =
-    smoothing / C``, ``on_value = 1 - smoothing + off_value``); with ``target_threshold``
-    the smoothed target is binarised, :math:`y' \leftarrow [y' > \mathrm{threshold}]`. Each
-    element has
+    weight=None, reduction="mean", sum_classes=False, pos_weight=None,
+    smooth_dense=False)``. With :math:`\epsilon` the smoothing and C the classes (last axis
+    of ``x``), the target y' is
+
+    - class indices (the shape of ``x`` without its last axis): one-hot, smoothed to
+      :math:`y' = y (1 - \epsilon) + \epsilon / C` (upstream's ``off_value = smoothing /
+      C``, ``on_value = 1 - smoothing + off_value``);
+    - dense targets (the shape of ``x``: mixup / cutmix / multi-label): taken as already
+      soft, :math:`y' = y`; with ``smooth_dense=True`` moved toward 0.5,
+      :math:`y' = y (1 - \epsilon) + \epsilon / 2`, upstream's rule.
+
+    With ``target_threshold`` the target is then binarised, :math:`y' \leftarrow [y' >
+    \mathrm{threshold}]`. Each element has
 
     .. math::
         \ell = -w \left[ p\, y' \log s(x) + (1 - y') \log(1 - s(x)) \right],
@@ -142,14 +149,12 @@ class BinaryCrossEntropy(nn.Module):
     with w = ``weight`` and p = ``pos_weight`` (per class, last axis), reduced by
     ``reduction``, or with ``sum_classes`` summed over the classes and averaged over the
     other axes (``reduction`` is then ignored, as upstream). Computed by
-    :func:`xloss.binary_cross_entropy_with_logits` with ``smoothing_rule="uniform"``.
+    :func:`xloss.binary_cross_entropy_with_logits`.
 
     Deliberate differences from upstream:
 
     - The class axis is the last axis for any rank: (B, T, C) logits with (B, T) class
       indices work (upstream builds a (B, C) one-hot and fails).
-    - Dense targets (the shape of ``x``) are smoothed too; upstream skips them silently,
-      so mixup / cutmix targets got no smoothing.
     - Targets must lie in [0, 1]; a bad ``smoothing`` raises ValueError, not an assert.
 
     Shape:
@@ -163,8 +168,11 @@ class BinaryCrossEntropy(nn.Module):
         >>> x = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
         >>> BinaryCrossEntropy(smoothing=0.1)(x, torch.tensor([0, 1]))
         tensor(0.4499)
-        >>> BinaryCrossEntropy(smoothing=0.1)(x, torch.tensor([[0.6, 0.0, 0.4], [0.0, 1.0, 0.0]]))
-        tensor(0.5399)
+        >>> dense = torch.tensor([[0.6, 0.0, 0.4], [0.0, 1.0, 0.0]])
+        >>> BinaryCrossEntropy(smoothing=0.1)(x, dense)  # dense targets as given
+        tensor(0.4805)
+        >>> BinaryCrossEntropy(smoothing=0.1, smooth_dense=True)(x, dense)
+        tensor(0.5330)
     """
 
     def __init__(
@@ -175,9 +183,13 @@ class BinaryCrossEntropy(nn.Module):
         reduction: str = "mean",
         sum_classes: bool = False,
         pos_weight: Tensor | float | None = None,
+        smooth_dense: bool = False,
     ) -> None:
         super().__init__()
         self.smoothing = check_smoothing(smoothing)
+        if not isinstance(smooth_dense, bool):
+            raise TypeError(f"`smooth_dense` must be True or False, got {smooth_dense!r}")
+        self.smooth_dense = smooth_dense
         if target_threshold is not None and (
             isinstance(target_threshold, bool) or not isinstance(target_threshold, numbers.Real)
         ):
@@ -207,7 +219,10 @@ class BinaryCrossEntropy(nn.Module):
         if x.dim() == 0:
             raise ValueError("`x` must have a class axis (the last axis), got a 0-D tensor")
         num_classes = x.shape[-1]
-        if target.shape != x.shape:
+        smoothing, rule = self.smoothing, "uniform"  # class indices: a/C
+        if target.shape == x.shape:  # dense targets: as given, or toward 0.5 (a/2)
+            smoothing, rule = (self.smoothing, "binary") if self.smooth_dense else (0.0, rule)
+        else:
             if target.shape != x.shape[:-1] or target.is_floating_point():
                 raise ValueError(
                     f"`target` must hold class indices of shape {shape_str(x.shape[:-1])} "
@@ -216,9 +231,8 @@ class BinaryCrossEntropy(nn.Module):
                 )
             check_index_target_range(target, num_classes, None, None)
             target = F.one_hot(target.long(), num_classes)
-        smoothing = self.smoothing
         if self.target_threshold is not None:
-            smoothed = smooth_binary_target(target.to(x.dtype), smoothing, "uniform", num_classes)
+            smoothed = smooth_binary_target(target.to(x.dtype), smoothing, rule, num_classes)
             target, smoothing = smoothed > self.target_threshold, 0.0
         return binary_cross_entropy_with_logits(
             x,
@@ -227,7 +241,7 @@ class BinaryCrossEntropy(nn.Module):
             pos_weight=self.pos_weight,
             reduction="sum" if self.sum_classes else self.reduction,
             label_smoothing=smoothing,
-            smoothing_rule="uniform",
+            smoothing_rule=rule,
             class_dim=-1,
             normalizer=x.numel() // num_classes if self.sum_classes else None,
         )
@@ -235,5 +249,6 @@ class BinaryCrossEntropy(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"smoothing={self.smoothing}, target_threshold={self.target_threshold}, "
-            f"reduction={self.reduction!r}, sum_classes={self.sum_classes}"
+            f"reduction={self.reduction!r}, sum_classes={self.sum_classes}, "
+            f"smooth_dense={self.smooth_dense}"
         )

@@ -116,7 +116,7 @@ def cross_entropy(
         class_dim: the class axis of ``input``; 1 like PyTorch, -1 for (B, T, V) logits.
         mask: bool, the target's shape (without class axis); False drops a position.
         lengths: (N,) valid lengths along target axis 1: integers, or floats in (0, 1]
-            as relative lengths (rounded to a count, as SpeechBrain does).
+            as relative lengths (position t kept when t < L * T - 1e-6, as SpeechBrain).
         z_loss: coefficient of lse^2 (PaLM's z-loss), >= 0.
         softcap: cap of the logit soft-capping, > 0, or None.
         normalizer: divide the summed loss by this number or one-element tensor.

@@ -46,6 +46,8 @@ def _check_linear_tensors(input: Tensor, weight: Tensor, target: Tensor, bias) -
     check_floating_input(input)
     check_tensor("weight", weight)
     check_tensor("target", target)
+    if bias is not None:
+        check_tensor("bias", bias)
     if input.dim() < 1:
         raise ValueError(
             "`input` must have shape (..., H), hidden states with a last (hidden) axis, "
@@ -70,7 +72,6 @@ def _check_linear_tensors(input: Tensor, weight: Tensor, target: Tensor, bias) -
                 f"`{name}` must be on the input's device {input.device}, got {tensor.device}"
             )
     if bias is not None:
-        check_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(
                 f"`bias` must have shape ({weight.shape[0]},), one value per class, "
