@@ -248,6 +248,32 @@ def _count_collectives(rank, world):
     return counts
 
 
+def _run_bad_vocab_start(rank, world):
+    """Overlapping / gapped / shifted slices: every rank must raise (error text per rank),
+    and validate_args=False must still return (no hang)."""
+    logits, target, _, _ = ce_data(CE_CASES[0], 0)
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    local = logits[..., start : start + sizes[rank]]
+    errors = {}
+    for name, bad_start in [("overlap", 0), ("shift", start + 1)]:
+        try:
+            vocab_parallel_cross_entropy(local, target, vocab_start=bad_start)
+            errors[name] = "no error"
+        except ValueError as error:
+            errors[name] = str(error)
+        try:
+            vocab_parallel_linear_cross_entropy(
+                logits[..., :3].contiguous(), torch.ones(sizes[rank], 3, dtype=logits.dtype),
+                target, vocab_start=bad_start,
+            )  # fmt: skip
+            errors[name + "-linear"] = "no error"
+        except ValueError as error:
+            errors[name + "-linear"] = str(error)
+    vocab_parallel_cross_entropy(local, target, vocab_start=start + 1, validate_args=False)
+    return errors
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -255,6 +281,7 @@ def _worker(rank, world, init_file, out_dir):
     jobs = [(f"ce/{c['name']}", _run_ce_case, (c, i)) for i, c in enumerate(CE_CASES)]
     jobs += [(f"linear/{c['name']}", _run_linear_case, (c, i)) for i, c in enumerate(LINEAR_CASES)]
     jobs += [("dp", lambda r, w: _run_dp_case(r, w), ()), ("collectives", _count_collectives, ())]
+    jobs += [("bad-vocab-start", _run_bad_vocab_start, ())]
     for name, function, args in jobs:
         try:
             results[name] = function(*args, rank, world)

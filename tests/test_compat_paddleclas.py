@@ -208,3 +208,71 @@ def test_asl_errors():
     with pytest.raises(ValueError, match="must have shape"):
         MultiLabelAsymmetricLoss()(x, labels.T)
     assert MultiLabelAsymmetricLoss(clip=None).clip == 0.0
+
+
+def reference_upstream_asl(
+    x, labels, gamma_pos=1.0, gamma_neg=4.0, clip=0.05, epsilon=1e-8, reduction="sum",
+    detach_focus=True,
+):  # fmt: skip
+    """PaddleClas's formula for any t in [0, 1] (-1 dropped), in float64:
+    p_t = min(1 - s + clip, 1)(1 - t) + s t,
+    loss = -log(max(p_t, eps)) (1 - p_t)^(g+ t + g- (1 - t))."""
+    x = x.double()
+    t = labels.double()
+    keep = t != -1
+    t = torch.where(keep, t, 0.0)
+    s = torch.sigmoid(x)
+    negative = (1 - s + clip).clamp(max=1) if clip else 1 - s
+    p_t = negative * (1 - t) + s * t
+    weight = (1 - p_t) ** (gamma_pos * t + gamma_neg * (1 - t))
+    if detach_focus:
+        weight = weight.detach()
+    loss = torch.where(keep, -torch.log(p_t.clamp(min=epsilon)) * weight, 0.0)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / keep.sum()
+
+
+def test_asl_soft_target_matches_upstream_formula():
+    """Regression: x = 0, t = 0.3 gave 0.1211; upstream mixes the probabilities: 0.0583."""
+    x, t = torch.zeros(1, 1), torch.full((1, 1), 0.3)
+    loss = MultiLabelAsymmetricLoss()(x, t)["MultiLabelAsymmetricLoss"]
+    torch.testing.assert_close(loss, torch.tensor(0.0583), atol=5e-5, rtol=0)
+    torch.testing.assert_close(loss.double(), reference_upstream_asl(x, t))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("clip", [0.05, 0.0, None])
+@pytest.mark.parametrize("disable_focal_loss_grad", [True, False])
+def test_asl_mixed_soft_and_hard_targets_match_upstream(reduction, clip, disable_focal_loss_grad):
+    gen = torch.Generator().manual_seed(21)
+    x = (torch.randn(5, 6, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
+    labels = torch.rand(5, 6, generator=gen, dtype=torch.float64)
+    labels[0] = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 1.0])  # hard entries in a soft batch
+    labels[1, 2] = -1  # unknown
+    labels[2, :2] = torch.tensor([1e-4, 1 - 1e-4])
+    loss_fn = MultiLabelAsymmetricLoss(
+        gamma_pos=1.5, gamma_neg=3, clip=clip, reduction=reduction,
+        disable_focal_loss_grad=disable_focal_loss_grad,
+    )  # fmt: skip
+    loss = loss_fn(x, labels)["MultiLabelAsymmetricLoss"]
+    ref_x = x.detach().clone().requires_grad_(True)
+    expected = reference_upstream_asl(
+        ref_x, labels, gamma_pos=1.5, gamma_neg=3, clip=clip or 0.0, reduction=reduction,
+        detach_focus=disable_focal_loss_grad,
+    )  # fmt: skip
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), ref_x)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_asl_soft_targets_sweep_t_and_low_precision():
+    x = torch.linspace(-6, 6, 13, dtype=torch.float64).repeat(11, 1)
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)[:, None].expand(11, 13).contiguous()
+    loss = MultiLabelAsymmetricLoss(reduction="none")(x, t)["MultiLabelAsymmetricLoss"]
+    torch.testing.assert_close(loss, reference_upstream_asl(x, t, reduction="none"))
+    for dtype in (torch.float16, torch.bfloat16):
+        low = MultiLabelAsymmetricLoss()(x.to(dtype), t)["MultiLabelAsymmetricLoss"]
+        assert low.dtype == dtype
+        torch.testing.assert_close(low.double(), reference_upstream_asl(x, t), rtol=2e-2, atol=0)

@@ -187,6 +187,11 @@ def test_multi_process_matches_single_process_reference(world, tmp_path):
     for rank, result in enumerate(r["collectives"] for r in results):
         if result != expected_counts:
             failures.append(f"world {world} rank {rank} collectives {result}")
+    for rank, result in enumerate(r["bad-vocab-start"] for r in results):
+        # every rank raises: overlapping slices (all start at 0) and a shift past C
+        raised = isinstance(result, dict) and all("tile [0, 11)" in e for e in result.values())
+        if not raised:
+            failures.append(f"world {world} rank {rank} bad vocab_start: {result}")
     assert not failures, "\n".join(failures)
 
 
@@ -276,6 +281,19 @@ def test_target_range_checked_after_the_collectives(one_process_group):
         vocab_parallel_linear_cross_entropy(HIDDEN, WEIGHT, torch.tensor([0, 1, 5, 2]))
     # validate_args=False skips the check (and the host sync): no error.
     vocab_parallel_cross_entropy(LOGITS, torch.tensor([0, 1, 5, -100]), validate_args=False)
+
+
+def test_vocab_start_must_tile_the_vocabulary_one_process(one_process_group):
+    """Regression: a shifted slice gave a plausible wrong loss instead of an error."""
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 4])
+    with pytest.raises(ValueError, match=r"must tile \[0, 5\).*\[\(1, 6\)\]"):
+        vocab_parallel_cross_entropy(logits, target, vocab_start=1)
+    with pytest.raises(ValueError, match=r"must tile \[0, 5\)"):
+        vocab_parallel_linear_cross_entropy(HIDDEN, WEIGHT, TARGET, vocab_start=2)
+    expected = torch.nn.functional.cross_entropy(logits, target)
+    got = vocab_parallel_cross_entropy(logits, target, vocab_start=0)
+    torch.testing.assert_close(got, expected)
 
 
 def test_gradcheck_one_process(one_process_group):

@@ -180,9 +180,21 @@ class MultiLabelAsymmetricLoss(nn.Module):
         \ell = -\left[ y (1 - p)^{\gamma_+} \log p
                + (1 - y)\, p_m^{\gamma_-} \log(1 - p_m) \right],
 
-    reduced by ``"sum"`` (default), ``"mean"`` or ``"none"``. Computed by
-    :func:`xloss.asymmetric_loss` with ``ignore_index=-1``. Returns
+    reduced by ``"sum"`` (default), ``"mean"`` or ``"none"``. Hard labels (0 or 1) are
+    computed by :func:`xloss.asymmetric_loss` with ``ignore_index=-1``. Returns
     ``{"MultiLabelAsymmetricLoss": loss}``.
+
+    Soft labels t in (0, 1) follow upstream exactly: it mixes the probabilities before
+    the log,
+
+    .. math::
+        p_t = \min(1 - p + \mathrm{clip}, 1)(1 - t) + p\, t, \qquad
+        \ell = -\log(\max(p_t, \mathrm{epsilon}))\,
+               (1 - p_t)^{\gamma_+ t + \gamma_- (1 - t)}
+
+    (no clip term when ``clip`` is 0 or None). At t = 0 or 1 this is the formula above
+    (up to upstream's epsilon clamp); :func:`xloss.asymmetric_loss` keeps its own rule for
+    soft targets.
 
     ``disable_focal_loss_grad=True`` (upstream's default) treats the focusing factors
     :math:`(1-p)^{\gamma_+}` and :math:`p_m^{\gamma_-}` as constants in the backward pass.
@@ -239,6 +251,41 @@ class MultiLabelAsymmetricLoss(nn.Module):
         x = logits_of(x)
         labels, _ = split_target(target, x, with_ratio=False)
         labels = labels.to(device=x.device)
+        soft = (labels > 0) & (labels < 1) if labels.is_floating_point() else None
+        if soft is not None and bool(soft.any()):
+            return {"MultiLabelAsymmetricLoss": self._with_soft_labels(x, labels, soft)}
+        return {"MultiLabelAsymmetricLoss": self._hard_loss(x, labels, self.reduction)}
+
+    def _with_soft_labels(self, x: Tensor, labels: Tensor, soft: Tensor) -> Tensor:
+        """Upstream's mixed-probability loss on soft labels, xloss's on hard ones."""
+        hard_labels = torch.where(soft, UNKNOWN_LABEL, labels)  # soft ones dropped here
+        hard = self._hard_loss(x, hard_labels, "none")
+        # hard and dropped positions see t = 0.5 in the soft branch: finite, and unused
+        soft_labels = torch.where(soft, labels, 0.5)
+        loss = torch.where(soft, self._upstream_soft_loss(x, soft_labels), hard)
+        if self.reduction == "none":
+            return loss.to(x.dtype)
+        kept = labels != UNKNOWN_LABEL
+        total = loss.sum()
+        if self.reduction == "mean":
+            total = total / kept.sum().clamp(min=1)
+        return total.to(x.dtype)
+
+    def _upstream_soft_loss(self, x: Tensor, t: Tensor) -> Tensor:
+        """-log(max(p_t, epsilon)) (1 - p_t)^(gamma_pos t + gamma_neg (1 - t)), element-wise."""
+        compute = torch.promote_types(x.dtype, torch.float32)
+        t = t.to(compute)
+        p = torch.sigmoid(x.to(compute))
+        negative = 1.0 - p
+        if self.clip > 0.0:
+            negative = (negative + self.clip).clamp(max=1.0)
+        p_t = negative * (1.0 - t) + p * t
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.disable_focal_loss_grad):
+            weight = (1.0 - p_t).pow(self.gamma_pos * t + self.gamma_neg * (1.0 - t))
+        return -torch.log(p_t.clamp(min=self.epsilon)) * weight
+
+    def _hard_loss(self, x: Tensor, labels: Tensor, reduction: str) -> Tensor:
+        """ASL on labels in {0, 1, -1} through xloss.asymmetric_loss."""
         options = dict(clip=self.clip, ignore_index=UNKNOWN_LABEL)
         focusing = self.gamma_pos > 0.0 or self.gamma_neg > 0.0
         if not (self.disable_focal_loss_grad and focusing):
@@ -247,10 +294,10 @@ class MultiLabelAsymmetricLoss(nn.Module):
                 labels,
                 gamma_pos=self.gamma_pos,
                 gamma_neg=self.gamma_neg,
-                reduction=self.reduction,
+                reduction=reduction,
                 **options,
             )
-            return {"MultiLabelAsymmetricLoss": loss}
+            return loss
         with torch.no_grad():
             logits = x.detach().to(torch.promote_types(x.dtype, torch.float32))
             focused = asymmetric_loss(
@@ -267,9 +314,9 @@ class MultiLabelAsymmetricLoss(nn.Module):
             # the focusing factor of each element; 0 where both losses are 0
             factor = torch.where(plain > 0, focused / torch.where(plain > 0, plain, 1.0), 0.0)
         loss = asymmetric_loss(
-            x, labels, factor, gamma_pos=0.0, gamma_neg=0.0, reduction=self.reduction, **options
+            x, labels, factor, gamma_pos=0.0, gamma_neg=0.0, reduction=reduction, **options
         )
-        return {"MultiLabelAsymmetricLoss": loss}
+        return loss
 
     def extra_repr(self) -> str:
         return (

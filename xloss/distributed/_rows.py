@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from xloss.distributed._comm import all_reduce_max_and_sizes, all_reduce_sum
+from xloss.distributed._comm import all_reduce_max_and_sizes, all_reduce_sum, check_slices_tile
 
 
 class RowStats(NamedTuple):
@@ -39,15 +39,22 @@ def global_row_stats(
     z_loss: float,
     group,
     exp_in_place: bool = False,
+    check_slices: bool = False,
 ) -> RowStats:
     """Steps 1-3 on a block of local logits (R, V_local) in the compute dtype.
 
     ``target`` (R,) holds global class indices, negative for dropped rows. With
-    ``exp_in_place`` the block is overwritten with exp(x - m) (for a fused gradient).
+    ``exp_in_place`` the block is overwritten with exp(x - m) (for a fused gradient). With
+    ``check_slices`` and a given ``vocab_start``, the slices must tile [0, C) (synchronises).
     """
     local_size = logits.shape[-1]
-    # 1. All-reduce the row max (MAX), packed with the slice sizes -> C and the slice start.
-    global_max = all_reduce_max_and_sizes(logits.detach().amax(-1), local_size, group)
+    # 1. All-reduce the row max (MAX), packed with the slice sizes and given starts -> C
+    #    and the slice start.
+    global_max = all_reduce_max_and_sizes(
+        logits.detach().amax(-1), local_size, group, vocab_start
+    )
+    if check_slices and vocab_start is not None:
+        check_slices_tile(global_max)
     row_max = global_max.row_max
     start = global_max.slice_start if vocab_start is None else vocab_start
     local_target = target - start

@@ -34,6 +34,7 @@ class VocabParallelSettings(NamedTuple):
     label_smoothing: float
     z_loss: float
     group: object
+    validate_args: bool = True  # a given vocab_start: check that the slices tile [0, C)
 
 
 def check_vocab_start(vocab_start) -> None:
@@ -79,6 +80,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             label_smoothing=settings.label_smoothing,
             z_loss=settings.z_loss,
             group=settings.group,
+            check_slices=settings.validate_args,
         )
         ctx.save_for_backward(
             logits, stats.row_logsumexp, stats.num_classes, stats.local_target, stats.in_slice
@@ -146,7 +148,8 @@ def vocab_parallel_cross_entropy(
 
     So a call costs 2 collectives, each moving O(rows) numbers, never the logits. Nothing
     synchronises with the host (no ``.item()``) unless ``validate_args`` is true: the
-    target range check and a tensor ``normalizer`` check read values on the host.
+    target range check, the slice-tiling check of a given ``vocab_start`` and a tensor
+    ``normalizer`` check read values on the host.
 
     Reductions: ``"none"``, ``"sum"``, ``"mean"`` (over positions kept by ``ignore_index``
     and ``mask``) and ``"sample"`` (the mean of each sample's kept positions), or the sum
@@ -166,13 +169,16 @@ def vocab_parallel_cross_entropy(
         group: the tensor-parallel process group; None for the default group.
         vocab_start: this rank's first class. None: slices follow rank order and the
             start is taken from the sizes exchanged in step 1 (no extra collective).
+            Given starts ride on the same collective; with ``validate_args`` every rank
+            checks that the slices tile [0, C) and raises ValueError otherwise.
         label_smoothing: eps in [0, 1].
         ignore_index: class index whose positions are dropped; None drops nothing.
         reduction: ``"none"``, ``"mean"``, ``"sum"`` or ``"sample"``.
         z_loss: coefficient of lse^2, >= 0.
         mask: bool, the target's shape; False drops a position.
         normalizer: divide the summed loss by this number or one-element tensor.
-        validate_args: check the target range (after the collectives; synchronises).
+        validate_args: check the target range and that given ``vocab_start`` slices tile
+            [0, C) (after the collectives; synchronises).
 
     Shape:
         - local_logits: (V_r), (N, V_r) or (N, d_1, ..., d_K, V_r), e.g. (B, T, V_r).
@@ -214,7 +220,7 @@ def vocab_parallel_cross_entropy(
     group = resolve_group(group)
     index = _dropped_as_negative(target, keep).reshape(-1)
     rows = layout.logits.reshape(-1, layout.num_classes)  # R x V_local
-    settings = VocabParallelSettings(vocab_start, label_smoothing, z_loss, group)
+    settings = VocabParallelSettings(vocab_start, label_smoothing, z_loss, group, validate_args)
     row_loss, num_classes = _VocabParallelCrossEntropy.apply(rows, index, settings)
     if validate_args:
         check_index_target_range(target, int(num_classes), ignore_index, keep)
@@ -317,6 +323,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 z_loss=vocab.z_loss,
                 group=vocab.group,
                 exp_in_place=True,
+                check_slices=vocab.validate_args,
             )
             row_loss[part] = stats.loss
             row_logsumexp[part] = stats.row_logsumexp
@@ -544,7 +551,7 @@ def vocab_parallel_linear_cross_entropy(
     hidden = input.reshape(-1, input.shape[-1])  # R x H
     rows, local_size = hidden.shape[0], local_weight.shape[0]
     settings = LinearSettings(
-        vocab=VocabParallelSettings(vocab_start, label_smoothing, z_loss, group),
+        vocab=VocabParallelSettings(vocab_start, label_smoothing, z_loss, group, validate_args),
         chunk_size=chunk_size or default_chunk_size(rows, local_size),
         needs_grad=tuple(
             torch.is_grad_enabled() and t is not None and t.requires_grad
