@@ -20,6 +20,7 @@ scratch row and narrowed back with round-to-nearest-even.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 from llvmlite import ir
@@ -379,3 +380,41 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
                 else:
                     for c in range(num):
                         out[c] = _float_to_half(scratch[c])
+
+
+# Start-up. numba refreshes its whole CPU target before it loads anything from the disk
+# cache: it imports every implementation it has (arrays, linalg with scipy, random,
+# typed containers...), 0.5-0.9 s measured here, more than the rest of a warm first call.
+# Cached machine code needs none of that: it links against numba's runtime (NRT) only.
+# So a cache hit initialises the runtime and loads; a miss refreshes as numba does, says
+# once that a compile is under way, and compiles (which refreshes again, as always).
+COLD_COMPILE_NOTICE = (
+    "xloss: compiling the numba CPU kernels (once; about 15-30 s, then cached on disk)"
+)
+_notice_shown: list[bool] = []
+
+
+def _load_cache_without_refresh(dispatcher) -> None:
+    """Make ``dispatcher``'s cache hits skip numba's target refresh (see above)."""
+    cache = getattr(dispatcher, "_cache", None)
+    if not hasattr(cache, "_load_overload") or not hasattr(cache, "load_overload"):
+        return  # another numba: keep its own loading
+
+    def load_overload(sig, target_context):
+        from numba.core.runtime import rtsys
+
+        rtsys.initialize(target_context)
+        with cache._guard_against_spurious_io_errors():
+            compiled = cache._load_overload(sig, target_context)
+        if compiled is None:
+            if not _notice_shown:
+                _notice_shown.append(True)
+                print(COLD_COMPILE_NOTICE, file=sys.stderr, flush=True)
+            target_context.refresh()
+        return compiled
+
+    cache.load_overload = load_overload
+
+
+for _kernel in (rows_f32, rows_half):
+    _load_cache_without_refresh(_kernel)

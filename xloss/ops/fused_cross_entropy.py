@@ -110,6 +110,9 @@ def _fused_inplace_op(
                     softcap, per_row, True, logits)  # fmt: skip
 
 
+kernel.dynamo_disable_when_imported(_fused_op, _fused_inplace_op)
+
+
 def _output_like(logits: Tensor, per_row: bool) -> Tensor:
     shape = (logits.shape[0],) if per_row else ()
     return logits.new_empty(shape, dtype=torch.float32)

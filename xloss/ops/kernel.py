@@ -56,6 +56,33 @@ def kernel_available() -> bool:
 kernel_available._dynamo_marked_constant = True
 
 
+def dynamo_disable_when_imported(*ops) -> None:
+    """Let the custom ops' first call skip importing torch._dynamo (about 1 s).
+
+    ``torch.library.custom_op`` wraps each device implementation in
+    ``torch._disable_dynamo``, which imports torch._dynamo on the first call to build the
+    wrapper. Without torch._dynamo imported nothing can be compiling, so the wrapper is
+    only needed once it is: until then the implementation runs as it is. (Private
+    attributes of torch 2.13; on another torch this does nothing.)
+    """
+    for op in ops:
+        for wrapper in getattr(op, "_backend_fns", {}).values():
+            function = getattr(wrapper, "__wrapped__", None)
+            if function is None or hasattr(function, "__dynamo_disable"):
+                continue
+
+            def call(*args, _function=function, **kwargs):
+                if "torch._dynamo" not in sys.modules:
+                    return _function(*args, **kwargs)
+                import torch._dynamo
+
+                disabled = torch._dynamo.disable(_function, True, wrapping=False)
+                _function.__dynamo_disable = disabled  # torch's own wrapper from now on
+                return disabled(*args, **kwargs)
+
+            function.__dynamo_disable = call
+
+
 def _set_threads() -> None:
     import numba
 
