@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "docs" / "migrating.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "migrating.md", ROOT / "docs" / "transformers.md"]
 
 
 def python_blocks(path):
