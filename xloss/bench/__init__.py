@@ -154,9 +154,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case first")
     parser.add_argument("--match", default="", help="only cases whose label contains this")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="cuda: xloss.bench.cuda's tables"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if getattr(args, "device", "cpu") == "cuda":
+        from xloss.bench.cuda import run_cuda
+
+        return run_cuda(args)
     from tqdm import tqdm
 
     from xloss.bench.stream import triad_bandwidth

@@ -49,12 +49,19 @@ def select_row_kernel_and_dtype(device: torch.device, input_dtype: torch.dtype):
     return select_row_kernel(device, dtype), dtype
 
 
+PRODUCT_SLICE_BYTES = 64 * 2**20  # temporary of a mixed-dtype accumulation
+
+
 def _add_product(total: Tensor, a: Tensor, b: Tensor) -> None:
-    """total += a @ b in total's dtype; a bf16/fp16 product is rounded once per chunk."""
+    """total += a @ b in total's dtype. A bf16/fp16 product (GEMM in the operands' dtype,
+    rounded once per chunk) is added in slices of rows of ``total``, so the temporary
+    stays near ``PRODUCT_SLICE_BYTES`` instead of a whole V x H copy."""
     if a.dtype == total.dtype:
         total.addmm_(a, b)
-    else:
-        total.add_(torch.mm(a, b))
+        return
+    step = max(1, PRODUCT_SLICE_BYTES // max(1, total.shape[1] * a.element_size()))
+    for start in range(0, total.shape[0], step):
+        total[start : start + step].add_(torch.mm(a[start : start + step], b))
 
 
 def select_row_kernel(logits_device: torch.device, dtype: torch.dtype):

@@ -43,6 +43,7 @@ from xloss.ops.row_grad import check_rows
 SINGLE_BLOCK_MAX = 8192
 # Classes per block of the two-pass path (longer rows).
 LOOP_BLOCK = 4096
+REGISTERS_PER_SM = 65536  # sm_80 and sm_90
 
 
 @triton.jit
@@ -212,12 +213,47 @@ def cross_entropy_rows_kernel(
                     tl.store(out_ptr + offs, g.to(out_ty), mask=mask)
 
 
-def launch_config(num_classes: int) -> tuple[int, bool, int]:
-    """Block size, single-read flag and warps for rows of ``num_classes`` classes."""
+def kernel_constants(
+    num_classes: int,
+    *,
+    has_weight: bool,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    row_scale: bool,
+    write_grad: bool,
+    store_lse: bool,
+) -> tuple[dict, dict]:
+    """The ``tl.constexpr`` arguments and the launch options (warps, register cap) of a
+    launch: one compiled specialisation per distinct result
+    (``benchmarks/triton_resources.py`` compiles each for sm_80 and sm_90).
+
+    A row of up to ``SINGLE_BLOCK_MAX`` classes is one block of the next power of two,
+    else blocks of ``LOOP_BLOCK``; warps are chosen so that each thread holds at most 8
+    values of a block, and the register cap is what one SM gives a block of that size
+    (``maxnreg``, CUDA only): left to itself ptxas kept some specialisations at 40-64
+    registers and spilled 8 bytes (sm_80 and sm_90, ``benchmarks/triton_resources.py``).
+    """
     if num_classes <= SINGLE_BLOCK_MAX:
-        block = triton.next_power_of_2(max(num_classes, 1))
-        return block, True, max(1, min(16, block // 512))
-    return LOOP_BLOCK, False, 8
+        block, single = triton.next_power_of_2(max(num_classes, 1)), True
+    else:
+        block, single = LOOP_BLOCK, False
+    constants = dict(
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_Z_LOSS=z_loss > 0.0,
+        HAS_SOFTCAP=bool(softcap),
+        ROW_SCALE=row_scale,
+        WRITE_GRAD=write_grad,
+        STORE_LSE=store_lse,
+        SINGLE_BLOCK=single,
+        BLOCK=block,
+    )
+    num_warps = max(1, min(32, block // 256))
+    options = dict(num_warps=num_warps)
+    if torch.version.hip is None:
+        options["maxnreg"] = min(255, REGISTERS_PER_SM // (32 * num_warps))
+    return constants, options
 
 
 def launch(
@@ -259,7 +295,16 @@ def launch(
     else:
         weight = weight_sum = scale  # never read
     write = dest is not None
-    block, single, num_warps = launch_config(num_classes)
+    constants, options = kernel_constants(
+        num_classes,
+        has_weight=class_weight is not None,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        row_scale=scale.numel() == num_rows and num_rows > 1,
+        write_grad=write,
+        store_lse=lse is not None,
+    )
     cross_entropy_rows_kernel[(num_rows,)](
         logits, logits.stride(0),
         dest if write else logits, dest.stride(0) if write else 0,
@@ -268,16 +313,8 @@ def launch(
         num_classes, float(num_classes), float(label_smoothing),
         float(label_smoothing) / num_classes, float(z_loss),
         float(softcap) if softcap else 1.0,
-        HAS_WEIGHT=class_weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_Z_LOSS=z_loss > 0.0,
-        HAS_SOFTCAP=bool(softcap),
-        ROW_SCALE=scale.numel() == num_rows and num_rows > 1,
-        WRITE_GRAD=write,
-        STORE_LSE=lse is not None,
-        SINGLE_BLOCK=single,
-        BLOCK=block,
-        num_warps=num_warps,
+        **constants,
+        **options,
     )  # fmt: skip
     return loss
 

@@ -1,0 +1,159 @@
+"""Compile xloss's Triton kernels for real GPUs (no GPU needed) and report their resources.
+
+Run: ``python benchmarks/triton_resources.py [--all] [--arch 80 90] [--json out.json]``.
+
+Every specialisation that ``xloss.ops.triton.cross_entropy.launch`` can launch is built
+ahead of time with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+(ptxas ships in the triton wheel), and ``cuobjdump --dump-resource-usage`` (also in the
+wheel) reads each cubin's registers per thread, local memory (where spills go) and stack.
+A specialisation is one combination of the logits dtype and the kernel's constexpr
+options and of the block shape ``kernel_constants`` picks for the row length.
+
+Default: each dtype x {every option off, every option on, each option on alone} x
+{largest single block, looped blocks} x {gradient written, loss only}, and each smaller
+single block (1 .. 4096) with every option off and on. ``--all``: the full product of the
+options at the two largest block shapes (3 x 2^6 x 2 x 2 per architecture).
+Compiled kernels are cached by Triton (``~/.triton/cache``): a second run takes seconds.
+Exits 1 when any kernel spills or uses more registers than one SM can give its block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# The interpreter replaces triton.jit with a Python runner: compile the real kernels.
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from xloss.ops.triton import cross_entropy as triton_ce  # noqa: E402
+
+OPTIONS = ("has_weight", "smoothing", "z_loss", "softcap", "row_scale", "store_lse")
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+REGISTERS_PER_SM = triton_ce.REGISTERS_PER_SM
+MAX_REGISTERS_PER_THREAD = 255
+
+
+def option_sets(full: bool):
+    """Dicts of OPTIONS -> bool: all off, all on, each alone (or the full product)."""
+    if full:
+        for values in itertools.product((False, True), repeat=len(OPTIONS)):
+            yield dict(zip(OPTIONS, values, strict=True))
+        return
+    yield dict.fromkeys(OPTIONS, False)
+    yield dict.fromkeys(OPTIONS, True)
+    for name in OPTIONS:
+        yield {other: other == name for other in OPTIONS}
+
+
+def specialisations(full: bool = False):
+    """(name, dtype, constexprs, launch options) of the kernels ``launch`` can start: the
+    option sets at the largest single block and at the looped block, and every smaller
+    single block with all options off and all on."""
+    largest = (triton_ce.SINGLE_BLOCK_MAX, 16 * triton_ce.SINGLE_BLOCK_MAX)
+    smaller = [2**k for k in range(triton_ce.SINGLE_BLOCK_MAX.bit_length() - 1)]  # 1 .. 4096
+    extremes = [dict.fromkeys(OPTIONS, False), dict.fromkeys(OPTIONS, True)]
+    cases = itertools.chain(
+        itertools.product(DTYPES, list(option_sets(full)), largest, (True, False)),
+        itertools.product(DTYPES, extremes, smaller, (True, False)),
+    )
+    for dtype, options, num_classes, write_grad in cases:
+        constants, options = triton_ce.kernel_constants(
+            num_classes,
+            has_weight=options["has_weight"],
+            label_smoothing=0.1 if options["smoothing"] else 0.0,
+            z_loss=1e-4 if options["z_loss"] else 0.0,
+            softcap=30.0 if options["softcap"] else None,
+            row_scale=options["row_scale"],
+            write_grad=write_grad,
+            store_lse=options["store_lse"],
+        )
+        flags = [key.lower() for key, value in constants.items() if value is True]
+        name = f"{DTYPES[dtype]} BLOCK={constants['BLOCK']} " + ",".join(flags)
+        yield name, dtype, constants, options
+
+
+def compile_kernel(dtype, constants, options, arch):
+    element = DTYPES[dtype]
+    signature = {
+        "logits_ptr": f"*{element}", "logits_stride": "i64",
+        "grad_ptr": f"*{element}", "grad_stride": "i64",
+        "target_ptr": "*i64", "scale_ptr": "*fp32", "weight_ptr": "*fp32",
+        "weight_sum_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
+        "num_classes": "i32", "class_count": "fp32", "label_smoothing": "fp32",
+        "smooth": "fp32", "z_loss": "fp32", "softcap": "fp32",
+    }  # fmt: skip
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    source = ASTSource(fn=triton_ce.cross_entropy_rows_kernel, signature=signature,
+                       constexprs=constants)  # fmt: skip
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG, LOCAL (spills and local arrays), STACK and SHARED from cuobjdump."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", handle.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text.split("Function", 1)[1]))
+    return {key.lower(): int(value) for key, value in found.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="the full product of the options")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args(argv)
+    rows, failures = [], []
+    start = time.perf_counter()
+    specs = list(specialisations(args.all))
+    print(f"{len(specs)} specialisations x sm_{', sm_'.join(map(str, args.arch))}")
+    print(f"{'arch':5} {'warps':>5} {'regs':>5} {'local':>6} {'stack':>6}  kernel")
+    for arch, (name, dtype, constants, options) in itertools.product(args.arch, specs):
+        usage = resource_usage(compile_kernel(dtype, constants, options, arch).asm["cubin"])
+        num_warps = options["num_warps"]
+        row = dict(arch=arch, kernel=name, num_warps=num_warps, **usage)
+        rows.append(row)
+        threads = 32 * num_warps
+        if (
+            usage["local"] or usage["stack"] or usage["reg"] > MAX_REGISTERS_PER_THREAD
+            or usage["reg"] * threads > REGISTERS_PER_SM
+        ):  # fmt: skip
+            failures.append(row)
+        print(f"sm_{arch:<2} {num_warps:5} {usage['reg']:5} {usage['local']:6} "
+              f"{usage['stack']:6}  {name}")  # fmt: skip
+    seconds = time.perf_counter() - start
+    for arch in args.arch:
+        mine = [r for r in rows if r["arch"] == arch]
+        regs = [r["reg"] for r in mine]
+        spilling = sum(r["local"] > 0 for r in mine)
+        print(f"sm_{arch}: registers per thread {min(regs)}-{max(regs)}, {spilling} spilling")
+    print(f"{len(rows)} kernels compiled in {seconds:.0f} s; {len(failures)} over budget")
+    if args.json:
+        names = [name for name, *_ in specs]
+        report = dict(specialisations=names, arch=args.arch, rows=rows, failures=failures)
+        args.json.write_text(json.dumps(report, indent=1))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
