@@ -506,3 +506,17 @@ def test_accum_dtype_float64_and_its_check():
     torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="`accum_dtype` must be None or a floating torch.dtype"):
         xloss.linear_cross_entropy(hidden, weight, target, accum_dtype=torch.int32)
+
+
+def test_module_passes_accum_dtype():
+    hidden, weight, bias, target = make_inputs((9,))
+    weight = weight.clone().requires_grad_()
+    module = xloss.LinearCrossEntropyLoss(accum_dtype=torch.float64)
+    assert module.accum_dtype == torch.float64
+    module(hidden, weight, target, bias).backward()
+    weight64 = weight.detach().double().requires_grad_()
+    logits = hidden.double() @ weight64.T + bias.double()
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="`accum_dtype` must be None"):
+        xloss.LinearCrossEntropyLoss(accum_dtype="float32")

@@ -6,6 +6,7 @@ Tensors a module holds (class weights, positive weights) are registered buffers,
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from xloss._core.validation import check_class_dim, check_class_weight, check_flag
@@ -22,7 +23,11 @@ from xloss.functional.focal import (
     check_focal_settings,
     sigmoid_focal_loss,
 )
-from xloss.functional.linear_cross_entropy import check_chunk_size, linear_cross_entropy
+from xloss.functional.linear_cross_entropy import (
+    check_accum_dtype,
+    check_chunk_size,
+    linear_cross_entropy,
+)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -404,6 +409,7 @@ class LinearCrossEntropyLoss(nn.Module):
         softcap: float | None = None,
         chunk_size: int | None = None,
         validate_args: bool = True,
+        accum_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_cross_entropy_settings(
@@ -415,6 +421,7 @@ class LinearCrossEntropyLoss(nn.Module):
             validate_args=validate_args,
         )
         check_chunk_size(chunk_size)
+        check_accum_dtype(accum_dtype)
         check_class_weight(class_weight, None, name="class_weight")
         self.register_buffer("class_weight", class_weight)
         self.ignore_index = ignore_index
@@ -424,6 +431,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.chunk_size = chunk_size
         self.validate_args = validate_args
+        self.accum_dtype = accum_dtype
 
     def forward(
         self,
@@ -452,6 +460,7 @@ class LinearCrossEntropyLoss(nn.Module):
             normalizer=normalizer,
             chunk_size=self.chunk_size,
             validate_args=self.validate_args,
+            accum_dtype=self.accum_dtype,
         )
 
     def extra_repr(self) -> str:
