@@ -2,6 +2,7 @@
 
 from xloss import backends, distributed  # noqa: F401  (xloss.backends.use, ...)
 from xloss.functional import (
+    CrossEntropyStats,
     asymmetric_loss,
     binary_cross_entropy_with_logits,
     cross_entropy,
@@ -24,6 +25,7 @@ __all__ = [
     "AsymmetricLoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "CrossEntropyStats",
     "LinearCrossEntropyLoss",
     "SigmoidFocalLoss",
     "asymmetric_loss",

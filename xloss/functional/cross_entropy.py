@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
+from xloss import backends
 from xloss._core.layout import class_layout
 from xloss._core.masking import build_mask
-from xloss._core.reduction import reduce_loss
+from xloss._core.reduction import reduce_loss, safe_divide
 from xloss._core.validation import (
     check_class_weight,
     check_floating_input,
@@ -21,8 +24,9 @@ from xloss._core.validation import (
     check_tensor,
     check_unit_interval,
 )
+from xloss.ops import kernel as numba_kernel
 from xloss.ops.fused_cross_entropy import fused_cross_entropy, fused_kernel_applies
-from xloss.ops.rows import cross_entropy_rows, soft_cross_entropy_rows
+from xloss.ops.rows import cross_entropy_rows, row_stats, soft_cross_entropy_rows
 
 
 def check_cross_entropy_settings(
@@ -50,6 +54,48 @@ def check_cross_entropy_settings(
     return settings
 
 
+class CrossEntropyStats(NamedTuple):
+    """What ``return_stats=True`` returns: the loss and per-position side outputs.
+
+    ``lse``, ``entropy`` and ``predicted`` have the target's shape (one value per position),
+    in the compute dtype (fp32 for fp16/bf16/fp32 input); dropped positions (ignored,
+    masked, past ``lengths``) hold 0, 0 and -1. ``accuracy`` is a 0-dim tensor: the mean
+    of ``predicted == target`` over the kept positions (0 when none is kept). None of
+    them carries a gradient: they are computed from detached logits (log-probabilities
+    for RL: ``x_y - lse``; use the loss for gradients).
+    """
+
+    loss: Tensor  # the reduced loss, exactly what return_stats=False returns
+    lse: Tensor  # log-sum-exp of the (soft-capped) logits
+    entropy: Tensor  # entropy of the softmax, lse - sum_c p_c x_c
+    predicted: Tensor  # int64 argmax of the logits (before soft-capping; first on ties)
+    accuracy: Tensor  # mean of predicted == target over kept positions
+
+
+def check_return_stats(return_stats) -> None:
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"`return_stats` must be a bool, got {type(return_stats).__name__}")
+
+
+def stats_buffers(rows: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """Uninitialised ((rows, 2) (lse, entropy), (rows,) int64 argmax) for a row kernel."""
+    values = torch.empty(rows, 2, dtype=dtype, device=device)
+    return values, torch.empty(rows, dtype=torch.int64, device=device)
+
+
+def stats_result(loss, values, predicted, target, keep, shape) -> CrossEntropyStats:
+    """Reshape per-row statistics (dropped rows already 0 / -1) and add the accuracy."""
+    predicted = predicted.reshape(shape)
+    hits = predicted == target.reshape(shape).long()
+    if keep is not None:
+        hits = hits & keep
+    count = predicted.numel() if keep is None else keep.sum()
+    accuracy = safe_divide(hits.sum().to(values.dtype), count)
+    return CrossEntropyStats(
+        loss, values[:, 0].reshape(shape), values[:, 1].reshape(shape), predicted, accuracy
+    )
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16 and bf16 are computed in fp32; fp32 and fp64 in their own precision."""
     return torch.promote_types(dtype, torch.float32)
@@ -71,7 +117,8 @@ def cross_entropy(
     normalizer: float | Tensor | None = None,
     validate_args: bool = True,
     inplace_backward: bool = False,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | CrossEntropyStats:
     r"""Cross-entropy between logits and class indices or class probabilities.
 
     With lse the log-sum-exp of a row of logits x over its C classes, eps the label
@@ -130,6 +177,11 @@ def cross_entropy(
             copied first and ``input`` is left untouched. Like PyTorch's in-place ops it
             raises a RuntimeError, on every path, when ``input`` is a leaf that requires
             grad (an ``nn.Parameter``) or a view of one.
+        return_stats: return a :class:`CrossEntropyStats` ``(loss, lse, entropy,
+            predicted, accuracy)`` instead of the loss (class-index targets only). On the
+            CPU kernel path they come from one more kernel pass over the logits (before
+            the gradient may overwrite them), elsewhere from torch ops on the logits. No
+            gradient flows through the side outputs.
 
     Shape:
         - input: (C), (N, C) or (N, C, d_1, ..., d_K) with ``class_dim=1``; the class
@@ -151,6 +203,9 @@ def cross_entropy(
         >>> xloss.cross_entropy(seq, tokens, class_dim=-1, lengths=torch.tensor([4, 1]),
         ...                     reduction="sample")
         tensor([1.6094, 1.6094])
+        >>> out = xloss.cross_entropy(logits, target, return_stats=True)
+        >>> out.predicted, out.accuracy, out.lse
+        (tensor([0, 2]), tensor(1.), tensor([2.2413, 3.1096]))
     """
     label_smoothing, z_loss, softcap = check_cross_entropy_settings(
         ignore_index=ignore_index,
@@ -163,6 +218,7 @@ def cross_entropy(
     )
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
+    check_return_stats(return_stats)
     check_floating_input(input)
     if inplace_backward:
         check_inplace_allowed(input)
@@ -190,6 +246,14 @@ def cross_entropy(
     options = dict(
         class_weight=class_weight, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
     )
+    stats = None
+    if return_stats:  # before the loss: inplace_backward may overwrite the logits
+        if layout.soft:
+            raise ValueError(
+                "`return_stats=True` needs class-index targets, got probability targets of "
+                f"shape {tuple(target.shape)}"
+            )
+        stats = _logits_stats(layout.logits, target, keep, softcap, dtype)
     if fused_kernel_applies(input, layout.soft):
         reduced = fused_cross_entropy(
             layout.logits,
@@ -201,7 +265,7 @@ def cross_entropy(
             inplace_backward=inplace_backward,
             **options,
         )
-        return reduced.to(input.dtype)
+        return _with_stats(reduced.to(input.dtype), stats, target, keep)
     rows = layout.logits.reshape(-1, num_classes).to(dtype)  # R x C
     if layout.soft:
         probs = target.movedim(layout.class_dim, -1).reshape(-1, num_classes).to(dtype)
@@ -225,4 +289,31 @@ def cross_entropy(
         normalizer=normalizer,
         batched=layout.batched,
     )
-    return reduced.to(input.dtype)
+    return _with_stats(reduced.to(input.dtype), stats, target, keep)
+
+
+def _with_stats(loss: Tensor, stats, target: Tensor, keep: Tensor | None):
+    if stats is None:
+        return loss
+    values, predicted = stats
+    return stats_result(loss, values, predicted, target, keep, target.shape)
+
+
+def _logits_stats(logits: Tensor, target: Tensor, keep, softcap, dtype):
+    """Per-position (lse, entropy) and argmax of class-last ``logits`` (..., C), detached."""
+    num_classes = logits.shape[-1]
+    rows = logits.detach().reshape(-1, num_classes)  # R x C
+    keep_rows = None if keep is None else keep.reshape(-1)
+    if backends.select(rows.device.type, rows.dtype) == "numba":
+        index = target.reshape(-1).long()
+        if keep_rows is not None:
+            index = torch.where(keep_rows, index, -1)  # the kernel drops negative rows
+        values, predicted = stats_buffers(rows.shape[0], torch.float32, rows.device)
+        numba_kernel._launch(rows.contiguous(), index, None, softcap=softcap,
+                             stats=(values, predicted))  # fmt: skip
+        return values, predicted
+    values, predicted = row_stats(rows.to(dtype), softcap)
+    if keep_rows is not None:
+        values = values.masked_fill(~keep_rows.unsqueeze(1), 0.0)
+        predicted = predicted.masked_fill(~keep_rows, -1)
+    return values, predicted

@@ -16,7 +16,13 @@ from xloss._core.validation import (
     check_tensor,
     shape_str,
 )
-from xloss.functional.cross_entropy import check_cross_entropy_settings
+from xloss.functional.cross_entropy import (
+    CrossEntropyStats,
+    check_cross_entropy_settings,
+    check_return_stats,
+    stats_buffers,
+    stats_result,
+)
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -104,7 +110,8 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     validate_args: bool = True,
     accum_dtype: torch.dtype | None = None,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | CrossEntropyStats:
     r"""Cross-entropy of the logits ``input @ weight.T + bias``, computed in row chunks.
 
     The result equals ``xloss.cross_entropy(input @ weight.T + bias, target,
@@ -163,6 +170,12 @@ def linear_cross_entropy(
         accum_dtype: dtype of the ``weight`` and ``bias`` gradients while they are summed
             over the chunks; None: float32 (float64 for float64 input). ``torch.bfloat16``
             halves that memory at the cost of precision, like Liger-Kernel's option.
+        return_stats: return a :class:`xloss.functional.cross_entropy.CrossEntropyStats`
+            ``(loss, lse, entropy, predicted, accuracy)``: per position the log-sum-exp and
+            entropy of the softmax and the argmax class, computed by the row kernel in the
+            same pass over each chunk of logits as the loss (the logits are never kept),
+            and the accuracy over kept positions. No gradient flows through them; dropped
+            positions hold 0, 0 and -1.
 
     Shape:
         - input: (..., H), H the hidden size, any leading axes: (H), (N, H), (B, T, H),
@@ -181,6 +194,9 @@ def linear_cross_entropy(
         tensor(0.4653)
         >>> xloss.linear_cross_entropy(hidden, weight, target, reduction="none")
         tensor([0.4076, 0.3064, 0.0000])
+        >>> out = xloss.linear_cross_entropy(hidden, weight, target, return_stats=True)
+        >>> out.predicted, out.accuracy
+        (tensor([ 0,  2, -1]), tensor(1.))
     """
     label_smoothing, z_loss, softcap = check_cross_entropy_settings(
         ignore_index=ignore_index,
@@ -193,6 +209,7 @@ def linear_cross_entropy(
     )
     check_chunk_size(chunk_size)
     check_accum_dtype(accum_dtype)
+    check_return_stats(return_stats)
     _check_linear_tensors(input, weight, target, bias)
     num_classes = weight.shape[0]
     check_class_weight(class_weight, num_classes, name="class_weight")
@@ -256,6 +273,7 @@ def linear_cross_entropy(
         per_row=per_row,
         grad_enabled=torch.is_grad_enabled(),
         accum_dtype=accum_dtype,
+        stats=stats_buffers(index.numel(), dtype, device) if return_stats else None,
     )
     result = linear_cross_entropy_rows(hidden, weight, bias, index, class_weight, scale, config)
     if per_row:
@@ -269,4 +287,12 @@ def linear_cross_entropy(
         if class_weight is not None:
             denominator = class_weight[target.long().clamp(0, num_classes - 1)]
         result = reduce_loss(loss, reduction, keep=keep, denominator=denominator)
-    return result.to(input.dtype)
+    result = result.to(input.dtype)
+    if not return_stats:
+        return result
+    values, predicted = config.stats  # K x 2, K: the kept rows
+    if kept_rows is not None:
+        num_rows = target.numel()
+        values = values.new_zeros(num_rows, 2).index_copy(0, kept_rows, values)
+        predicted = predicted.new_full((num_rows,), -1).index_copy(0, kept_rows, predicted)
+    return stats_result(result, values, predicted, target, keep, target_shape)

@@ -107,13 +107,20 @@ def _row_loss(peak, sum_exp, sum_t, x_target, target_weight, total_weight, smoot
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write):
-    """Whole-row passes (max, sums, gradient); used for soft-capped rows."""
+def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predicted):
+    """Whole-row passes (max, sums, gradient); used for soft-capped rows.
+
+    ``stats`` None (a compile-time specialisation: the branches vanish) or a (2,) view that
+    receives (lse, entropy), with ``predicted`` a (1,) view for the argmax of the raw row.
+    """
     num = row.shape[0]
     has_weight = weight.shape[0] > 0
     has_cap = cap > np.float32(0.0)
     smooth = eps / np.float32(num)
     peak = _row_max(row)
+    if stats is not None:
+        predicted[0] = _first_index_of(row, peak)
+        sum_et = np.float32(0.0)  # sum exp(t) t, for the entropy
     if has_cap:
         peak = cap * np.float32(math.tanh(peak / cap))
     # pass 2: sum exp(t) and the smoothing sum of t = x - max
@@ -126,8 +133,11 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write):
         x_target = cap * np.float32(math.tanh(x_target / cap))
         for c in range(num):
             t = cap * np.float32(math.tanh(row[c] / cap)) - peak
-            sum_exp += _exp_nonpositive(t)
+            e = _exp_nonpositive(t)
+            sum_exp += e
             sum_t += t if not has_weight else weight[c] * t
+            if stats is not None:
+                sum_et += e * max(t, _EXP_FLOOR)  # e = 0 where t = -inf
     elif write:
         for c in range(num):
             t = row[c] - peak
@@ -135,11 +145,16 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write):
             row[c] = e  # kept for pass 3: the exp is the expensive part
             sum_exp += e
             sum_t += t if not has_weight else weight[c] * t
+            if stats is not None:
+                sum_et += e * max(t, _EXP_FLOOR)  # e = 0 where t = -inf
     else:
         for c in range(num):
             t = row[c] - peak
-            sum_exp += _exp_nonpositive(t)
+            e = _exp_nonpositive(t)
+            sum_exp += e
             sum_t += t if not has_weight else weight[c] * t
+            if stats is not None:
+                sum_et += e * max(t, _EXP_FLOOR)  # e = 0 where t = -inf
     if has_weight:
         total_weight = np.float32(0.0)
         for c in range(num):
@@ -148,6 +163,9 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write):
     loss, lse = _row_loss(
         peak, sum_exp, sum_t, x_target, target_weight, total_weight, smooth, eps, z
     )
+    if stats is not None:
+        stats[0] = lse
+        stats[1] = np.float32(math.log(sum_exp)) - sum_et / sum_exp
     if not write:
         return loss
     # pass 3: gradient = scale * (p * A - eps/C w) - scale (1-eps) w[y] onehot, times softcap'
@@ -180,7 +198,7 @@ _MINUS_INF = np.float32(-np.inf)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
+def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write, stats, predicted):
     """Uncapped rows, in blocks so the exp overlaps the stream from memory.
 
     Pass 1, per block b of the row (the block is read from memory once, then reused
@@ -190,6 +208,12 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
     with coef_b = scale * A / S * exp(m_b - m), then the target entry.
     Blocks are sliced so that every loop index starts at 0: numba's negative-index
     wrap-around check on ``row[start + c]`` would otherwise stop the vectoriser.
+
+    Statistics (only when ``stats`` is an array; None compiles them away): pass 1 also
+    finds the first index of m_b in the block (the block is in L1) and E_b = sum e t;
+    with them lse = m + log S, entropy = log S - E / S where
+    E = sum_b exp(m_b - m) (E_b + (m_b - m) S_b), and the argmax is the first block's
+    index of m.
     """
     num = row.shape[0]
     has_weight = weight.shape[0] > 0
@@ -200,6 +224,9 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
     block_sum = np.empty(num_blocks, dtype=np.float32)
     block_t = np.empty(num_blocks, dtype=np.float32)
     block_weight = np.empty(num_blocks, dtype=np.float32)
+    if stats is not None:
+        block_et = np.empty(num_blocks, dtype=np.float32)
+        block_arg = np.empty(num_blocks, dtype=np.int64)
     for b in range(num_blocks):
         block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
         block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)] if has_weight else weight
@@ -207,6 +234,9 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
         peak = _row_max(block)
         sum_exp = np.float32(0.0)
         sum_t = np.float32(0.0)
+        sum_et = np.float32(0.0)
+        if stats is not None:
+            block_arg[b] = b * BLOCK + _first_index_of(block, peak)
         sum_w = np.float32(size)
         if has_weight:
             sum_w = np.float32(0.0)
@@ -224,11 +254,18 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
                 block[c] = e
                 sum_exp += e
                 sum_t += t if not has_weight else block_w[c] * t
+                if stats is not None:
+                    sum_et += e * max(t, _EXP_FLOOR)  # e = 0 where t = -inf
         else:
             for c in range(size):
                 t = block[c] - peak
-                sum_exp += _exp_nonpositive(t)
+                e = _exp_nonpositive(t)
+                sum_exp += e
                 sum_t += t if not has_weight else block_w[c] * t
+                if stats is not None:
+                    sum_et += e * max(t, _EXP_FLOOR)  # e = 0 where t = -inf
+        if stats is not None:
+            block_et[b] = sum_et
         block_peak[b] = peak
         block_sum[b] = sum_exp
         block_t[b] = sum_t
@@ -250,6 +287,18 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
     loss, lse = _row_loss(
         peak, sum_exp, sum_t, x_target, target_weight, total_weight, smooth, eps, z
     )
+    if stats is not None:
+        sum_et = np.float32(0.0)
+        best = -1
+        for b in range(num_blocks):
+            if best < 0 and block_peak[b] == peak:
+                best = b
+            if block_peak[b] != _MINUS_INF:
+                shift = block_peak[b] - peak
+                sum_et += _exp_nonpositive(shift) * (block_et[b] + shift * block_sum[b])
+        predicted[0] = block_arg[max(best, 0)]
+        stats[0] = lse
+        stats[1] = np.float32(math.log(sum_exp)) - sum_et / sum_exp
     if not write:
         return loss
     # pass 2: gradient = scale * (p * A - eps/C w) - scale (1-eps) w[y] onehot
@@ -270,32 +319,59 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write):
     return loss
 
 
+@njit(inline="always", cache=True)
+def _first_index_of(row, value):
+    """The first c with row[c] == value (0 when none: a NaN row)."""
+    for c in range(row.shape[0]):
+        if row[c] == value:
+            return c
+    return 0
+
+
 @njit(fastmath=FASTMATH, cache=True)
-def _row_loss_grad(row, y, scale, weight, eps, z, cap, write):
+def _row_loss_grad(row, y, scale, weight, eps, z, cap, write, stats, predicted):
     """Loss of one float32 row with target y >= 0; overwrite the row with its gradient.
 
     ``weight`` is (C,) float32 or empty (unweighted); ``cap`` <= 0 means no softcap.
+    ``stats``/``predicted``: None, or (2,) float32 and (1,) int64 views receiving
+    (lse, entropy) and the argmax (a separate compiled specialisation).
     """
     if cap > np.float32(0.0):
-        return _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write)
-    return _row_loss_grad_blocked(row, y, scale, weight, eps, z, write)
+        return _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predicted)
+    return _row_loss_grad_blocked(row, y, scale, weight, eps, z, write, stats, predicted)
+
+
+@njit(cache=True)
+def _dropped_row_stats(stats, predicted, i):
+    """Statistics of a dropped row: lse 0, entropy 0, predicted -1."""
+    if stats is not None:
+        stats[i, 0] = np.float32(0.0)
+        stats[i, 1] = np.float32(0.0)
+        predicted[i] = -1
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write, loss):
+def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write, loss,
+             stats=None, predicted=None):  # fmt: skip
     """fp32 rows. write: gradient into ``dest`` (after copying ``source`` there if
-    ``copy_rows``; in place when ``dest`` is the logits). Not write: read ``source`` only."""
+    ``copy_rows``; in place when ``dest`` is the logits). Not write: read ``source`` only.
+    ``stats`` (R, 2) float32 and ``predicted`` (R,) int64, or None (the plain loss is then
+    compiled without them): per row (lse, entropy) and the argmax."""
     num_rows = target.shape[0]
     per_row_scale = scale.shape[0] > 1
     for i in prange(num_rows):
         s = scale[i] if per_row_scale else scale[0]
         y = target[i]
+        if y < 0:
+            _dropped_row_stats(stats, predicted, i)
         if not write:
-            loss[i] = (
-                np.float32(0.0)
-                if y < 0
-                else _row_loss_grad(source[i], y, s, weight, eps, z, cap, False)
-            )
+            if y < 0:
+                loss[i] = np.float32(0.0)
+            elif stats is None:
+                loss[i] = _row_loss_grad(source[i], y, s, weight, eps, z, cap, False, None, None)
+            else:
+                loss[i] = _row_loss_grad(source[i], y, s, weight, eps, z, cap, False,
+                                         stats[i], predicted[i : i + 1])  # fmt: skip
             continue
         row = dest[i]
         if y < 0:
@@ -304,7 +380,11 @@ def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write,
             continue
         if copy_rows:
             row[:] = source[i]
-        loss[i] = _row_loss_grad(row, y, s, weight, eps, z, cap, True)
+        if stats is None:
+            loss[i] = _row_loss_grad(row, y, s, weight, eps, z, cap, True, None, None)
+        else:
+            loss[i] = _row_loss_grad(row, y, s, weight, eps, z, cap, True,
+                                     stats[i], predicted[i : i + 1])  # fmt: skip
 
 
 @njit(inline="always", cache=True)
@@ -349,7 +429,8 @@ def _float_to_bf16(value):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss):
+def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
+              stats=None, predicted=None):  # fmt: skip
     """fp16 / bf16 rows as uint16 bits; the gradient goes to ``dest`` (may be ``source``)."""
     num_rows, num = source.shape
     per_row_scale = scale.shape[0] > 1
@@ -359,6 +440,7 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
         for i in range(block, num_rows, num_blocks):
             y = target[i]
             if y < 0:
+                _dropped_row_stats(stats, predicted, i)
                 loss[i] = np.float32(0.0)
                 if write:
                     dest[i, :] = np.uint16(0)
@@ -371,7 +453,11 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
                 for c in range(num):
                     scratch[c] = _half_to_float(np.int32(bits[c]))
             s = scale[i] if per_row_scale else scale[0]
-            loss[i] = _row_loss_grad(scratch, y, s, weight, eps, z, cap, write)
+            if stats is None:
+                loss[i] = _row_loss_grad(scratch, y, s, weight, eps, z, cap, write, None, None)
+            else:
+                loss[i] = _row_loss_grad(scratch, y, s, weight, eps, z, cap, write,
+                                         stats[i], predicted[i : i + 1])  # fmt: skip
             if write:
                 out = dest[i]
                 if is_bf16:

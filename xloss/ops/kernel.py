@@ -113,8 +113,13 @@ def _launch(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Run the kernel over rows; ``dest`` None: loss only, else the gradient goes there."""
+    """Run the kernel over rows; ``dest`` None: loss only, else the gradient goes there.
+
+    ``stats``: None, or ((R, 2) float32, (R,) int64) contiguous CPU tensors that receive
+    per row (lse, entropy) and the argmax, in the same pass (-1 and zeros at dropped rows).
+    """
     _check_rows(logits, target)
     kernels = _kernels()
     if kernels is None:
@@ -142,6 +147,7 @@ def _launch(
         np.float32(0.0 if softcap is None else softcap),
     )
     source = _as_array(logits)
+    stats_arrays = (None, None) if stats is None else _stats_arrays(stats, num_rows)
     target_array = target.detach().numpy()
     write = dest is not None
     if write and (dest.shape != logits.shape or dest.dtype != logits.dtype):
@@ -155,15 +161,32 @@ def _launch(
         rows_dest = _as_array(dest) if write else np.empty((0, 0), np.float32)
         kernels.rows_f32(
             rows_source, rows_dest, target_array, scale, *settings,
-            write and not in_place, write, loss.numpy(),
+            write and not in_place, write, loss.numpy(), *stats_arrays,
         )  # fmt: skip
     else:
         rows_dest = _as_array(dest) if write else np.empty((0, 0), np.uint16)
         kernels.rows_half(
             source, rows_dest, target_array, scale, *settings,
-            logits.dtype == torch.bfloat16, write, loss.numpy(),
+            logits.dtype == torch.bfloat16, write, loss.numpy(), *stats_arrays,
         )  # fmt: skip
     return loss
+
+
+def _stats_arrays(stats: tuple[Tensor, Tensor], num_rows: int):
+    values, predicted = stats
+    if (
+        values.shape != (num_rows, 2)
+        or values.dtype != torch.float32
+        or predicted.shape != (num_rows,)
+        or predicted.dtype != torch.int64
+        or not (values.is_contiguous() and predicted.is_contiguous())
+    ):
+        raise ValueError(
+            f"`stats` must be contiguous ((R, 2) float32, (R,) int64) tensors with R = "
+            f"{num_rows}, got {values.dtype} {tuple(values.shape)} and {predicted.dtype} "
+            f"{tuple(predicted.shape)}"
+        )
+    return values.detach().numpy(), predicted.detach().numpy()
 
 
 def row_loss_and_grad_(
@@ -175,6 +198,7 @@ def row_loss_and_grad_(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Per-row loss; ``logits`` is OVERWRITTEN with the scaled gradient (shared contract).
 
@@ -189,13 +213,16 @@ def row_loss_and_grad_(
         grad_scale: s_i, a float or an (R,) tensor.
         class_weight: (C,) weights w, or None.
         label_smoothing, z_loss, softcap: eps, z and the softcap (None: off).
+        stats: None, or ((R, 2) float32, (R,) int64) tensors filled in the same pass with
+            (lse, entropy) per row and the argmax of the raw logits (zeros and -1 at
+            dropped rows).
 
     Returns:
         (R,) float32 loss, not scaled by s_i.
     """
     return _launch(
         logits, target, logits, grad_scale=grad_scale, class_weight=class_weight,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, stats=stats,
     )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from xloss import backends
 from xloss.ops.row_grad import row_loss_and_grad_ as portable_row_loss_and_grad_
-from xloss.ops.rows import cross_entropy_rows
+from xloss.ops.rows import cross_entropy_rows, row_stats
 
 # Rows per chunk (see `_run_chunks` for the profile behind these numbers): enough rows
 # that the forward GEMM runs at its full-matrix rate, with the chunk's logits kept within a
@@ -32,6 +32,9 @@ class LinearCrossEntropyConfig(NamedTuple):
     per_row: bool = False  # True: return the loss per row and compute gradients in backward
     grad_enabled: bool = True  # the caller's grad mode (forward always runs without grad)
     accum_dtype: torch.dtype | None = None  # grad_weight/grad_bias; None: fp32 (fp64 for fp64)
+    # None, or ((K, 2), (K,) int64) buffers the forward's row kernel fills with (lse,
+    # entropy) and the argmax of each row, in the same pass as the loss
+    stats: tuple[Tensor, Tensor] | None = None
 
 
 def select_row_kernel_and_dtype(device: torch.device, input_dtype: torch.dtype):
@@ -140,8 +143,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.config.per_row:
             input, weight, bias, target, class_weight = ctx.saved_tensors
             needs_grad = ctx.needs_input_grad[:3]
+            config = ctx.config._replace(stats=None)  # the forward filled them already
             _, grads = _run_chunks(
-                input, weight, bias, target, class_weight, grad_output, ctx.config, needs_grad
+                input, weight, bias, target, class_weight, grad_output, config, needs_grad
             )
             factor = None
         else:
@@ -185,6 +189,10 @@ def _plain_rows(input, weight, bias, target, class_weight, scale, config):
         logits, target, class_weight=class_weight, label_smoothing=config.label_smoothing,
         z_loss=config.z_loss, softcap=config.softcap,
     )  # fmt: skip
+    if config.stats is not None:
+        values, predicted = row_stats(logits, config.softcap)
+        config.stats[0].copy_(values)
+        config.stats[1].copy_(predicted)
     return loss if config.per_row else loss.sum() * scale
 
 
@@ -214,6 +222,11 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
     num_classes = weight.shape[0]
     device = input.device
     row_kernel, dtype = select_row_kernel_and_dtype(device, input.dtype)  # dtype: GEMMs, logits
+    extra = {}
+    if config.stats is not None and row_kernel is not select_row_kernel(device, dtype):
+        # a kernel without statistics (Triton): the portable twin, in the compute dtype
+        dtype = torch.promote_types(input.dtype, torch.float32)
+        row_kernel = select_row_kernel(device, dtype)
     accum_dtype = config.accum_dtype or torch.promote_types(input.dtype, torch.float32)
     chunk = config.chunk_size or default_chunk_size(num_rows, num_classes, dtype, hidden_size)
     chunk = max(1, min(chunk, num_rows))
@@ -247,6 +260,8 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
             torch.addmm(bias_c, rows, weight_c.T, out=logits)
         # 2. the row kernel turns the logits into their gradient in place
         scale = grad_scale[start:stop] if isinstance(grad_scale, Tensor) else grad_scale
+        if config.stats is not None:
+            extra["stats"] = (config.stats[0][start:stop], config.stats[1][start:stop])
         loss[start:stop] = row_kernel(
             logits,
             target[start:stop],
@@ -255,6 +270,7 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
             label_smoothing=config.label_smoothing,
             z_loss=config.z_loss,
             softcap=config.softcap,
+            **extra,
         )
         # 3. grad_input = g @ W
         if want_input:

@@ -34,6 +34,7 @@ def row_loss_and_grad_(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Write d(sum_i s_i loss_i)/d logits into ``logits`` and return the loss per row.
 
@@ -47,6 +48,9 @@ def row_loss_and_grad_(
         label_smoothing: eps in [0, 1].
         z_loss: coefficient z of lse^2.
         softcap: cap of ``cap * tanh(x / cap)``, or None.
+        stats: None, or ((R, 2), (R,) int64) tensors that receive, per row, (lse,
+            entropy) of the softmax of the (soft-capped) logits and the argmax of the raw
+            logits; zeros and -1 at dropped rows.
 
     Returns:
         (R,) unscaled per-row loss in ``promote_types(logits.dtype, float32)`` (float32
@@ -74,6 +78,7 @@ def row_loss_and_grad_(
             z_loss,
             softcap,
             dtype,
+            None if stats is None else (stats[0][start:stop], stats[1][start:stop]),
         )
     return loss
 
@@ -88,11 +93,14 @@ def _rows_inplace(
     z_loss: float,
     softcap: float | None,
     dtype: torch.dtype,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One sub-chunk of ``row_loss_and_grad_``: ``block`` (r, C) is overwritten."""
     num_classes = block.shape[1]
     x = block if block.dtype == dtype else block.to(dtype)  # r x C, a copy for fp16/bf16
     kept = target >= 0  # r
+    if stats is not None:
+        stats[1].copy_(torch.where(kept, x.argmax(1), -1))  # raw logits: before softcap
     index = target.clamp(min=0).unsqueeze(1)  # r x 1, any class for dropped rows
 
     # 1. Soft-capping in place; keep tanh for the chain factor 1 - tanh^2.
@@ -121,6 +129,10 @@ def _rows_inplace(
     if z_loss > 0.0:
         loss = loss + z_loss * lse.square()
     loss = torch.where(kept, loss, 0.0)
+    if stats is not None:
+        # entropy = log S - sum e t / S with e = exp(t), t = x - max; xlogy(e, e) = e t
+        entropy = sum_exp.log() - torch.special.xlogy(x, x).sum(1) / sum_exp
+        stats[0].copy_(torch.stack((lse, entropy), 1).masked_fill_(~kept.unsqueeze(1), 0.0))
 
     # 3. Gradient: s [a p - (1-eps) w[y] onehot - eps/C w], a = (1-eps) w[y] + eps/C W + 2 z lse,
     # with p = exp(x - max) / sum_exp.

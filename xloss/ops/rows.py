@@ -17,6 +17,21 @@ def apply_softcap(logits: Tensor, softcap: float | None) -> Tensor:
     return softcap * torch.tanh(logits / softcap)
 
 
+def row_stats(logits: Tensor, softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row ((R, 2) (lse, entropy), (R,) argmax) of rows of logits (R, C), detached.
+
+    lse and the entropy ``lse - sum_c p_c x_c`` are of the soft-capped logits; the argmax
+    is taken on the raw logits (soft-capping is monotonic), as the row kernels do.
+    """
+    raw = logits.detach()
+    predicted = raw.argmax(-1)  # R
+    x = apply_softcap(raw, softcap)
+    lse = torch.logsumexp(x, -1)
+    probs = torch.softmax(x, -1)
+    entropy = lse - torch.where(probs > 0, probs * x, 0.0).sum(-1)
+    return torch.stack((lse, entropy), -1), predicted
+
+
 def cross_entropy_rows(
     logits: Tensor,
     target: Tensor,
