@@ -18,6 +18,7 @@ from xloss.nn import (
     LinearCrossEntropyLoss,
     SigmoidFocalLoss,
 )
+from xloss.ops.kernel import release_buffers
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,6 @@ __all__ = [
     "linear_cross_entropy",
     "multilabel_balance_weights",
     "positive_rate",
+    "release_buffers",
     "sigmoid_focal_loss",
 ]

@@ -7,13 +7,35 @@ the portable torch path, and a warning says why, once.
 
 Threads: the kernels run on numba's thread pool, capped at ``torch.get_num_threads()`` so
 ``torch.set_num_threads`` limits both libraries (numba's own cap is ``NUMBA_NUM_THREADS``,
-all cores by default).
+all cores by default). Unless the user chose a numba threading layer
+(``NUMBA_THREADING_LAYER``) or numba's pool already runs, xloss selects numba's
+``workqueue`` layer before the first launch, because
+
+- its idle workers sleep on a condition variable, where GNU OpenMP's (the default ``omp``
+  layer) spin after every kernel and take the cores from torch's own OpenMP pool;
+- it survives ``fork()``: a child forked after the ``omp`` layer ran aborts ("fork() called
+  from a process already using GNU OpenMP") at its first parallel kernel.
+
+The ``workqueue`` layer is not thread-safe, so every launch holds one process-wide lock:
+calls from several Python threads take turns (each kernel uses all the pool's threads
+anyway). When the ``omp`` layer ran in a parent before ``fork()``, the child cannot
+launch it again: it runs torch single-threaded and takes the portable torch path, with
+one warning.
+
+The disk cache: kernels are cached next to the package (or under the home directory);
+when neither is writable they are compiled in each process instead, with one warning,
+never disabled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import shutil
 import sys
+import tempfile
+import threading
 import warnings
 
 import numpy as np
@@ -25,14 +47,100 @@ from xloss.ops.row_grad import check_rows
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_loaded: dict = {}  # "kernels": the kernel module, or None when numba is unusable
+# "kernels": the kernel module, or None when numba is unusable; "omp_before_fork": this
+# process was forked after numba's OpenMP layer ran (it cannot launch it again)
+_loaded: dict = {}
+_launch_lock = threading.Lock()  # one kernel launch at a time (workqueue is not thread-safe)
+
+
+def _numba_layer() -> str | None:
+    """The threading layer numba's running pool uses; None while no pool has started."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return None
+    try:
+        return numba.threading_layer()
+    except ValueError:  # "Threading layer is not initialized."
+        return None
+
+
+def _choose_threading_layer() -> None:
+    """Select numba's workqueue layer before its pool starts, unless the user chose one."""
+    import numba
+
+    if os.environ.get("NUMBA_THREADING_LAYER") or _numba_layer() is not None:
+        return
+    if numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = "workqueue"
+
+
+def _after_fork_in_child() -> None:
+    global _launch_lock
+    _launch_lock = threading.Lock()  # a lock held by another thread at fork() stays held
+    if _numba_layer() == "omp":
+        # GNU OpenMP keeps the parent's thread team, which the child does not have: any
+        # parallel region in the child (numba's, or torch's own, which shares the same
+        # libgomp) would abort or hang. Run this child single-threaded, as DataLoader
+        # workers do.
+        _loaded["omp_before_fork"] = True
+        torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _import_kernels():
+    """Import (compile or load) the kernels; when numba cannot cache next to the package
+    nor in the home directory, compile them without a shared disk cache (one warning)."""
+    try:
+        return importlib.import_module("xloss.ops._numba_rows")
+    except RuntimeError as error:
+        if "cannot cache function" not in str(error):
+            raise
+        cause = error
+    import numba
+
+    # numba picks a cache locator per function when it is decorated; a private directory
+    # for this process only (removed at exit) satisfies it, so nothing is reused later
+    private = tempfile.mkdtemp(prefix="xloss-numba-")
+    import atexit
+
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    previous, numba.config.CACHE_DIR = numba.config.CACHE_DIR, private
+    try:
+        module = importlib.import_module("xloss.ops._numba_rows")
+    finally:
+        numba.config.CACHE_DIR = previous
+    warnings.warn(
+        f"xloss: numba cannot write its disk cache ({cause}); the CPU kernels are "
+        "compiled in this process and not cached (a few seconds in each new process). "
+        "Set NUMBA_CACHE_DIR to a writable directory to keep them between runs.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return module
 
 
 def _kernels():
     """The compiled-kernel module, or None (with one warning) when numba is unusable."""
+    if _loaded.get("omp_before_fork"):
+        if not _loaded.get("warned_fork"):
+            _loaded["warned_fork"] = True
+            warnings.warn(
+                "xloss: this process was forked after numba's OpenMP threading layer ran "
+                "in its parent, and GNU OpenMP cannot run again after fork(); this child "
+                "runs torch single-threaded and cross-entropy on CPU uses the slower "
+                "portable torch path. Leave "
+                "NUMBA_THREADING_LAYER unset (xloss then uses the fork-safe 'workqueue' "
+                "layer) or set it to 'workqueue' or 'tbb'.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
     if "kernels" not in _loaded:
         try:
-            _numba_rows = importlib.import_module("xloss.ops._numba_rows")
+            _choose_threading_layer()
+            _numba_rows = _import_kernels()
         except Exception as error:  # ImportError, or a broken numba/llvmlite install
             warnings.warn(
                 f"xloss: numba is unavailable ({type(error).__name__}: {error}); "
@@ -86,7 +194,17 @@ def dynamo_disable_when_imported(*ops) -> None:
 def _set_threads() -> None:
     import numba
 
+    _choose_threading_layer()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+@contextlib.contextmanager
+def parallel_region():
+    """Hold the process-wide launch lock and size numba's pool like torch's: wrap every
+    call of a ``parallel=True`` kernel in it (the workqueue layer is not thread-safe)."""
+    with _launch_lock:
+        _set_threads()
+        yield
 
 
 def _as_array(tensor: Tensor) -> np.ndarray:
@@ -124,7 +242,6 @@ def _launch(
     kernels = _kernels()
     if kernels is None:
         raise RuntimeError("the numba row kernel is unavailable; check kernel_available()")
-    _set_threads()
     num_rows = logits.shape[0]
     if isinstance(grad_scale, Tensor):
         scale = grad_scale.detach().to(torch.float32).contiguous().reshape(-1).numpy()
@@ -159,16 +276,18 @@ def _launch(
         # In place passes one array: aliased source/dest arrays would defeat vectorisation.
         rows_source = np.empty((0, 0), np.float32) if in_place else source
         rows_dest = _as_array(dest) if write else np.empty((0, 0), np.float32)
-        kernels.rows_f32(
-            rows_source, rows_dest, target_array, scale, *settings,
-            write and not in_place, write, loss.numpy(), *stats_arrays,
-        )  # fmt: skip
+        with parallel_region():
+            kernels.rows_f32(
+                rows_source, rows_dest, target_array, scale, *settings,
+                write and not in_place, write, loss.numpy(), *stats_arrays,
+            )  # fmt: skip
     else:
         rows_dest = _as_array(dest) if write else np.empty((0, 0), np.uint16)
-        kernels.rows_half(
-            source, rows_dest, target_array, scale, *settings,
-            logits.dtype == torch.bfloat16, write, loss.numpy(), *stats_arrays,
-        )  # fmt: skip
+        with parallel_region():
+            kernels.rows_half(
+                source, rows_dest, target_array, scale, *settings,
+                logits.dtype == torch.bfloat16, write, loss.numpy(), *stats_arrays,
+            )  # fmt: skip
     return loss
 
 
@@ -262,7 +381,13 @@ def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 
 def release_buffers() -> None:
-    """Drop the pooled gradient buffer (it is freed once no tensor uses it)."""
+    """Drop the pooled gradient buffer (it is freed once no tensor uses it).
+
+    Public as ``xloss.release_buffers()``. The out-of-place kernel keeps its last R x C
+    gradient buffer between calls, so a training loop does not pay the page faults of a
+    fresh buffer every step (see the README's Limits for the measured cost); call this
+    after training (or before a memory-hungry phase) to give that memory back.
+    """
     _buffer_pool.clear()
 
 

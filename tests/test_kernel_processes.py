@@ -1,0 +1,197 @@
+"""The numba kernel across processes and threads: fork after use, 4 Python threads at
+once, an unwritable disk cache, and the pooled gradient buffer (xloss/ops/kernel.py).
+
+Each scenario runs in a fresh interpreter, so the threading layer and the fork state are
+those a user's process would have, whatever other tests did in this one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import xloss
+from xloss.ops import kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not kernel.kernel_available(), reason="numba unavailable")
+
+SCENARIO = textwrap.dedent(
+    """
+    import multiprocessing as mp
+    import threading
+    import warnings
+
+    import torch
+
+    import xloss
+    from xloss.ops import kernel
+
+    def loss_and_grad(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(300, 517, generator=g).requires_grad_(True)
+        y = torch.randint(0, 517, (300,), generator=g)
+        loss = xloss.cross_entropy(x, y, label_smoothing=0.1)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    def reference(seed):  # float64, independent of xloss
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(300, 517, generator=g).double().requires_grad_(True)
+        y = torch.randint(0, 517, (300,), generator=g)
+        loss = torch.nn.functional.cross_entropy(x, y, label_smoothing=0.1)
+        loss.backward()
+        return loss.detach().float(), x.grad.float()
+
+    def check(seed, got):
+        want = reference(seed)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-7)
+
+    def child(queue):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = loss_and_grad(1)
+        arrays = tuple(t.numpy() for t in result)  # plain pickles: no shared-memory handoff
+        queue.put((arrays, kernel.kernel_available(), [str(w.message) for w in caught]))
+
+    class Losses(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return loss_and_grad(10 + index)
+
+    if __name__ == "__main__":
+        check(0, loss_and_grad(0))  # the parent uses the kernel first
+        assert kernel.kernel_available()
+        context = mp.get_context("fork")
+        queue = context.Queue()
+        process = context.Process(target=child, args=(queue,))
+        process.start()
+        result, available, messages = queue.get(timeout=120)
+        process.join(60)
+        assert process.exitcode == 0, process.exitcode
+        check(1, tuple(torch.from_numpy(a) for a in result))
+        loader = torch.utils.data.DataLoader(
+            Losses(), batch_size=None, num_workers=1, multiprocessing_context="fork"
+        )
+        for index, item in enumerate(loader):
+            check(10 + index, item)
+        # four Python threads at once, each checked against the reference
+        errors = []
+
+        def work(seed):
+            try:
+                for _ in range(15):
+                    check(seed, loss_and_grad(seed))
+            except BaseException as error:  # report, do not die silently
+                errors.append(repr(error))
+
+        threads = [threading.Thread(target=work, args=(20 + i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert not errors, errors
+        import numba
+
+        print("LAYER", numba.threading_layer(), "CHILD_KERNEL", available, "MESSAGES", messages)
+    """
+)
+
+
+def run_scenario(tmp_path, env_extra=None, timeout=600):
+    script = tmp_path / "scenario.py"
+    script.write_text(SCENARIO)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env.update(PYTHONPATH=str(ROOT), **(env_extra or {}))
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_fork_after_use_and_four_threads_default_layer(tmp_path):
+    """Regression: a child forked after the parent ran the kernel aborted ("fork() called
+    from a process already using GNU OpenMP"); the workqueue layer alone aborted with 4
+    threads. xloss now selects the workqueue layer and serialises its launches."""
+    out = run_scenario(tmp_path)
+    assert "LAYER workqueue CHILD_KERNEL True MESSAGES []" in out, out
+
+
+def test_fork_after_omp_layer_falls_back_in_the_child(tmp_path):
+    """A user who forces the omp layer: the forked child runs single-threaded on the
+    portable path with one warning instead of aborting; threads still work."""
+    out = run_scenario(tmp_path, {"NUMBA_THREADING_LAYER": "omp"})
+    assert "LAYER omp CHILD_KERNEL False" in out, out
+    assert "forked after numba's OpenMP threading layer ran" in out, out
+
+
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run as an unprivileged user",
+)
+def test_unwritable_cache_compiles_without_it(tmp_path):
+    """Regression: a read-only package directory and an unwritable HOME disabled the
+    kernel ("numba is unavailable (cannot cache function ...)"), 6x slower. Now: compiled
+    in the process, one warning, kernel on. Runs as `nobody`, for whom the checkout,
+    its __pycache__ and HOME=/nonexistent are all read-only."""
+    code = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        import xloss
+        from xloss.ops import kernel
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x = torch.randn(64, 33).requires_grad_(True)
+            y = torch.randint(0, 33, (64,))
+            loss = xloss.cross_entropy(x, y)
+            loss.backward()
+            xloss.cross_entropy(x.half(), y)
+        ref = torch.nn.functional.cross_entropy(x.double(), y)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+        messages = [str(w.message) for w in caught if "xloss" in str(w.message)]
+        print("AVAILABLE", kernel.kernel_available(), "WARNINGS", len(messages))
+        print(messages)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    done = subprocess.run(
+        [*command, sys.executable, "-c", code], env=env, capture_output=True, text=True,
+        timeout=600, cwd="/",
+    )  # fmt: skip
+    if "Permission denied" in done.stderr and "python" in done.stderr.lower():
+        pytest.skip("the interpreter is not readable by an unprivileged user here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "AVAILABLE True WARNINGS 1" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "numba cannot write its disk cache" in done.stdout
+    assert "not cached" in done.stdout and "NUMBA_CACHE_DIR" in done.stdout
+
+
+def test_release_buffers_is_public_and_frees_the_pooled_buffer():
+    xloss.release_buffers()
+    x = torch.randn(64, 100, requires_grad=True)
+    y = torch.randint(0, 100, (64,))
+    xloss.cross_entropy(x, y).backward()
+    assert kernel._buffer_pool and kernel._buffer_pool[0].nbytes == 64 * 100 * 4
+    xloss.release_buffers()
+    assert kernel._buffer_pool == []
+    # still correct after a release: a fresh buffer is taken
+    x.grad = None
+    xloss.cross_entropy(x, y).backward()
+    probs = torch.softmax(x.detach().double(), 1)
+    expected = (probs - torch.nn.functional.one_hot(y, 100)) / 64
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-4, atol=1e-7)
