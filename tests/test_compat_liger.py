@@ -76,7 +76,7 @@ def test_matches_reference(reduction, options):
     if options.pop("weighted", False):
         options["weight"] = torch.rand(5, generator=torch.Generator().manual_seed(4)) + 0.5
     loss_fn = LigerCrossEntropyLoss(reduction=reduction, return_z_loss=True, **options)
-    loss, z_loss = loss_fn(logits, target)
+    loss, z_loss, *_ = loss_fn(logits, target)
     expected, expected_z = reference(logits, target, reduction=reduction, **options)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(z_loss, expected_z)
@@ -96,7 +96,7 @@ def test_logits_are_not_overwritten():
     logits, target = make_batch((4, 8), seed=2)
     logits.requires_grad_(True)
     before = logits.detach().clone()
-    loss, _ = LigerCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True)(logits, target)
+    loss, *_ = LigerCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True)(logits, target)
     loss.backward()
     torch.testing.assert_close(logits.detach(), before, rtol=0, atol=0)
     assert logits.grad is not None
@@ -105,7 +105,9 @@ def test_logits_are_not_overwritten():
 def test_z_loss_is_detached_and_loss_has_its_gradient():
     logits, target = make_batch((5, 4), seed=3)
     logits.requires_grad_(True)
-    loss, z_loss = LigerCrossEntropyLoss(lse_square_scale=0.1, return_z_loss=True)(logits, target)
+    loss, z_loss, *_ = LigerCrossEntropyLoss(lse_square_scale=0.1, return_z_loss=True)(
+        logits, target
+    )
     assert not z_loss.requires_grad
     (grad,) = torch.autograd.grad(loss, logits)
     ref_logits = logits.detach().clone().requires_grad_(True)
@@ -139,7 +141,9 @@ def test_sequence_shape_and_return_z_loss_false():
 def test_all_ignored_gives_zero_with_zero_gradient():
     logits = torch.randn(3, 4, requires_grad=True)
     target = torch.full((3,), -100)
-    loss, z_loss = LigerCrossEntropyLoss(lse_square_scale=0.1, return_z_loss=True)(logits, target)
+    loss, z_loss, *_ = LigerCrossEntropyLoss(lse_square_scale=0.1, return_z_loss=True)(
+        logits, target
+    )
     loss.backward()
     assert loss.item() == 0.0 and z_loss.item() == 0.0
     assert torch.count_nonzero(logits.grad) == 0
@@ -147,7 +151,7 @@ def test_all_ignored_gives_zero_with_zero_gradient():
 
 def test_zero_scale_returns_zero_z_loss():
     logits, target = make_batch((4, 3), seed=7)
-    loss, z_loss = LigerCrossEntropyLoss(return_z_loss=True)(logits, target)
+    loss, z_loss, *_ = LigerCrossEntropyLoss(return_z_loss=True)(logits, target)
     assert z_loss.item() == 0.0
     torch.testing.assert_close(loss, reference(logits, target)[0])
 
@@ -155,7 +159,7 @@ def test_zero_scale_returns_zero_z_loss():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(dtype):
     logits, target = make_batch((6, 10), seed=8)
-    loss, z_loss = LigerCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True)(
+    loss, z_loss, *_ = LigerCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True)(
         logits.to(dtype), target
     )
     assert loss.dtype == dtype and z_loss.dtype == dtype
@@ -212,7 +216,7 @@ def test_property_matches_reference(rows, classes, scale, smoothing, reduction, 
     target = torch.randint(0, classes, (rows,), generator=gen)
     target[::ignore_every] = -100
     options = dict(lse_square_scale=scale, label_smoothing=smoothing, reduction=reduction)
-    loss, z_loss = LigerCrossEntropyLoss(return_z_loss=True, **options)(logits, target)
+    loss, z_loss, *_ = LigerCrossEntropyLoss(return_z_loss=True, **options)(logits, target)
     expected, expected_z = reference(logits, target, **options)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(z_loss, expected_z)
@@ -233,7 +237,7 @@ def test_inplace_backward_is_opt_in():
     loss_fn = LigerCrossEntropyLoss(
         lse_square_scale=0.01, label_smoothing=0.1, return_z_loss=True, inplace_backward=True
     )
-    loss, z_loss = loss_fn(work, target)
+    loss, z_loss, *_ = loss_fn(work, target)
     loss.backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(z_loss.double(), expected_z, rtol=1e-5, atol=1e-6)
@@ -280,7 +284,7 @@ def test_fused_linear_matches_reference(reduction, options):
     loss_fn = LigerFusedLinearCrossEntropyLoss(
         ce_weight, reduction=reduction, return_z_loss=True, **options
     )
-    loss, z_loss = loss_fn(lin_weight, _input, target, bias)
+    loss, z_loss, *_ = loss_fn(lin_weight, _input, target, bias)
     logits = _input @ lin_weight.T + bias
     expected, expected_z = reference(logits, target, ce_weight, reduction=reduction, **options)
     torch.testing.assert_close(loss, expected)
@@ -322,3 +326,61 @@ def test_fused_linear_errors():
         LigerFusedLinearCrossEntropyLoss(return_z_loss="yes")
     with pytest.raises(ValueError, match="label_smoothing"):
         LigerFusedLinearCrossEntropyLoss(label_smoothing=-0.1)
+
+
+def reference_accuracy(logits, target, ignore_index=-100):
+    """float64 argmax per row (-1 at ignored rows) and the accuracy over kept rows."""
+    kept = target != ignore_index
+    predicted = torch.where(kept, logits.double().argmax(-1), -1)
+    hits = (predicted == target) & kept
+    return predicted, hits.double(), hits.sum().double() / kept.sum()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_output_with_accuracy_and_predicted_tokens(reduction):
+    from xloss.compat.liger import CrossEntropyOutput
+
+    logits, target = make_batch((2, 6, 9), seed=11)
+    target[0, :3] = logits[0, :3].argmax(-1)  # some hits
+    flags = dict(return_token_accuracy=True, return_predicted_tokens=True)
+    out = LigerCrossEntropyLoss(reduction=reduction, lse_square_scale=1e-3, **flags)(
+        logits, target
+    )
+    assert isinstance(out, CrossEntropyOutput) and out.z_loss is None
+    plain = LigerCrossEntropyLoss(reduction=reduction, lse_square_scale=1e-3)(logits, target)
+    torch.testing.assert_close(out.loss, plain)
+    predicted, hits, accuracy = reference_accuracy(logits, target)
+    assert torch.equal(out.predicted_tokens, predicted)
+    want = hits if reduction == "none" else accuracy
+    torch.testing.assert_close(out.token_accuracy.double(), want)
+    assert not out.token_accuracy.requires_grad
+    loss, z_loss, token_accuracy, predicted_tokens = out  # unpacks in upstream's field order
+    assert z_loss is None and predicted_tokens is out.predicted_tokens
+
+
+def test_fused_linear_output_accum_dtype_and_token_scaling():
+    gen = torch.Generator().manual_seed(5)
+    _input = torch.randn(2, 7, 4, generator=gen, requires_grad=True)
+    lin_weight = torch.randn(30, 4, generator=gen, requires_grad=True)
+    target = torch.randint(0, 30, (2, 7), generator=gen)
+    target[1, 5:] = -100
+    loss_fn = LigerFusedLinearCrossEntropyLoss(
+        return_z_loss=True, lse_square_scale=1e-2, accum_dtype=torch.float64,
+        return_token_accuracy=True, return_predicted_tokens=True,
+    )  # fmt: skip
+    out = loss_fn(lin_weight, _input, target)
+    logits = _input.detach().double() @ lin_weight.detach().double().T
+    predicted, _, accuracy = reference_accuracy(logits, target)
+    assert torch.equal(out.predicted_tokens, predicted)
+    torch.testing.assert_close(out.token_accuracy.double(), accuracy)
+    expected, expected_z = reference(logits, target, lse_square_scale=1e-2)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.z_loss.double(), expected_z, rtol=1e-5, atol=1e-6)
+    out.loss.backward()  # accum_dtype=float64 sums grad_weight in fp64, returned in fp32
+    assert lin_weight.grad.dtype == torch.float32
+    with pytest.raises(ValueError, match="`use_token_scaling=True`"):
+        LigerFusedLinearCrossEntropyLoss(use_token_scaling=True)
+    with pytest.raises(TypeError, match="`return_token_accuracy` must be a bool"):
+        LigerFusedLinearCrossEntropyLoss(return_token_accuracy=1)
+    with pytest.raises(TypeError, match="`return_predicted_tokens` must be a bool"):
+        LigerCrossEntropyLoss(return_predicted_tokens="yes")

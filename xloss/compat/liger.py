@@ -10,6 +10,8 @@ return_z_loss=False)``, ``forward(_input, target)``; and
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -22,9 +24,54 @@ from xloss._core.validation import (
     check_unit_interval,
 )
 from xloss.functional.cross_entropy import cross_entropy
-from xloss.functional.linear_cross_entropy import linear_cross_entropy
+from xloss.functional.linear_cross_entropy import check_accum_dtype, linear_cross_entropy
 
 LIGER_REDUCTIONS = ("mean", "sum", "none")
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What the Liger modules return when any ``return_*`` flag is set (Liger 0.8.x's type).
+
+    Upstream's is a dataclass with these fields in this order; this one is a named tuple,
+    so ``out.loss`` works as upstream and ``loss, z_loss, *_ = out`` unpacks. Fields not
+    asked for are None.
+    """
+
+    loss: Tensor
+    z_loss: Tensor | None = None  # the z part, detached (return_z_loss)
+    token_accuracy: Tensor | None = None  # return_token_accuracy
+    predicted_tokens: Tensor | None = None  # argmax per row, -1 at ignored rows
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _token_accuracy(stats, target: Tensor, ignore_index, reduction: str) -> Tensor:
+    """Upstream's token accuracy: per row 1.0 / 0.0 for ``"none"`` (0 at ignored rows),
+    else the mean over the non-ignored rows (0 when there is none)."""
+    if reduction != "none":
+        return stats.accuracy
+    hits = stats.predicted == target.long()
+    if ignore_index is not None:
+        hits = hits & (target != ignore_index)
+    return hits.to(stats.lse.dtype)
+
+
+def _output(module, loss, z_loss, stats, target):
+    """The loss alone, or a CrossEntropyOutput when a ``return_*`` flag is set."""
+    if not (module.return_z_loss or module.return_token_accuracy or module.return_predicted_tokens):
+        return loss
+    accuracy = predicted = None
+    if module.return_token_accuracy:
+        accuracy = _token_accuracy(stats, target, module.ignore_index, module.reduction)
+    if module.return_predicted_tokens:
+        predicted = stats.predicted
+    if z_loss is not None:
+        z_loss = z_loss.detach()
+    return CrossEntropyOutput(loss, z_loss if module.return_z_loss else None, accuracy, predicted)
 
 
 def store_liger_settings(
@@ -38,14 +85,17 @@ def store_liger_settings(
     reduction,
     softcap,
     return_z_loss,
+    return_token_accuracy=False,
+    return_predicted_tokens=False,
 ) -> None:
     """Validate the settings both Liger modules share and store them on ``module``."""
     check_class_weight(weight, None, name=weight_name)
     check_ignore_index(ignore_index)
     if not isinstance(reduction, str) or reduction not in LIGER_REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {LIGER_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(return_z_loss, bool):
-        raise TypeError(f"`return_z_loss` must be a bool, got {type(return_z_loss).__name__}")
+    _check_flag("return_z_loss", return_z_loss)
+    module.return_token_accuracy = _check_flag("return_token_accuracy", return_token_accuracy)
+    module.return_predicted_tokens = _check_flag("return_predicted_tokens", return_predicted_tokens)
     module.register_buffer(weight_name, weight)
     module.ignore_index = ignore_index
     module.lse_square_scale = check_non_negative("lse_square_scale", lse_square_scale)
@@ -58,11 +108,12 @@ def store_liger_settings(
 class LigerCrossEntropyLoss(nn.Module):
     r"""Cross-entropy with z-loss and soft-capping, as Liger-Kernel's module.
 
-    Upstream signature: ``LigerCrossEntropyLoss(weight=None, ignore_index=-100,
-    lse_square_scale=0.0, label_smoothing=0.0, reduction="mean", softcap=None,
-    return_z_loss=False)``. With x the logits of a row (after ``softcap * tanh(x / softcap)``
-    when ``softcap`` is set), lse = logsumexp(x), V classes, eps the smoothing, w the class
-    weights and s = ``lse_square_scale``, a row whose target y is not ``ignore_index`` has
+    Upstream signature (Liger-Kernel 0.8.x): ``LigerCrossEntropyLoss(weight=None,
+    ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0, reduction="mean",
+    softcap=None, return_z_loss=False, return_token_accuracy=False,
+    return_predicted_tokens=False)``. With x the logits of a row (after ``softcap * tanh(x /
+    softcap)`` when ``softcap`` is set), lse = logsumexp(x), V classes, eps the smoothing, w the
+    class weights and s = ``lse_square_scale``, a row whose target y is not ``ignore_index`` has
 
     .. math::
         \ell = (1-\epsilon) w_y (\mathrm{lse} - x_y)
@@ -71,10 +122,15 @@ class LigerCrossEntropyLoss(nn.Module):
 
     ``"mean"`` returns :math:`\sum \ell / \sum w_y + \sum z / n` over the n non-ignored rows
     (the z-loss is averaged over rows, not over weights, as upstream does); ``"sum"`` the
-    sums; ``"none"`` the per-row :math:`\ell + z` (0 at ignored rows). With
-    ``return_z_loss=True`` the result is ``(loss, z_loss)``, ``z_loss`` being the z part
-    reduced the same way and detached (upstream returns it for logging; its gradient is
-    dropped there too).
+    sums; ``"none"`` the per-row :math:`\ell + z` (0 at ignored rows). When any
+    ``return_*`` flag is set the result is a :class:`CrossEntropyOutput` ``(loss, z_loss,
+    token_accuracy, predicted_tokens)`` as upstream's, fields not asked for None:
+    ``z_loss`` the z part reduced the same way and detached (upstream returns it for
+    logging; its gradient is dropped there too); ``token_accuracy`` the fraction of
+    non-ignored rows whose argmax is the target (per row 1.0/0.0 for ``"none"``);
+    ``predicted_tokens`` the argmax per row (-1 at ignored rows). Accuracy and predictions
+    come from the same :func:`xloss.cross_entropy` call (``return_stats=True``) and carry
+    no gradient.
 
     Computation: one :func:`xloss.cross_entropy` call with ``z_loss=lse_square_scale``
     (unweighted, xloss's row mean of the z term is upstream's). The z part on its own
@@ -92,9 +148,9 @@ class LigerCrossEntropyLoss(nn.Module):
       saving on the CPU kernel path; see :func:`xloss.cross_entropy`.
     - Runs on any device (CPU included); no Triton.
     - Any number of leading axes: ``_input`` (..., V) with ``target`` (...).
-    - A batch where every row is ignored gives 0 with a zero gradient.
     - Target indices are range-checked; errors are ValueError/TypeError, not ``assert``.
-    - ``return_token_accuracy`` (newer upstream versions) is not supported.
+    - The output type is a named tuple (upstream: a dataclass): same fields, and it also
+      unpacks.
 
     Args:
         weight: class weights (V,), or None.
@@ -104,22 +160,26 @@ class LigerCrossEntropyLoss(nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         softcap: cap of the logit soft-capping, > 0, or None.
         return_z_loss: also return the z-loss part.
+        return_token_accuracy: also return the token accuracy.
+        return_predicted_tokens: also return the argmax per row.
         inplace_backward: let the kernel write the gradient into ``_input`` (keyword-only).
 
     Shape:
         - _input: (BT, V) logits, or (..., V).
         - target: (BT) class indices, or (...).
-        - output: scalar, or (BT) / (...) for ``"none"``; a pair with ``return_z_loss``.
+        - output: scalar, or (BT) / (...) for ``"none"``; a :class:`CrossEntropyOutput`
+          with any ``return_*`` flag.
 
     Example:
         >>> import torch
         >>> from xloss.compat.liger import LigerCrossEntropyLoss
         >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 1.0, 1.0]])
         >>> target = torch.tensor([0, 2, -100])
-        >>> loss_fn = LigerCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True)
-        >>> loss, z_loss = loss_fn(logits, target)
-        >>> loss, z_loss
-        (tensor(0.2489), tensor(0.0735))
+        >>> loss_fn = LigerCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True,
+        ...                                 return_token_accuracy=True)
+        >>> out = loss_fn(logits, target)
+        >>> out.loss, out.z_loss, out.token_accuracy
+        (tensor(0.2489), tensor(0.0735), tensor(1.))
         >>> logits  # untouched, unlike upstream
         tensor([[ 2.0000,  0.5000, -1.0000],
                 [ 0.1000,  0.2000,  3.0000],
@@ -135,6 +195,8 @@ class LigerCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         softcap: float | None = None,
         return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
+        return_predicted_tokens: bool = False,
         *,
         inplace_backward: bool = False,
     ) -> None:
@@ -149,6 +211,8 @@ class LigerCrossEntropyLoss(nn.Module):
             reduction=reduction,
             softcap=softcap,
             return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy,
+            return_predicted_tokens=return_predicted_tokens,
         )
         if not isinstance(inplace_backward, bool):
             raise TypeError(
@@ -162,8 +226,9 @@ class LigerCrossEntropyLoss(nn.Module):
             )
         self.inplace_backward = inplace_backward
 
-    def forward(self, _input: Tensor, target: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, _input: Tensor, target: Tensor) -> Tensor | CrossEntropyOutput:
         scale = self.lse_square_scale
+        want_stats = self.return_token_accuracy or self.return_predicted_tokens
         # with class weights, upstream averages the z-loss over rows but the loss over weights
         separate_z = self.weight is not None and scale > 0.0
         z_loss = None
@@ -186,10 +251,14 @@ class LigerCrossEntropyLoss(nn.Module):
             z_loss=0.0 if separate_z else scale,
             softcap=self.softcap,
             inplace_backward=self.inplace_backward,
+            return_stats=want_stats,
         )
+        stats = None
+        if want_stats:
+            stats, loss = loss, loss.loss
         if separate_z:
             loss = loss + z_loss
-        return (loss, z_loss.detach()) if self.return_z_loss else loss
+        return _output(self, loss, z_loss, stats, target)
 
     def _z_loss(self, _input: Tensor, target: Tensor) -> Tensor:
         """s * lse^2 per kept row, reduced: cross-entropy against an all-zero target."""
@@ -217,10 +286,11 @@ class LigerCrossEntropyLoss(nn.Module):
 class LigerFusedLinearCrossEntropyLoss(nn.Module):
     r"""Linear layer + cross-entropy without the logits in memory, as Liger-Kernel's module.
 
-    Upstream signature: ``LigerFusedLinearCrossEntropyLoss(ce_weight=None,
+    Upstream signature (Liger-Kernel 0.8.x): ``LigerFusedLinearCrossEntropyLoss(ce_weight=None,
     ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0, reduction="mean",
-    softcap=None, return_z_loss=False)``, ``forward(lin_weight, _input, target,
-    bias=None)``. The loss is that of :class:`LigerCrossEntropyLoss` on the logits
+    softcap=None, return_z_loss=False, accum_dtype=None, use_token_scaling=False,
+    return_token_accuracy=False, return_predicted_tokens=False)``, ``forward(lin_weight, _input,
+    target, bias=None)``. The loss is that of :class:`LigerCrossEntropyLoss` on the logits
     ``_input @ lin_weight.T + bias`` (with ``ce_weight`` as the class weights), computed by
     :func:`xloss.linear_cross_entropy` in row chunks, so the (BT, V) logits never exist.
 
@@ -231,17 +301,23 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
     over weights), it is the difference of two unweighted, unsmoothed passes with and
     without ``z_loss`` (exact up to rounding; without autograd when it is only returned).
 
+    The ``return_*`` flags give a :class:`CrossEntropyOutput` as for
+    :class:`LigerCrossEntropyLoss`; accuracy and predicted tokens come from the row
+    kernel's pass over each chunk of logits (``return_stats=True``), never from stored
+    logits. ``accum_dtype`` is the dtype the weight and bias gradients are summed in
+    over the chunks (None: fp32), as upstream.
+
     Deliberate differences from upstream: runs on any device without Triton; ``_input``
-    may be (BT, H) or (B, T, H); errors are ValueError/TypeError, not ``assert``; newer
-    upstream options (``accum_dtype``, ``use_token_scaling``, ``return_token_accuracy``)
-    are not supported.
+    may have any leading axes, (..., H); errors are ValueError/TypeError, not ``assert``;
+    ``use_token_scaling=True`` raises ValueError (not supported); the output type is a
+    named tuple (upstream: a dataclass) with the same fields.
 
     Shape:
         - lin_weight: (V, H); bias: (V).
         - _input: (BT, H) or (B, T, H).
         - target: (BT) or (B, T) class indices.
-        - output: scalar, or the target's shape for ``"none"``; a pair with
-          ``return_z_loss``.
+        - output: scalar, or the target's shape for ``"none"``; a
+          :class:`CrossEntropyOutput` with any ``return_*`` flag.
 
     Example:
         >>> import torch
@@ -250,8 +326,9 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
         >>> lin_weight = torch.tensor([[1.0, 1.0], [-1.0, 0.5], [0.0, -1.0]])
         >>> target = torch.tensor([0, 2, -100])
         >>> loss_fn = LigerFusedLinearCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True)
-        >>> loss_fn(lin_weight, hidden, target)
-        (tensor(0.3754), tensor(0.0184))
+        >>> out = loss_fn(lin_weight, hidden, target)
+        >>> out.loss, out.z_loss, out.token_accuracy
+        (tensor(0.3754), tensor(0.0184), None)
     """
 
     def __init__(
@@ -263,6 +340,10 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         softcap: float | None = None,
         return_z_loss: bool = False,
+        accum_dtype: torch.dtype | None = None,
+        use_token_scaling: bool = False,
+        return_token_accuracy: bool = False,
+        return_predicted_tokens: bool = False,
     ) -> None:
         super().__init__()
         store_liger_settings(
@@ -275,16 +356,32 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
             reduction=reduction,
             softcap=softcap,
             return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy,
+            return_predicted_tokens=return_predicted_tokens,
         )
+        check_accum_dtype(accum_dtype)
+        self.accum_dtype = accum_dtype
+        if _check_flag("use_token_scaling", use_token_scaling):
+            raise ValueError(
+                "`use_token_scaling=True` (upstream scales each token's loss by its detached "
+                "predicted probability) is not supported by xloss's adapter; weight the "
+                "per-token loss yourself: reduction='none', then multiply by "
+                "exp(-loss).detach() without smoothing or z-loss"
+            )
+        self.use_token_scaling = False
 
     def forward(
         self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Tensor | None = None
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor | CrossEntropyOutput:
         options = dict(
-            ignore_index=self.ignore_index, reduction=self.reduction, softcap=self.softcap
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            softcap=self.softcap,
+            accum_dtype=self.accum_dtype,
         )
         scale = self.lse_square_scale
         separate_z = self.ce_weight is not None and scale > 0.0
+        want_stats = self.return_token_accuracy or self.return_predicted_tokens
         loss = linear_cross_entropy(
             _input,
             lin_weight,
@@ -293,12 +390,16 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
             class_weight=self.ce_weight,
             label_smoothing=self.label_smoothing,
             z_loss=0.0 if separate_z else scale,
+            return_stats=want_stats,
             **options,
         )
+        stats = None
+        if want_stats:
+            stats, loss = loss, loss.loss
         if not (separate_z or self.return_z_loss):
-            return loss
+            return _output(self, loss, None, stats, target)
         if scale == 0.0:
-            return loss, torch.zeros_like(loss)
+            return _output(self, loss, torch.zeros_like(loss), stats, target)
 
         def z_part() -> Tensor:
             with_z = linear_cross_entropy(_input, lin_weight, target, bias, z_loss=scale, **options)
@@ -310,7 +411,7 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
         else:
             with torch.no_grad():
                 z_loss = z_part()
-        return (loss, z_loss.detach()) if self.return_z_loss else loss
+        return _output(self, loss, z_loss, stats, target)
 
     def extra_repr(self) -> str:
         return (
