@@ -171,3 +171,29 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         assert 0.5 < run["mean_ap"] <= 1.0
         assert 0.0 <= run["f1_micro"] <= 1.0 and 0.0 <= run["f1_macro"] <= 1.0
         assert 0.0 <= run["ece"] <= 1.0
+
+
+def test_demo_uses_torch_default_threads(monkeypatch):
+    """The demo no longer pins torch to one thread: `xloss demo` keeps torch's default
+    (numba's kernels sleep between launches on the workqueue layer instead of spinning)."""
+    import argparse
+
+    import xloss.demo as demo
+    from xloss.cli import add_demo_arguments
+
+    parser = argparse.ArgumentParser()
+    add_demo_arguments(parser)
+    assert parser.parse_args([]).threads is None
+    seen = {}
+
+    def fake_run(config, seed, threads, progress):
+        seen["threads"] = threads
+        seen["torch"] = torch.get_num_threads()
+        raise RuntimeError("stop after the thread setup")
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="stop after"):
+        run_demo(config=DemoConfig.quick(), progress=False)
+    assert seen == {"threads": before, "torch": before}
+    assert torch.get_num_threads() == before

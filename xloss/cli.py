@@ -15,9 +15,8 @@ def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads (default 1: the models are tiny, and more threads only help on "
-        "an otherwise idle machine)",
+        default=None,
+        help="torch threads (default: torch's own default; numba's kernels use as many)",
     )
     demo.add_argument("--quick", action="store_true", help="a tiny configuration, seconds")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")

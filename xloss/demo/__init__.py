@@ -85,8 +85,9 @@ def _large_vocab_batch(batch: dict, vocab: int, seed: int) -> dict:
 def set_threads(torch_threads: int, numba_threads: int | None = None) -> tuple[int, int | None]:
     """Set the torch and numba thread counts (numba's to ``torch_threads`` by default).
 
-    numba's parallel kernels keep their own pool; on tiny row counts its idle threads spin
-    and made training ~4x slower on 2 busy cores, so the demo sizes both pools alike.
+    xloss's kernels size numba's pool like torch's on every launch anyway (and run it on
+    numba's workqueue layer, whose idle threads sleep instead of spinning against torch's
+    pool); this sets both explicitly, e.g. for the peak-memory child process.
     Returns the previous counts.
     """
     previous = (torch.get_num_threads(), None)
@@ -105,14 +106,16 @@ def run_demo(
     *,
     config: DemoConfig | None = None,
     seed: int = 0,
-    threads: int = 1,
+    threads: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Run the whole demo; print the table, write demo.json and demo.png into ``out``.
 
-    ``threads`` is the number of torch threads while the demo runs (restored afterwards).
+    ``threads`` is the number of torch threads while the demo runs (restored afterwards);
+    None keeps torch's default.
     Returns everything that goes into demo.json.
     """
+    threads = torch.get_num_threads() if threads is None else threads
     previous_threads = set_threads(threads)
     try:
         results = _run(config or DemoConfig(), seed, threads, progress)

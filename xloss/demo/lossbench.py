@@ -121,7 +121,7 @@ def _measure_peaks_in_this_process(path: str, batch_files: list[str]) -> list[in
     """Entry point of the child process: peak RSS increase of one step per batch, bytes."""
     from xloss.demo import set_threads
 
-    set_threads(int(os.environ.get("XLOSS_DEMO_THREADS", "1")))
+    set_threads(int(os.environ.get("XLOSS_DEMO_THREADS", torch.get_num_threads())))
     peaks = []
     for batch_file in batch_files:
         batch = torch.load(batch_file)
