@@ -2,7 +2,8 @@
 
 Run: ``python benchmarks/triton_resources.py [--all] [--arch 80 90] [--json out.json]``.
 
-Every specialisation that ``xloss.ops.triton.cross_entropy.launch`` can launch is built
+Every specialisation of the cross-entropy row kernel (``xloss.ops.triton.cross_entropy``)
+and of the vocab-parallel local gradient (``xloss.ops.triton.vocab_parallel``) is built
 ahead of time with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 (ptxas ships in the triton wheel), and ``cuobjdump --dump-resource-usage`` (also in the
 wheel) reads each cubin's registers per thread, local memory (where spills go) and stack.
@@ -41,6 +42,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xloss.ops.triton import cross_entropy as triton_ce  # noqa: E402
+from xloss.ops.triton import vocab_parallel as triton_vp  # noqa: E402
 
 OPTIONS = ("has_weight", "smoothing", "z_loss", "softcap", "row_scale", "store_lse")
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -61,9 +63,27 @@ def option_sets(full: bool):
 
 
 def specialisations(full: bool = False):
-    """(name, dtype, constexprs, launch options) of the kernels ``launch`` can start: the
-    option sets at the largest single block and at the looped block, and every smaller
-    single block with all options off and all on."""
+    """(name, kernel, signature, constexprs, launch options) of every kernel launched:
+    the cross-entropy rows and the vocab-parallel local gradient (one per dtype and
+    block)."""
+    yield from row_specialisations(full)
+    for dtype, log_block in itertools.product(DTYPES, range(triton_vp.BLOCK.bit_length())):
+        constants = triton_vp.kernel_constants(2**log_block)
+        element = DTYPES[dtype]
+        signature = {
+            "logits_ptr": f"*{element}", "logits_stride": "i64", "grad_ptr": f"*{element}",
+            "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32", "local_target_ptr": "*i64",
+            "num_classes_ptr": "*fp32", "local_classes": "i32", "label_smoothing": "fp32",
+            "z_loss": "fp32", "BLOCK": "constexpr",
+        }  # fmt: skip
+        name = f"vocab-parallel gradient {element} BLOCK={constants['BLOCK']}"
+        options = triton_ce.launch_options(constants["BLOCK"])
+        yield name, triton_vp.local_gradient_kernel, signature, constants, options
+
+
+def row_specialisations(full: bool = False):
+    """The row kernels ``launch`` can start: the option sets at the largest single block
+    and at the looped block, and every smaller single block with all options off and on."""
     largest = (triton_ce.SINGLE_BLOCK_MAX, 16 * triton_ce.SINGLE_BLOCK_MAX)
     smaller = [2**k for k in range(triton_ce.SINGLE_BLOCK_MAX.bit_length() - 1)]  # 1 .. 4096
     extremes = [dict.fromkeys(OPTIONS, False), dict.fromkeys(OPTIONS, True)]
@@ -84,10 +104,11 @@ def specialisations(full: bool = False):
         )
         flags = [key.lower() for key, value in constants.items() if value is True]
         name = f"{DTYPES[dtype]} BLOCK={constants['BLOCK']} " + ",".join(flags)
-        yield name, dtype, constants, options
+        yield name, triton_ce.cross_entropy_rows_kernel, row_signature(dtype, constants), \
+            constants, options
 
 
-def compile_kernel(dtype, constants, options, arch):
+def row_signature(dtype, constants) -> dict:
     element = DTYPES[dtype]
     signature = {
         "logits_ptr": f"*{element}", "logits_stride": "i64",
@@ -98,8 +119,11 @@ def compile_kernel(dtype, constants, options, arch):
         "smooth": "fp32", "z_loss": "fp32", "softcap": "fp32",
     }  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
-    source = ASTSource(fn=triton_ce.cross_entropy_rows_kernel, signature=signature,
-                       constexprs=constants)  # fmt: skip
+    return signature
+
+
+def compile_kernel(kernel, signature, constants, options, arch):
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -128,8 +152,8 @@ def main(argv=None) -> int:
     specs = list(specialisations(args.all))
     print(f"{len(specs)} specialisations x sm_{', sm_'.join(map(str, args.arch))}")
     print(f"{'arch':5} {'warps':>5} {'regs':>5} {'local':>6} {'stack':>6}  kernel")
-    for arch, (name, dtype, constants, options) in itertools.product(args.arch, specs):
-        usage = resource_usage(compile_kernel(dtype, constants, options, arch).asm["cubin"])
+    for arch, (name, *spec, options) in itertools.product(args.arch, specs):
+        usage = resource_usage(compile_kernel(*spec, options, arch).asm["cubin"])
         num_warps = options["num_warps"]
         row = dict(arch=arch, kernel=name, num_warps=num_warps, **usage)
         rows.append(row)

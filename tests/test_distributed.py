@@ -199,15 +199,6 @@ def test_multi_process_matches_single_process_reference(world, tmp_path):
 # in-process tests: errors before any communication, and a 1-process group
 
 
-@pytest.fixture
-def one_process_group():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 LOGITS = torch.zeros(4, 5)
 TARGET = torch.tensor([0, 1, 2, 3])
 

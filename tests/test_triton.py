@@ -399,3 +399,73 @@ def test_linear_bf16_gemms_and_accumulation_dtype(accum_dtype, monkeypatch):
     assert weight.grad.dtype == torch.bfloat16
     tol = 8e-2 if accum_dtype == torch.bfloat16 else 3e-2
     torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=tol, atol=tol)
+
+
+def test_target_past_the_row_with_checks_off_gives_nan_not_a_bad_read(block_path):
+    x, target = case(3, 20)
+    target[1] = 20  # out of range, only possible with validate_args=False
+    logits = x.clone().requires_grad_()
+    loss = xloss.cross_entropy(logits, target, reduction="none", validate_args=False)
+    loss.sum().backward()
+    assert loss[1].isnan() and logits.grad[1].isnan().all()
+    keep = torch.tensor([True, False, True])
+    want = reference_cross_entropy(x, target.clamp(max=19), keep=keep, reduction="none")
+    torch.testing.assert_close(loss[keep].double(), want[keep])
+    assert logits.grad[keep].isfinite().all()
+
+
+def test_empty_batch_on_triton():
+    logits = torch.zeros(0, 5, requires_grad=True)
+    loss = xloss.cross_entropy(logits, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad.shape == (0, 5)
+
+
+# ------------------------------------------- vocab-parallel local gradient on Triton
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_parallel_local_gradient_matches_float64(dtype, monkeypatch):
+    from xloss.ops.triton import vocab_parallel as triton_vp
+
+    monkeypatch.setattr(triton_vp, "BLOCK", 16)  # 37 classes: three blocks, the last partial
+    x, _ = case(5, 37, dtype, seed=9)
+    lse = torch.logsumexp(x.double(), 1) + 0.7  # the global lse exceeds the local one
+    grad_loss = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.5])
+    local_target = torch.tensor([3, 36, 0, 5, 17])
+    in_slice = torch.tensor([True, True, False, False, True])
+    eps, z, num_classes = 0.1, 1e-2, torch.tensor(74.0)
+    grad = triton_vp.local_gradient(x, lse.float(), grad_loss, local_target, in_slice,
+                                    num_classes, label_smoothing=eps, z_loss=z)  # fmt: skip
+    g = grad_loss.double()[:, None]
+    want = g * ((1 + 2 * z * lse[:, None]) * torch.exp(x.double() - lse[:, None]) - eps / 74)
+    onehot = torch.nn.functional.one_hot(local_target, 37).double() * in_slice[:, None]
+    want = want - g * (1 - eps) * onehot
+    assert grad.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(grad.double(), want, **tol)
+
+
+def test_vocab_parallel_cross_entropy_on_triton_one_process(one_process_group, monkeypatch):
+    from xloss.distributed import vocab_parallel_cross_entropy
+    from xloss.ops.triton import vocab_parallel as triton_vp
+
+    calls = []
+    original = triton_vp.local_gradient
+    monkeypatch.setattr(
+        triton_vp, "local_gradient", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    x, target = case(6, 11, seed=4)
+    target[2] = -100
+    logits = x.clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-2)
+    loss.backward()
+    assert calls == [1]
+    x64 = x.double().requires_grad_()
+    keep = target != -100
+    want = reference_cross_entropy(x64, target, eps=0.1, keep=keep, reduction="none")
+    want = want + torch.where(keep, 1e-2 * torch.logsumexp(x64, 1) ** 2, 0.0)
+    want = want.sum() / keep.sum()
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=2e-5, atol=2e-6)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from xloss import backends
 from xloss._core.layout import class_layout
 from xloss._core.masking import build_mask
 from xloss._core.reduction import reduce_loss, safe_divide
@@ -96,6 +97,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         stats = RowStats(row_logsumexp, None, None, num_classes, local_target, in_slice)
         grad_loss = grad_loss.to(row_logsumexp.dtype)
         # 4. Local gradient: softmax recomputed from the local logits and the global lse.
+        if backends.select(logits.device.type, logits.dtype) == "triton":
+            from xloss.ops.triton.vocab_parallel import local_gradient
+
+            grad = local_gradient(logits, row_logsumexp, grad_loss, local_target, in_slice,
+                                  num_classes, label_smoothing=settings.label_smoothing,
+                                  z_loss=settings.z_loss)  # fmt: skip
+            return grad, None, None
         probs = (logits.to(row_logsumexp.dtype) - row_logsumexp.unsqueeze(-1)).exp_()
         row_factor = grad_loss * (1.0 + 2.0 * settings.z_loss * row_logsumexp)
         grad = local_gradient_(

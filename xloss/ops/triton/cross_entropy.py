@@ -22,7 +22,9 @@ b the bytes of one logit:
 A row that fits in one block (C <= ``SINGLE_BLOCK_MAX``) is read once and kept in
 registers: C b read + C b written. A longer row costs 2 C b read + C b written, as
 Liger-Kernel's cross-entropy. Rows with a negative target (ignored or masked) are
-skipped: loss 0 and, when a gradient is written, a row of zeros (C b written).
+skipped: loss 0 and, when a gradient is written, a row of zeros (C b written). A target
+>= C (only possible with ``validate_args=False``) gives a NaN loss and gradient row, never
+an out-of-bounds read.
 
 Softcap x <- cap tanh(x / cap) uses a tanh built from ``tl.exp`` (libdevice's tanh is
 None under Triton's interpreter, which runs these kernels on CPU tensors in the tests).
@@ -164,14 +166,17 @@ def cross_entropy_rows_kernel(
                     else:
                         logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
             shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-        lse = shift + tl.log(sum_exp)
-        x_y = tl.load(row_ptr + y).to(tl.float32)
+        # A target past the row (possible with validate_args=False) is never read: its
+        # row's loss and gradient become NaN instead of an out-of-bounds access.
+        in_range = y < num_classes
+        lse = tl.where(in_range, shift + tl.log(sum_exp), float("nan"))
+        x_y = tl.load(row_ptr + y, mask=in_range, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             x_y = softcap * _tanh(x_y / softcap)
         w_y = 1.0
         weight_sum = class_count
         if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y)
+            w_y = tl.load(weight_ptr + y, mask=in_range, other=0.0)
             weight_sum = tl.load(weight_sum_ptr)
         target_weight = (1.0 - label_smoothing) * w_y
         loss = target_weight * (lse - x_y)
@@ -249,11 +254,17 @@ def kernel_constants(
         SINGLE_BLOCK=single,
         BLOCK=block,
     )
+    return constants, launch_options(block)
+
+
+def launch_options(block: int) -> dict:
+    """Warps for at most 8 values of a ``block`` per thread, and (CUDA) the register cap
+    one SM gives a block of that many threads."""
     num_warps = max(1, min(32, block // 256))
     options = dict(num_warps=num_warps)
     if torch.version.hip is None:
         options["maxnreg"] = min(255, REGISTERS_PER_SM // (32 * num_warps))
-    return constants, options
+    return options
 
 
 def launch(
