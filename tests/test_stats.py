@@ -181,3 +181,16 @@ def test_errors():
     with pytest.raises(ValueError, match="`stats` must be contiguous"):
         bad = (torch.empty(4, 3), torch.empty(4, dtype=torch.long))  # (R, 3): wrong
         kernel.row_loss_and_grad_(logits.clone(), target.clamp(min=0), grad_scale=1.0, stats=bad)
+
+
+def test_cross_entropy_stats_under_torch_compile_fullgraph():
+    logits, target = make_logits((6,), 50)
+    keep = target != -100
+
+    def loss_fn(x, y):
+        return xloss.cross_entropy(x, y, return_stats=True, validate_args=False)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
+    out = compiled(logits.clone().requires_grad_(), target)
+    assert_stats(out, reference_stats(logits, target, keep), tol=2e-5)
+    torch.testing.assert_close(out.loss, xloss.cross_entropy(logits, target))

@@ -304,7 +304,9 @@ def _logits_stats(logits: Tensor, target: Tensor, keep, softcap, dtype):
     num_classes = logits.shape[-1]
     rows = logits.detach().reshape(-1, num_classes)  # R x C
     keep_rows = None if keep is None else keep.reshape(-1)
-    if backends.select(rows.device.type, rows.dtype) == "numba":
+    # Under torch.compile the torch ops below are traced instead (numba is not traceable).
+    on_kernel = backends.select(rows.device.type, rows.dtype) == "numba"
+    if on_kernel and not torch.compiler.is_compiling():
         index = target.reshape(-1).long()
         if keep_rows is not None:
             index = torch.where(keep_rows, index, -1)  # the kernel drops negative rows
