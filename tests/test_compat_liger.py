@@ -343,9 +343,7 @@ def test_cross_entropy_output_with_accuracy_and_predicted_tokens(reduction):
     logits, target = make_batch((2, 6, 9), seed=11)
     target[0, :3] = logits[0, :3].argmax(-1)  # some hits
     flags = dict(return_token_accuracy=True, return_predicted_tokens=True)
-    out = LigerCrossEntropyLoss(reduction=reduction, lse_square_scale=1e-3, **flags)(
-        logits, target
-    )
+    out = LigerCrossEntropyLoss(reduction=reduction, lse_square_scale=1e-3, **flags)(logits, target)
     assert isinstance(out, CrossEntropyOutput) and out.z_loss is None
     plain = LigerCrossEntropyLoss(reduction=reduction, lse_square_scale=1e-3)(logits, target)
     torch.testing.assert_close(out.loss, plain)
