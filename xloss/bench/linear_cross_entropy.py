@@ -105,7 +105,7 @@ register(
         title="linear + cross-entropy forward + backward (mean, 10% of targets ignored; "
         "extra mem x N*V logits)",
         cases=[dict(n=n, h=h, v=v) for n, h, v in SHAPES]
-        + [dict(n=2048, h=1024, v=128256, dtype="bf16")],
+        + [dict(n=4096, h=512, v=32000, dtype="bf16")],
         quick_cases=[dict(n=1024, h=256, v=32000)],
         variants=VARIANTS,
         input_bytes=lambda case: 4 * case["n"] * case["v"],
