@@ -192,6 +192,11 @@ def dynamo_disable_when_imported(*ops) -> None:
 
 
 def _set_threads() -> None:
+    """Size numba's pool like torch's (and pick the threading layer before it starts).
+
+    Launch kernels inside :func:`parallel_region`, which calls this under the launch lock:
+    a launch outside it can race another thread's on the workqueue layer, which aborts.
+    """
     import numba
 
     _choose_threading_layer()
