@@ -19,6 +19,7 @@ the element weights and reduces; each loss only supplies its per-element formula
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,19 @@ from xloss._core.validation import (
     shape_str,
 )
 from xloss.functional.cross_entropy import compute_dtype
+from xloss.ops.fused_binary import BCE, fused_binary_applies, fused_binary_loss
 
 SMOOTHING_RULES = ("binary", "uniform")
 
 # (logits, smoothed target, pos_weight or None) -> per-element loss, all in the compute dtype
 Pointwise = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+class FusedKind(NamedTuple):
+    """Which loss the fused CPU kernel computes (:mod:`xloss.ops.fused_binary`)."""
+
+    kind: int  # BCE, FOCAL, ASL_CLIP or ASL_NO_CLIP
+    params: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def check_binary_settings(
@@ -110,7 +119,7 @@ def check_pos_weight(pos_weight, num_classes: int | None) -> None:
 
 
 def elementwise_target(target, input: Tensor) -> Tensor:
-    """Check that ``target`` has the input's shape; integer and bool targets become floats."""
+    """Check that ``target`` has the input's shape; returns it on the input's device."""
     check_tensor("target", target)
     if target.is_complex():
         raise TypeError(f"`target` must be a real tensor, got dtype {target.dtype}")
@@ -119,7 +128,7 @@ def elementwise_target(target, input: Tensor) -> Tensor:
             f"`target` must have the input's shape {shape_str(input.shape)} (binary losses "
             f"never broadcast), got {shape_str(target.shape)}"
         )
-    return target.to(device=input.device, dtype=compute_dtype(input.dtype))
+    return target.to(device=input.device)
 
 
 def class_axis(ndim: int, class_dim: int) -> int | None:
@@ -175,11 +184,16 @@ def elementwise_loss(
     class_dim: int,
     normalizer: float | Tensor | None,
     validate_args: bool,
+    fused: FusedKind | None = None,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """The shared path of the binary family: validate, mask, smooth, weight, reduce.
 
     ``pointwise(x, y', pos_weight)`` returns the unweighted per-element loss from logits
     ``x`` and smoothed targets ``y'`` in the compute dtype (fp32 for fp16/bf16 input).
+    ``fused`` names the same loss for the fused CPU kernel, which serves fp32/fp16/bf16
+    CPU input when no tensor but the input requires a gradient; the portable torch path
+    (``pointwise``) serves the rest.
     """
     label_smoothing = check_binary_settings(
         reduction=reduction,
@@ -189,6 +203,8 @@ def elementwise_loss(
         normalizer=normalizer,
         validate_args=validate_args,
     )
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
     check_floating_input(input)
     target = elementwise_target(target, input)
     dim = class_axis(input.dim(), class_dim)
@@ -206,12 +222,34 @@ def elementwise_loss(
         lengths=lengths,
         validate_args=validate_args,
     )
+    share = 2 if smoothing_rule == "binary" else num_classes
+    if fused is not None and fused_binary_applies(input, target, weight, pos_weight, normalizer):
+        reduced = fused_binary_loss(
+            input,
+            target,
+            kind=fused.kind,
+            params=fused.params,
+            smoothing=(1.0 - label_smoothing, label_smoothing / share),
+            weight=weight,
+            pos_weight=pos_weight,
+            keep=keep,
+            dim=dim,
+            reduction=reduction,
+            normalizer=normalizer,
+            batched=input.dim() > 1,
+            validate_args=validate_args,  # the kernel checks the targets as it reads them
+            ignore_index=ignore_index,
+            inplace_backward=inplace_backward,
+        )
+        return reduced.to(input.dtype)
+
+    dtype = compute_dtype(input.dtype)
+    target = target.to(dtype)
     if validate_args:
         check_target_range(target, ignore_index, keep)
     if keep is not None:
         target = torch.where(keep, target, 0.0)  # an in-range value; the loss is dropped below
 
-    dtype = compute_dtype(input.dtype)
     logits = input.to(dtype)
     smoothed = smooth_binary_target(target, label_smoothing, smoothing_rule, num_classes)
     if pos_weight is not None:
@@ -269,6 +307,7 @@ def binary_cross_entropy_with_logits(
     class_dim: int = -1,
     normalizer: float | Tensor | None = None,
     validate_args: bool = True,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""Binary (multi-label) cross-entropy between logits and targets in [0, 1].
 
@@ -303,6 +342,13 @@ def binary_cross_entropy_with_logits(
     Without smoothing, masks and ``ignore_index`` the result equals
     ``F.binary_cross_entropy_with_logits`` for every reduction it has.
 
+    On CPU, fp32, fp16 and bf16 input runs through a fused numba kernel
+    (:mod:`xloss.ops.fused_binary`) that computes the loss and writes the gradient in one
+    pass over the elements, in fp32; fp64, other devices, and calls where ``target``,
+    ``weight``, ``pos_weight`` or ``normalizer`` require a gradient use portable torch ops.
+    Second-order gradients are available on the portable path only: on the kernel path
+    the second backward raises a RuntimeError that says so.
+
     Args:
         input: logits, floating point, any shape. fp16 and bf16 are computed in fp32 and
             the result is returned in the input's dtype.
@@ -325,6 +371,13 @@ def binary_cross_entropy_with_logits(
         normalizer: divide the summed loss by this number or one-element tensor.
         validate_args: check target values and lengths; these checks synchronise with the
             device, so they can be switched off.
+        inplace_backward: write the gradient into the storage of ``input`` (no extra
+            memory; ``input`` then holds the gradient, not the logits). The version counter
+            of ``input`` is bumped, so autograd raises if another op saved it, and a leaf
+            that requires grad (an ``nn.Parameter``, or a view of one) is refused with a
+            RuntimeError, as PyTorch does for in-place ops. Applies on the CPU kernel path
+            when ``input`` is contiguous; otherwise the logits are copied first and
+            ``input`` is left untouched.
 
     Shape:
         - input: (*), any shape: (), (C), (N, C), (N, C, d_1, ...) or (B, T, C).
@@ -359,6 +412,8 @@ def binary_cross_entropy_with_logits(
         class_dim=class_dim,
         normalizer=normalizer,
         validate_args=validate_args,
+        fused=FusedKind(BCE),
+        inplace_backward=inplace_backward,
     )
 
 

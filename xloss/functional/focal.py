@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from xloss._core.validation import check_non_negative, check_unit_interval
-from xloss.functional.binary import elementwise_loss, log_sigmoid
+from xloss.functional.binary import FusedKind, elementwise_loss, log_sigmoid
+from xloss.ops.fused_binary import ASL_CLIP, ASL_NO_CLIP, FOCAL
 
 
 def check_focal_settings(*, alpha, gamma) -> tuple[float, float]:
@@ -106,6 +107,7 @@ def sigmoid_focal_loss(
     class_dim: int = -1,
     normalizer: float | Tensor | None = None,
     validate_args: bool = True,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""Sigmoid focal loss (Lin et al., RetinaNet) from logits.
 
@@ -138,8 +140,9 @@ def sigmoid_focal_loss(
         alpha: weight of positives in [0, 1]; negative disables the alpha term.
         gamma: focusing exponent, >= 0.
         reduction, label_smoothing, smoothing_rule, ignore_index, mask, lengths,
-            class_dim, normalizer, validate_args: as in
-            :func:`xloss.binary_cross_entropy_with_logits`.
+            class_dim, normalizer, validate_args, inplace_backward: as in
+            :func:`xloss.binary_cross_entropy_with_logits` (the same fused CPU kernel
+            serves fp32, fp16 and bf16 input).
 
     Shape:
         - input: (*), any shape.
@@ -161,6 +164,8 @@ def sigmoid_focal_loss(
         target,
         weight,
         focal_pointwise(alpha, gamma),
+        fused=FusedKind(FOCAL, (alpha, 1.0 - alpha, gamma) if alpha >= 0 else (1.0, 1.0, gamma)),
+        inplace_backward=inplace_backward,
         reduction=reduction,
         label_smoothing=label_smoothing,
         smoothing_rule=smoothing_rule,
@@ -190,6 +195,7 @@ def asymmetric_loss(
     class_dim: int = -1,
     normalizer: float | Tensor | None = None,
     validate_args: bool = True,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""Asymmetric loss for multi-label classification (ASL, Ridnik et al. 2021).
 
@@ -224,8 +230,9 @@ def asymmetric_loss(
         gamma_neg: focusing exponent of negatives, >= 0.
         clip: probability margin m in [0, 1] subtracted from p for negatives.
         reduction, label_smoothing, smoothing_rule, ignore_index, mask, lengths,
-            class_dim, normalizer, validate_args: as in
-            :func:`xloss.binary_cross_entropy_with_logits`.
+            class_dim, normalizer, validate_args, inplace_backward: as in
+            :func:`xloss.binary_cross_entropy_with_logits` (the same fused CPU kernel
+            serves fp32, fp16 and bf16 input).
 
     Shape:
         - input: (*), any shape.
@@ -247,6 +254,8 @@ def asymmetric_loss(
         target,
         weight,
         asymmetric_pointwise(gamma_pos, gamma_neg, clip),
+        fused=FusedKind(ASL_CLIP if clip > 0 else ASL_NO_CLIP, (gamma_pos, gamma_neg, clip)),
+        inplace_backward=inplace_backward,
         reduction=reduction,
         label_smoothing=label_smoothing,
         smoothing_rule=smoothing_rule,

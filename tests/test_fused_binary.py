@@ -1,0 +1,327 @@
+"""The fused CPU kernel of BCE, focal and ASL (xloss.ops.fused_binary) against float64.
+
+The same option grid as the portable path's tests (tests/elementwise_reference.py), run in
+fp32 so the kernel serves it, with values and gradients compared to the float64
+reference; then the kernel's own contract: in place, half precision, second order,
+learnable weights, empty input, validation, torch.func and torch.compile.
+"""
+
+import pytest
+import torch
+from elementwise_reference import GRID_CASES, GRID_IDS, make_data, option_grid, reference_loss
+from test_binary import bce_reference
+from test_focal import asl_reference, focal_reference
+
+import xloss
+from xloss.ops import fused_binary
+
+bce = xloss.binary_cross_entropy_with_logits
+focal = xloss.sigmoid_focal_loss
+asl = xloss.asymmetric_loss
+
+# name -> (xloss function with its settings, float64 reference, takes pos_weight)
+LOSSES = {
+    "bce": (bce, bce_reference, True),
+    "focal": (
+        lambda x, y, **kw: focal(x, y, alpha=0.3, gamma=2.0, **kw),
+        focal_reference(0.3, 2.0),
+        False,
+    ),
+    "focal_gamma_half": (
+        lambda x, y, **kw: focal(x, y, alpha=-1.0, gamma=0.5, **kw),
+        focal_reference(-1.0, 0.5),
+        False,
+    ),
+    "asl": (
+        lambda x, y, **kw: asl(x, y, gamma_pos=1.0, gamma_neg=4.0, clip=0.05, **kw),
+        asl_reference(1.0, 4.0, 0.05),
+        False,
+    ),
+    "asl_no_clip": (
+        lambda x, y, **kw: asl(x, y, gamma_pos=0.5, gamma_neg=2.0, clip=0.0, **kw),
+        asl_reference(0.5, 2.0, 0.0),
+        False,
+    ),
+}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts launches of the fused kernel, to prove a test ran on the kernel path."""
+    calls = []
+    original = fused_binary._run
+
+    def counting(*args):
+        calls.append(args[7])  # the loss kind
+        return original(*args)
+
+    monkeypatch.setattr(fused_binary, "_run", counting)
+    return calls
+
+
+def as_fp32(options):
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in options.items()}  # fmt: skip
+
+
+def clean_reference_inputs(y, options):
+    """Ignored targets (-1) as 0 plus a mask: the float64 reference's gradient at a
+    dropped element with target -1 (e.g. (1 - p_t) < 0 under a fractional power) is NaN
+    times 0; the kernel's is 0, as the portable path's."""
+    if options.get("ignore_index") is None:
+        return y, options
+    kept = y != options["ignore_index"]
+    mask = kept if options.get("mask") is None else kept & options["mask"]
+    return torch.where(kept, y, 0.0), dict(options, ignore_index=None, mask=mask)
+
+
+def weighted_sum(loss):
+    """A scalar whose gradient sends a different factor to every output element."""
+    factors = torch.linspace(0.5, 1.5, max(loss.numel(), 1), dtype=loss.dtype)
+    return (loss * factors[: loss.numel()].reshape(loss.shape)).sum()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize(("shape", "reduction"), GRID_CASES, ids=GRID_IDS)
+def test_kernel_matches_float64_reference_over_the_grid(shape, reduction, name, kernel_calls):
+    loss_fn, reference, with_pos_weight = LOSSES[name]
+    checked = 0
+    for x, y, options in option_grid(shape, with_pos_weight=with_pos_weight):
+        x32 = x.float().requires_grad_()
+        actual = loss_fn(x32, y.float(), reduction=reduction, **as_fp32(options))
+        x64 = x.float().double().requires_grad_()  # the reference sees the fp32 logits
+        y_ref, ref_options = clean_reference_inputs(y, options)
+        expected = reference_loss(reference, x64, y_ref, reduction=reduction, **ref_options)
+        assert actual.dtype == torch.float32 and actual.shape == expected.shape
+        torch.testing.assert_close(actual.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+        weighted_sum(actual).backward()
+        if expected.requires_grad:
+            weighted_sum(expected).backward()
+            torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+        else:  # the reference returns a constant 0 when every element is dropped
+            assert not x32.grad.any()
+        checked += 1
+    assert len(kernel_calls) == checked > 0
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_in_place_equals_out_of_place_and_overwrites_the_input(name, kernel_calls):
+    loss_fn, _, _ = LOSSES[name]
+    x, y = make_data((6, 2, 9), seed=3, ignore=True)
+    mask = torch.rand(6, 2, 9, generator=torch.Generator().manual_seed(1)) > 0.2
+    options = dict(ignore_index=-1, mask=mask, label_smoothing=0.1, class_dim=1)
+    for reduction in ["mean", "sum", "none", "sample"]:
+        leaf = x.float().requires_grad_()
+        expected = loss_fn(leaf, y.float(), reduction=reduction, **options)
+        weighted_sum(expected).backward()
+
+        base = x.float().requires_grad_()
+        logits = base * 1.0  # an activation, not a leaf
+        logits.retain_grad()
+        version = logits._version
+        actual = loss_fn(logits, y.float(), reduction=reduction, inplace_backward=True, **options)
+        assert logits._version > version
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+        weighted_sum(actual).backward()
+        torch.testing.assert_close(base.grad, leaf.grad, rtol=0, atol=0)
+        assert torch.equal(logits.detach(), logits.grad)  # the input now holds its gradient
+
+
+def test_in_place_on_a_leaf_or_its_view_raises():
+    y = torch.zeros(3, 4)
+    for make in [
+        lambda: torch.zeros(3, 4, requires_grad=True),
+        lambda: torch.nn.Parameter(torch.zeros(3, 4)),
+        lambda: torch.zeros(12, requires_grad=True).view(3, 4),
+    ]:
+        leaf = make()
+        with pytest.raises(RuntimeError, match="overwrite a leaf tensor.*inplace_backward=False"):
+            bce(leaf, y, inplace_backward=True)
+        assert torch.equal(leaf, torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="`inplace_backward` must be a bool, got str"):
+        bce(torch.zeros(3, 4), y, inplace_backward="yes")
+
+
+def test_in_place_on_a_strided_input_leaves_it_untouched():
+    x, y = make_data((4, 6), seed=5)
+    logits = (torch.randn(4, 12, requires_grad=True) * 1.0)[:, ::2]  # not contiguous
+    assert not logits.is_contiguous()
+    before = logits.detach().clone()
+    loss = bce(logits, y.float(), inplace_backward=True)
+    loss.backward()
+    assert torch.equal(logits.detach(), before)
+
+
+def test_in_place_after_another_op_saved_the_input_raises():
+    x = torch.randn(3, 4, requires_grad=True)
+    logits = torch.sigmoid(x)  # sigmoid saves its output for backward
+    loss = bce(logits, torch.zeros(3, 4), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("name", ["bce", "focal", "asl"])
+def test_second_order_raises_at_the_second_backward(name, inplace_backward):
+    loss_fn, _, _ = LOSSES[name]
+    x = torch.randn(4, 5)
+    y = (torch.rand(4, 5) > 0.5).float()
+    base = x.clone().requires_grad_()
+    logits = base * 1.0
+    loss = loss_fn(logits, y, inplace_backward=inplace_backward)
+    (grad,) = torch.autograd.grad(loss, base, create_graph=True)  # first order: fine
+    x64 = x.double().requires_grad_()
+    expected = torch.autograd.grad(loss_fn(x64, y.double()), x64)[0]
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="second-order gradients.*portable torch path"):
+        grad.pow(2).sum().backward()
+
+
+def test_second_order_on_the_portable_path_is_right():
+    x, y = make_data((3, 4), seed=7)
+    x.requires_grad_()
+    for loss_fn, _, _ in LOSSES.values():
+        assert torch.autograd.gradgradcheck(lambda logits, f=loss_fn: f(logits, y), (x,))
+
+
+def test_learnable_weight_pos_weight_and_target_get_their_gradients(kernel_calls):
+    x, y = make_data((5, 4), seed=9)
+    weight = (torch.rand(5, 4) + 0.5).requires_grad_()
+    pos_weight = (torch.rand(4) + 0.5).requires_grad_()
+    logits = x.float().requires_grad_()
+    bce(logits, y.float(), weight, pos_weight=pos_weight).backward()
+    assert not kernel_calls  # the portable path computes the gradients of the weights
+
+    w64 = weight.detach().double().requires_grad_()
+    pw64 = pos_weight.detach().double().requires_grad_()
+    x64 = x.float().double().requires_grad_()
+    (bce_reference(x64, y, pw64.expand(5, 4)) * w64).mean().backward()
+    for ours, theirs in [(logits, x64), (weight, w64), (pos_weight, pw64)]:
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-5, atol=1e-7)
+    soft = y.float().requires_grad_()
+    bce(x.float(), soft).backward()
+    assert soft.grad is not None and torch.isfinite(soft.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0,), (2, 0, 4)], ids=str)
+@pytest.mark.parametrize("name", ["bce", "focal", "asl"])
+def test_empty_input(shape, name):
+    loss_fn, _, _ = LOSSES[name]
+    x = torch.zeros(shape, requires_grad=True)
+    y = torch.zeros(shape)
+    loss = loss_fn(x, y)
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == shape
+    assert loss_fn(x, y, reduction="sum").item() == 0.0
+    assert loss_fn(x, y, reduction="none").shape == shape
+
+
+def test_validation_on_the_kernel_path_raises_and_in_place_leaves_the_input(kernel_calls):
+    y = torch.tensor([[0.0, 1.0, 2.0], [0.5, -1.0, 0.0]])
+    base = torch.randn(2, 3, requires_grad=True)
+    logits = base * 1.0
+    before = logits.detach().clone()
+    with pytest.raises(ValueError, match=r"`target` must lie in \[0, 1\], found 2.0"):
+        bce(logits, y)
+    with pytest.raises(ValueError, match=r"or equal ignore_index=-1, found 2.0"):
+        focal(logits, y, ignore_index=-1, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)
+    with pytest.raises(ValueError, match=r"found nan"):
+        asl(logits, torch.full((2, 3), float("nan")))
+    keep = torch.tensor([[True, True, False], [True, False, True]])
+    assert torch.isfinite(bce(logits, y, mask=keep))  # out-of-range values masked out
+    assert len(kernel_calls) == 4
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_out_of_range_targets_without_validation_agree_with_the_portable_path(
+    name, kernel_calls
+):
+    loss_fn, _, _ = LOSSES[name]
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([[2.0, -3.0, 0.5, 1e6, 0.0]] * 3)
+    logits = x.clone().requires_grad_()
+    actual = loss_fn(logits, y, reduction="none", validate_args=False)
+    actual.sum().backward()
+    x64 = x.double().requires_grad_()
+    expected = loss_fn(x64, y.double(), reduction="none", validate_args=False)  # portable
+    expected.sum().backward()
+    assert len(kernel_calls) == 1
+    torch.testing.assert_close(actual.double(), expected.detach(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_torch_func_grad_equals_autograd(name):
+    loss_fn, _, _ = LOSSES[name]
+    x, y = make_data((4, 6), seed=11)
+    x, y = x.float(), y.float()
+    grad = torch.func.grad(lambda logits: loss_fn(logits, y, label_smoothing=0.1))(x)
+    leaf = x.clone().requires_grad_()
+    loss_fn(leaf, y, label_smoothing=0.1).backward()
+    torch.testing.assert_close(grad, leaf.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_torch_compile_fullgraph_traces_the_kernel(inplace_backward):
+    x, y = make_data((5, 6), seed=13)
+    y = y.float()
+    pos_weight = torch.rand(6) + 0.5
+
+    def step(base):
+        logits = base * 2.0
+        return bce(logits, y, pos_weight=pos_weight, label_smoothing=0.1, validate_args=False,
+                   inplace_backward=inplace_backward)  # fmt: skip
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    eager_base = x.float().requires_grad_()
+    step(eager_base).backward()
+    base = x.float().requires_grad_()
+    loss = compiled(base)
+    loss.backward()
+    torch.testing.assert_close(loss, step(x.float()), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(base.grad, eager_base.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("target_dtype", ["same", "float32"])
+@pytest.mark.parametrize("name", ["bce", "focal", "asl"])
+def test_half_inputs_are_read_natively(name, dtype, tol, target_dtype, kernel_calls):
+    loss_fn, reference, _ = LOSSES[name]
+    x, y = make_data((7, 3, 5), seed=17)
+    x_half = x.to(dtype).requires_grad_()
+    y_in = y.to(dtype) if target_dtype == "same" else y.float()
+    for reduction in ["mean", "none"]:
+        x_half.grad = None
+        loss = loss_fn(x_half, y_in, reduction=reduction, label_smoothing=0.1)
+        assert loss.dtype == dtype
+        x64 = x_half.detach().double().requires_grad_()
+        expected = reference_loss(
+            reference, x64, y_in.double(), reduction=reduction, label_smoothing=0.1
+        )
+        torch.testing.assert_close(loss.double(), expected.detach(), rtol=tol, atol=tol / 10)
+        weighted_sum(loss.float()).backward()
+        weighted_sum(expected).backward()
+        assert x_half.grad.dtype == dtype
+        torch.testing.assert_close(x_half.grad.double(), x64.grad, rtol=tol, atol=tol / 100)
+    assert len(kernel_calls) == 2
+
+
+def test_kinds_match_the_kernel_table():
+    from xloss.ops import _numba_binary
+
+    names = ["BCE", "FOCAL", "ASL_CLIP", "ASL_NO_CLIP"]
+    assert [getattr(fused_binary, n) for n in names] == [getattr(_numba_binary, n) for n in names]
+
+
+def test_long_rows_span_several_tiles_and_threads(kernel_calls):
+    from xloss.ops._numba_binary import TILE
+
+    x, y = make_data((3, 2 * TILE + 5), seed=19)
+    pos_weight = torch.rand(2 * TILE + 5, dtype=torch.float64) + 0.5
+    for reduction in ["mean", "sample", "none"]:
+        actual = bce(x.float(), y.float(), pos_weight=pos_weight.float(), reduction=reduction)
+        expected = reference_loss(bce_reference, x.float().double(), y, pos_weight=pos_weight,
+                                  reduction=reduction)  # fmt: skip
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
+    assert len(kernel_calls) == 3

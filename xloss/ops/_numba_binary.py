@@ -1,0 +1,426 @@
+"""numba kernels of the fused binary family (BCE, sigmoid focal, ASL); imported lazily.
+
+The input is seen as (R, L) rows (see :mod:`xloss.ops.fused_binary` for the layout). One
+pass over each row, in fp32, reads the logit x, the target y (and, when given, the
+element weight w, the keep mask and the positive weight along the class axis) and writes
+the gradient dl/dx, already multiplied by the reduction's scale, and the loss (per row
+sum, and per element for ``reduction="none"``). Bytes per element: 4 + 4 read and 4
+written for fp32 logits and targets (2 + 2 + 2 for fp16/bf16), plus 1 for a mask and 4
+for a full element weight when given.
+
+Per element, with e = exp(-|x|) (a polynomial exp: no SVML here, so ``math.exp`` would
+not vectorise) and l1 = log1p(e) (an atanh series, vectorised too):
+
+- softplus(x) = max(x, 0) + l1 = -log(1 - s(x)), softplus(-x) = max(-x, 0) + l1 = -log s(x),
+  so no log of a rounded probability is ever taken (finite at x = +-1e4);
+- s(x) = 1/(1+e) or e/(1+e) by the sign of x, and 1 - s(x) the other one, both without
+  cancellation.
+
+Options that are absent are passed as one row of ones (weight, pos_weight, keep) indexed
+with row stride 0, so the element loop has no branch; the loss kind picks one of four
+copies of the loop at the row level. fp16 and bf16 arrive as their bit patterns: fp16 as
+uint16 and bf16 as int16, so numba specialises the kernel on the array types.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from xloss.ops._numba_rows import (
+    FASTMATH,
+    _bf16_to_float,
+    _exp_nonpositive,
+    _float_as_int,
+    _float_to_bf16,
+    _float_to_half,
+    _half_to_float,
+    _int_as_float,
+)
+
+BCE, FOCAL, ASL_CLIP, ASL_NO_CLIP = 0, 1, 2, 3
+_ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
+_LN2 = np.float32(0.6931471805599453)
+_SQRT2 = np.float32(1.4142135623730951)
+_TINY = np.float32(1.1754943508222875e-38)  # smallest normal fp32
+_TWO_POW_23 = np.float32(8388608.0)
+
+
+def _widen(value):
+    """A stored element as float32 (fp16 bits as uint16, bf16 bits as int16)."""
+
+
+@overload(_widen, inline="always")
+def _widen_impl(value):
+    if isinstance(value, types.Float):
+
+        def widen_float(value):
+            return np.float32(value)
+
+        return widen_float
+    if value == types.uint16:
+
+        def widen_half(value):
+            return _half_to_float(np.int32(value))
+
+        return widen_half
+    if value == types.int16:
+
+        def widen_bf16(value):
+            return _bf16_to_float(np.int32(value))
+
+        return widen_bf16
+    return None
+
+
+def _narrow(array, value):
+    """float32 to the element type of ``array`` (round to nearest even for fp16/bf16)."""
+
+
+@overload(_narrow, inline="always")
+def _narrow_impl(array, value):
+    if isinstance(array.dtype, types.Float):
+
+        def narrow_float(array, value):
+            return value
+
+        return narrow_float
+    if array.dtype == types.uint16:
+
+        def narrow_half(array, value):
+            return _float_to_half(value)
+
+        return narrow_half
+    if array.dtype == types.int16:
+
+        def narrow_bf16(array, value):
+            return np.int16(np.int32(_float_to_bf16(value)))
+
+        return narrow_bf16
+    return None
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _log1p_moderate(t):
+    """log(1 + t) for t in [-0.5, 1]: 2 atanh(z), z = t / (2 + t), |z| <= 1/3 (no
+    cancellation for tiny t; relative error ~1e-8 from the series up to z^15)."""
+    z = t / (np.float32(2.0) + t)
+    z2 = z * z
+    p = np.float32(1.0 / 15.0)
+    p = p * z2 + np.float32(1.0 / 13.0)
+    p = p * z2 + np.float32(1.0 / 11.0)
+    p = p * z2 + np.float32(1.0 / 9.0)
+    p = p * z2 + np.float32(1.0 / 7.0)
+    p = p * z2 + np.float32(1.0 / 5.0)
+    p = p * z2 + np.float32(1.0 / 3.0)
+    p = p * z2 + _ONE
+    return np.float32(2.0) * z * p
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _log_positive(v):
+    """log(v) for finite v > 0 (subnormals included): v = m 2^k, m in [sqrt(1/2), sqrt(2))."""
+    small = v < _TINY
+    v = v * _TWO_POW_23 if small else v
+    bits = _float_as_int(v)
+    k = (bits >> np.int32(23)) - np.int32(127)
+    m = _int_as_float((bits & np.int32(0x7FFFFF)) | np.int32(0x3F800000))  # [1, 2)
+    big = m > _SQRT2
+    m = m * np.float32(0.5) if big else m
+    k = k + np.int32(1) if big else k
+    k = k - np.int32(23) if small else k
+    return np.float32(k) * _LN2 + _log1p_moderate(m - _ONE)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _power(base, log_base, exponent):
+    """base ** exponent for base in [0, 1] from log(base); 0 at base 0 (1 for exponent 0)."""
+    if base > _ZERO:
+        return _exp_nonpositive(exponent * log_base)
+    return _ONE if exponent == _ZERO else _ZERO
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _sigmoid_parts(x):
+    """(softplus(x), softplus(-x), s(x), 1 - s(x)), each without cancellation."""
+    e = _exp_nonpositive(-abs(x))
+    l1 = _log1p_moderate(e)
+    inv = _ONE / (_ONE + e)
+    positive = x >= _ZERO
+    s = inv if positive else e * inv
+    q = e * inv if positive else inv
+    return max(x, _ZERO) + l1, max(-x, _ZERO) + l1, s, q
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _bce(x, y, pw, p1, p2, p3):
+    """-[pw y log s + (1-y) log(1-s)] and its derivative (1-y) s - pw y (1-s)."""
+    sp_pos, sp_neg, s, q = _sigmoid_parts(x)
+    loss = pw * y * sp_neg + (_ONE - y) * sp_pos
+    return loss, (_ONE - y) * s - pw * y * q
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _focal(x, y, pw, alpha_pos, alpha_neg, gamma):
+    """alpha_t (1 - p_t)^gamma BCE and its derivative; 1 - p_t = y (1-s) + (1-y) s."""
+    sp_pos, sp_neg, s, q = _sigmoid_parts(x)
+    ce = y * sp_neg + (_ONE - y) * sp_pos
+    miss = y * q + (_ONE - y) * s
+    lifted = max(miss, _TINY * _TINY)  # the log is only used where miss > 0
+    modulation = _power(miss, _log_positive(lifted), gamma)
+    # d miss/dx = s (1-s) (1 - 2y); s (1-s) / miss <= 1 since miss >= min(s, 1-s)
+    ratio = s * q / lifted if miss > _ZERO else _ZERO
+    alpha_t = alpha_pos * y + alpha_neg * (_ONE - y)
+    loss = alpha_t * modulation * ce
+    grad = modulation * (s - y) + ce * gamma * modulation * ratio * (_ONE - np.float32(2.0) * y)
+    return loss, alpha_t * grad
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _asl_positive(sp_pos, sp_neg, s, q, gamma_pos):
+    """(1-s)^g+ (-log s) and its derivative; (1-s)^g+ = exp(-g+ softplus(x))."""
+    focus = _exp_nonpositive(-gamma_pos * sp_pos)
+    return focus * sp_neg, -focus * (gamma_pos * s * sp_neg + q)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _asl_clip(x, y, pw, gamma_pos, gamma_neg, clip):
+    """ASL with p_m = max(s - clip, 0): y A + (1-y) p_m^g- (-log(1 - p_m))."""
+    sp_pos, sp_neg, s, q = _sigmoid_parts(x)
+    positive, d_positive = _asl_positive(sp_pos, sp_neg, s, q, gamma_pos)
+    shifted = s - clip
+    p_m = max(shifted, _ZERO)  # <= 1 - clip, so 1 - p_m >= clip > 0
+    lifted = max(p_m, _TINY * _TINY)
+    not_shifted = _ONE - p_m  # exact for p_m >= 0.5 (Sterbenz)
+    log_not = _log_positive(not_shifted) if p_m > np.float32(0.5) else _log1p_moderate(-p_m)
+    focus = _power(p_m, _log_positive(lifted), gamma_neg)
+    negative = -focus * log_not
+    d_negative = s * q * (gamma_neg * focus / lifted * -log_not + focus / not_shifted)
+    d_negative = d_negative if shifted > _ZERO else _ZERO
+    loss = y * positive + (_ONE - y) * negative
+    return loss, y * d_positive + (_ONE - y) * d_negative
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _asl_no_clip(x, y, pw, gamma_pos, gamma_neg, unused):
+    """ASL with clip 0: y A + (1-y) s^g- softplus(x), s^g- = exp(-g- softplus(-x))."""
+    sp_pos, sp_neg, s, q = _sigmoid_parts(x)
+    positive, d_positive = _asl_positive(sp_pos, sp_neg, s, q, gamma_pos)
+    focus = _exp_nonpositive(-gamma_neg * sp_neg)
+    negative = focus * sp_pos
+    d_negative = focus * (gamma_neg * q * sp_pos + s)
+    loss = y * positive + (_ONE - y) * negative
+    return loss, y * d_positive + (_ONE - y) * d_negative
+
+
+@njit(inline="always", cache=True)
+def _outside_unit(value):
+    """True outside [0, 1], and for NaN."""
+    return not ((value >= _ZERO) & (value <= _ONE))
+
+
+def _make_rows(element):
+    """The loops over one tile of a row for one loss kind (``element`` is inlined).
+
+    ``grad_row`` writes the scaled gradient and returns the tile's loss sum and how many
+    kept targets lie outside [0, 1]; ``loss_row`` writes the per-element loss
+    (``reduction="none"``). Each loop writes one array: with more, the runtime alias
+    checks that LLVM inserts before vectorising exceed its limit and the loop stays scalar.
+    """
+
+    @njit(inline="always", fastmath=FASTMATH)
+    def grad_row(src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
+                 smooth_shift, scale, p1, p2, p3):  # fmt: skip
+        total = _ZERO
+        bad = np.int32(0)
+        for c in range(src.shape[0]):
+            raw = _widen(target[c])
+            kept = keep[c]
+            y = raw * smooth_scale + smooth_shift
+            loss, grad = element(_widen(src[c]), y, pos_col[c] * pos_scalar, p1, p2, p3)
+            w = weight[c]
+            dst[c] = _narrow(dst, grad * w * scale if kept else _ZERO)
+            total += loss * w if kept else _ZERO
+            bad += np.int32(kept & _outside_unit(raw))
+        return total, bad
+
+    @njit(inline="always", fastmath=FASTMATH)
+    def loss_row(src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
+                 smooth_shift, p1, p2, p3):  # fmt: skip
+        for c in range(src.shape[0]):
+            y = _widen(target[c]) * smooth_scale + smooth_shift
+            loss, _ = element(_widen(src[c]), y, pos_col[c] * pos_scalar, p1, p2, p3)
+            losses[c] = loss * weight[c] if keep[c] else _ZERO
+
+    return grad_row, loss_row
+
+
+_ROWS = (_make_rows(_bce), _make_rows(_focal), _make_rows(_asl_clip), _make_rows(_asl_no_clip))
+
+
+def _grad_row(kind, src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
+              smooth_shift, scale, p1, p2, p3):  # fmt: skip
+    """The gradient loop of loss ``kind`` (a compile-time constant)."""
+
+
+def _loss_row(kind, src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
+              smooth_shift, p1, p2, p3):  # fmt: skip
+    """The per-element loss loop of loss ``kind`` (a compile-time constant)."""
+
+
+# Typed with the literal kind, so each kernel compiles only its own loops; numba retries a
+# call with literal types when the overload returns None for the plain int.
+@overload(_grad_row, inline="always")
+def _grad_row_impl(kind, src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
+                   smooth_shift, scale, p1, p2, p3):  # fmt: skip
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    row = _ROWS[kind.literal_value][0]
+
+    def impl(kind, src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
+             smooth_shift, scale, p1, p2, p3):  # fmt: skip
+        return row(src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
+                   smooth_shift, scale, p1, p2, p3)
+
+    return impl
+
+
+@overload(_loss_row, inline="always")
+def _loss_row_impl(kind, src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
+                   smooth_shift, p1, p2, p3):  # fmt: skip
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    row = _ROWS[kind.literal_value][1]
+
+    def impl(kind, src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
+             smooth_shift, p1, p2, p3):  # fmt: skip
+        row(src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
+            smooth_shift, p1, p2, p3)
+
+    return impl
+
+
+TILE = 2048  # elements of a row handled at once: 8 KiB of fp32, stays in L1
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _tiles(kind, source, target, dest, in_place, weight, keep, pos_col, pos_row,
+           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
+           tile_bad):  # fmt: skip
+    """The whole pass over (R, L) elements, in tiles of at most TILE elements of a row.
+
+    Args:
+        kind: BCE, FOCAL, ASL_CLIP or ASL_NO_CLIP (a compile-time constant).
+        source: (R, L) logits, float32 / uint16 (fp16 bits) / int16 (bf16 bits); unused
+            (0, 0) with ``in_place``, where ``dest`` holds the logits and gets the gradient.
+        target: (R, L) targets, float32 / uint16 / int16.
+        dest: (R, L) gradient in the logits' type; (0, 0) computes the loss only.
+        weight: (R, L) or (1, L) float32 element weights; keep: (R, L) or (1, L) bool.
+        pos_col: (L,) positive weight per column; pos_row: (P,) per row r, read at r % P.
+        smooth_scale, smooth_shift: y' = y * smooth_scale + smooth_shift.
+        scale: the gradient's factor (1/count for a mean).
+        p1, p2, p3: (alpha_pos, alpha_neg, gamma) for focal, (gamma_pos, gamma_neg, clip)
+            for ASL, unused for BCE.
+        element_loss: (R, L) float32 per-element loss, or (0, 0).
+        tile_loss: (R, T) float32 loss sum of each tile; tile_bad: (R, T) int32 count of
+            kept targets outside [0, 1]; T = ceil(L / TILE).
+
+    With ``in_place`` the tile of logits is first copied to a per-thread scratch tile
+    (from L1): reading and writing one array through two names would fail LLVM's alias
+    check and run the loop unvectorised.
+    """
+    num_rows, width = target.shape
+    tiles_per_row = tile_loss.shape[1]
+    num_tiles = num_rows * tiles_per_row
+    write = dest.shape[0] > 0
+    store = element_loss.shape[0] > 0
+    full_weight = weight.shape[0] > 1
+    full_keep = keep.shape[0] > 1
+    num_pos_rows = pos_row.shape[0]
+    num_chunks = min(num_tiles, 256)
+    for chunk in prange(num_chunks):
+        src_scratch = np.empty(min(width, TILE) if in_place else 0, dtype=dest.dtype)
+        dst_scratch = np.empty(0 if write else min(width, TILE), dtype=dest.dtype)
+        for t in range(chunk, num_tiles, num_chunks):
+            r = t // tiles_per_row
+            start = (t - r * tiles_per_row) * TILE
+            stop = min(start + TILE, width)
+            size = stop - start
+            dst = dest[r, start:stop] if write else dst_scratch[:size]
+            if in_place:
+                src = src_scratch[:size]
+                src[:] = dst
+            else:
+                src = source[r, start:stop]
+            y = target[r, start:stop]
+            w = weight[r, start:stop] if full_weight else weight[0, start:stop]
+            k = keep[r, start:stop] if full_keep else keep[0, start:stop]
+            pw = pos_col[start:stop]
+            pos_scalar = pos_row[r % num_pos_rows]
+            total, bad = _grad_row(kind, src, y, dst, w, k, pw, pos_scalar, smooth_scale,
+                                   smooth_shift, scale, p1, p2, p3)
+            if store:
+                _loss_row(kind, src, y, element_loss[r, start:stop], w, k, pw, pos_scalar,
+                          smooth_scale, smooth_shift, p1, p2, p3)
+            tile_loss[r, t - r * tiles_per_row] = total
+            tile_bad[r, t - r * tiles_per_row] = bad
+
+
+# One kernel per loss kind, so that a call compiles (and caches) only its own loops.
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def bce(source, target, dest, in_place, weight, keep, pos_col, pos_row, smooth_scale,
+        smooth_shift, scale, p1, p2, p3, element_loss, tile_loss, tile_bad):  # fmt: skip
+    """The bce kernel: :func:`_tiles` with kind=BCE."""
+    _tiles(BCE, source, target, dest, in_place, weight, keep, pos_col, pos_row,
+           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
+           tile_bad)  # fmt: skip
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def focal(source, target, dest, in_place, weight, keep, pos_col, pos_row, smooth_scale,
+        smooth_shift, scale, p1, p2, p3, element_loss, tile_loss, tile_bad):  # fmt: skip
+    """The focal kernel: :func:`_tiles` with kind=FOCAL."""
+    _tiles(FOCAL, source, target, dest, in_place, weight, keep, pos_col, pos_row,
+           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
+           tile_bad)  # fmt: skip
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def asl_clip(source, target, dest, in_place, weight, keep, pos_col, pos_row, smooth_scale,
+        smooth_shift, scale, p1, p2, p3, element_loss, tile_loss, tile_bad):  # fmt: skip
+    """The asl_clip kernel: :func:`_tiles` with kind=ASL_CLIP."""
+    _tiles(ASL_CLIP, source, target, dest, in_place, weight, keep, pos_col, pos_row,
+           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
+           tile_bad)  # fmt: skip
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def asl_no_clip(source, target, dest, in_place, weight, keep, pos_col, pos_row, smooth_scale,
+        smooth_shift, scale, p1, p2, p3, element_loss, tile_loss, tile_bad):  # fmt: skip
+    """The asl_no_clip kernel: :func:`_tiles` with kind=ASL_NO_CLIP."""
+    _tiles(ASL_NO_CLIP, source, target, dest, in_place, weight, keep, pos_col, pos_row,
+           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
+           tile_bad)  # fmt: skip
+
+
+KERNELS = (bce, focal, asl_clip, asl_no_clip)  # indexed by kind
+
+
+@njit(parallel=True, cache=True)
+def count_bad_targets(target, keep):
+    """How many kept targets lie outside [0, 1] (NaN included), for in-place validation."""
+    num_rows = target.shape[0]
+    full_keep = keep.shape[0] > 1
+    bad_rows = np.zeros(num_rows, dtype=np.int32)
+    for r in prange(num_rows):
+        k = keep[r] if full_keep else keep[0]
+        row = target[r]
+        bad = np.int32(0)
+        for c in range(row.shape[0]):
+            bad += np.int32(k[c] & _outside_unit(_widen(row[c])))
+        bad_rows[r] = bad
+    return int(bad_rows.sum())

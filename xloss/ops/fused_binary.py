@@ -1,0 +1,442 @@
+"""BCE, sigmoid focal and asymmetric loss through one fused CPU pass (numba), as custom ops.
+
+The kernels (:mod:`xloss.ops._numba_binary`, imported on first use and cached on disk) see
+the input as (R, L) rows: with the class axis last (or 0-D/1-D input) a row is one
+position's C classes and the positive weight varies along the row; with the class axis
+at ``dim`` < ndim - 1 a row holds the L = prod(shape[dim+1:]) elements of one class at
+one outer position, and row r has class r % C. Every row is a contiguous piece of the
+input, so rows never straddle samples (axis 0).
+
+Two ops in the ``xloss`` namespace, each with a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through them:
+
+- ``xloss::fused_binary`` returns ``(output, grad)``, ``grad`` a new buffer (pooled, see
+  :func:`xloss.ops.kernel.gradient_buffer`); :class:`FusedBinary` carries its autograd
+  formula.
+- ``xloss::fused_binary_`` writes the gradient into the logits themselves
+  (``inplace_backward=True``); :class:`InplaceFusedBinary` carries its autograd formula.
+  The declared mutation bumps the logits' version counter, so autograd raises instead
+  of using a tensor that another op saved.
+
+Both autograd formulas are ``autograd.Function`` s with ``setup_context``, so
+``torch.func.grad`` works as well as ``torch.compile``.
+
+Forward, step by step:
+
+1. the kernel reads each element once (logit, target, and the weight, mask and positive
+   weight when given), and writes the gradient already multiplied by ``grad_scale``
+   (1/count of a mean, 1/normalizer, or 1); with ``validate`` it also counts the kept
+   targets outside [0, 1], and the op raises when there is one (in place, a separate
+   read-only pass checks them first, so the logits are untouched when it raises);
+2. ``output`` is ``grad_scale * sum(loss)`` (a scalar), the (R,) row sums (for
+   ``"sample"``) or the (R, L) element losses (for ``"none"``);
+3. without a gradient to compute (grad mode off, or logits not requiring grad) the
+   kernel writes none.
+
+Backward multiplies the stored gradient by ``grad_output`` (per row, or per element for
+``"none"``), and skips the multiply when every factor is exactly 1. Second-order
+gradients are not available here: with ``create_graph=True`` the first-order gradient
+is returned, and differentiating it raises (see :class:`FirstOrderOnly`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xloss._core.reduction import reduce_loss, safe_divide
+from xloss.ops import kernel
+
+# Loss kinds, as numbered in xloss.ops._numba_binary.
+BCE, FOCAL, ASL_CLIP, ASL_NO_CLIP = 0, 1, 2, 3
+# What the op returns: the scaled sum, the (R,) row sums, or the (R, L) element losses.
+SCALAR, ROWS, ELEMENTS = 0, 1, 2
+
+HALF_TYPES = (torch.float16, torch.bfloat16)
+SECOND_ORDER_HELP = (
+    "second-order gradients (create_graph=True followed by another backward) are not "
+    "available on the fused CPU kernel path of the binary losses; compute the loss on "
+    "the portable torch path, which supports them: pass float64 input (e.g. "
+    "input.double()), or use `with xloss.backends.use('torch'):` where available"
+)
+
+_loaded: dict = {}
+
+
+def _binary_kernels():
+    """The compiled-kernel module, or None when numba is unusable (warned once there)."""
+    if "binary" not in _loaded:
+        module = None
+        if kernel.kernel_available():
+            module = importlib.import_module("xloss.ops._numba_binary")
+        _loaded["binary"] = module
+    return _loaded["binary"]
+
+
+def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
+    """The kernel serves non-empty CPU input in fp32, fp16 and bf16.
+
+    ``differentiable``: the other tensors (target, weight, pos_weight, normalizer); when
+    one of them requires a gradient, the portable path computes it instead.
+    """
+    return (
+        input.device.type == "cpu"
+        and input.dtype in kernel.KERNEL_DTYPES
+        and input.numel() > 0
+        and not any(isinstance(t, Tensor) and t.requires_grad for t in differentiable)
+        and kernel.kernel_available()
+    )
+
+
+class FirstOrderOnly(torch.autograd.Function):
+    """Identity on a first-order gradient; differentiating it again raises.
+
+    The fused backward returns the stored gradient, which has no graph to the logits.
+    With ``create_graph=True`` a second backward would silently see no dependence on
+    them; this node (anchored to the logits, so its output requires grad) makes that
+    second backward raise instead.
+    """
+
+    @staticmethod
+    def forward(grad: Tensor, anchor: Tensor) -> Tensor:
+        return grad.view_as(grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        raise RuntimeError(SECOND_ORDER_HELP)
+
+
+def _first_order(grad: Tensor, anchor: Tensor) -> Tensor:
+    """``grad``, guarded by :class:`FirstOrderOnly` when a graph is being built."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return FirstOrderOnly.apply(grad, anchor)
+    return grad
+
+
+def _array(tensor: Tensor):
+    """A numpy view of a contiguous CPU tensor; fp16 as uint16 bits, bf16 as int16 bits."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.float16:
+        return tensor.view(torch.int16).numpy().view("uint16")
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy()
+    return tensor.numpy()
+
+
+def _raise_bad_target(target: Tensor, keep: Tensor | None, ignore_index: int | None):
+    """The error of a kept target outside [0, 1] (the failure path only)."""
+    values = target.float()
+    bad = ~((values >= 0) & (values <= 1))
+    if keep is not None:
+        bad &= keep.expand_as(bad)
+    value = float(values[bad].flatten()[0])
+    hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+    raise ValueError(f"`target` must lie in [0, 1]{hint}, found {value}")
+
+
+def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params, out_mode,
+         validate, ignore_index, dest, in_place):  # fmt: skip
+    """Launch the kernel over (R, L); returns the op's output. ``dest`` None: no gradient."""
+    kernels = _binary_kernels()
+    if kernels is None:
+        raise RuntimeError("the numba binary kernel is unavailable; check kernel_available()")
+    kernel._set_threads()
+    num_rows, width = target.shape
+    ones_weight = torch.ones(1, width, dtype=torch.float32)
+    ones_keep = torch.ones(1, width, dtype=torch.bool)
+    keep_array = _array(ones_keep if keep is None else keep)
+    target_array = _array(target)
+    if validate and in_place and kernels.count_bad_targets(target_array, keep_array):
+        _raise_bad_target(target, keep, ignore_index)
+    tiles = -(-width // kernels.TILE)
+    tile_loss = torch.empty(num_rows, tiles, dtype=torch.float32)  # R x T
+    tile_bad = torch.empty(num_rows, tiles, dtype=torch.int32)
+    element_loss = torch.empty((num_rows, width) if out_mode == ELEMENTS else (0, 0))
+    empty = _array(logits.new_empty(0, 0))
+    scale = float(grad_scale)
+    kernels.KERNELS[kind](
+        empty if in_place else _array(logits),
+        target_array,
+        empty if dest is None else _array(dest),
+        in_place,
+        _array(ones_weight if weight is None else weight),
+        keep_array,
+        _array(pos_col),
+        _array(pos_row),
+        *(np.float32(value) for value in params[:2]),
+        np.float32(scale),
+        *(np.float32(value) for value in params[2:]),
+        _array(element_loss),
+        _array(tile_loss),
+        _array(tile_bad),
+    )
+    if validate and not in_place and bool(tile_bad.any()):
+        _raise_bad_target(target, keep, ignore_index)
+    if out_mode == ELEMENTS:
+        return element_loss
+    row_loss = tile_loss.double().sum(1)
+    if out_mode == ROWS:
+        return row_loss.float()
+    return (row_loss.sum() * scale).float()
+
+
+@torch.library.custom_op("xloss::fused_binary", mutates_args=(), device_types="cpu")
+def _fused_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],  # noqa: UP045 (custom_op reads the annotation)
+    keep: Optional[Tensor],  # noqa: UP045
+    pos_col: Tensor,
+    pos_row: Tensor,
+    grad_scale: Tensor,
+    kind: int,
+    params: list[float],
+    out_mode: int,
+    validate: bool,
+    ignore_index: Optional[int],  # noqa: UP045
+    write_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    grad = kernel.gradient_buffer(logits.shape, logits.dtype) if write_grad else None  # R x L
+    output = _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params,
+                  out_mode, validate, ignore_index, grad, False)  # fmt: skip
+    return output, logits.new_empty(0) if grad is None else grad
+
+
+@torch.library.custom_op("xloss::fused_binary_", mutates_args=("logits",), device_types="cpu")
+def _fused_inplace_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],  # noqa: UP045 (custom_op reads the annotation)
+    keep: Optional[Tensor],  # noqa: UP045
+    pos_col: Tensor,
+    pos_row: Tensor,
+    grad_scale: Tensor,
+    kind: int,
+    params: list[float],
+    out_mode: int,
+    validate: bool,
+    ignore_index: Optional[int],  # noqa: UP045
+) -> Tensor:
+    return _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params,
+                out_mode, validate, ignore_index, logits, True)  # fmt: skip
+
+
+def _output_like(logits: Tensor, out_mode: int) -> Tensor:
+    shape = {SCALAR: (), ROWS: (logits.shape[0],), ELEMENTS: tuple(logits.shape)}[out_mode]
+    return logits.new_empty(shape, dtype=torch.float32)
+
+
+@_fused_op.register_fake
+def _(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params, out_mode,
+      validate, ignore_index, write_grad):  # fmt: skip
+    grad = torch.empty_like(logits) if write_grad else logits.new_empty(0)
+    return _output_like(logits, out_mode), grad
+
+
+@_fused_inplace_op.register_fake
+def _(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params, out_mode,
+      validate, ignore_index):  # fmt: skip
+    return _output_like(logits, out_mode)
+
+
+def _scale_grad(grad: Tensor, grad_output: Tensor, out_mode: int, in_place: bool) -> Tensor:
+    """grad * grad_output; no multiply when every factor is exactly 1 (eager only)."""
+    if not torch.compiler.is_compiling() and bool((grad_output == 1).all()):
+        return grad
+    factor = grad_output.unsqueeze(-1) if out_mode == ROWS else grad_output
+    return grad.mul_(factor) if in_place else (grad * factor).to(grad.dtype)
+
+
+class FusedBinary(torch.autograd.Function):
+    """The out-of-place op with autograd (an ``autograd.Function`` with ``setup_context``,
+    so ``torch.func.grad`` works; a custom op's registered autograd does not support it).
+
+    forward: run ``xloss::fused_binary``, which returns the output and the gradient
+    already scaled by ``grad_scale``; save the gradient.
+    backward: multiply it by ``grad_output`` (skipped when 1) and return it for the logits.
+    """
+
+    @staticmethod
+    def forward(logits, target, weight, keep, pos_col, pos_row, settings):
+        return _fused_op(logits, target, weight, keep, pos_col, pos_row, *settings, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.out_mode = inputs[-1].out_mode
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # else backward gets an R x L zero tensor for `grad`
+        ctx.save_for_backward(output[1], inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_of_grad):
+        grad, logits = ctx.saved_tensors
+        if grad_output is None:  # grads are not materialised
+            return (None,) * 7
+        grad_logits = _scale_grad(grad, grad_output, ctx.out_mode, in_place=False)
+        return (_first_order(grad_logits, logits),) + (None,) * 6
+
+
+class InplaceFusedBinary(torch.autograd.Function):
+    """The in-place op with autograd: the logits' storage becomes their gradient.
+
+    forward: 1. run ``xloss::fused_binary_`` (bumps the logits' version);
+    2. save the logits, which now hold the gradient scaled by ``grad_scale``.
+    backward: multiply that gradient in place by ``grad_output`` (skipped when 1) and
+    return it for the logits; the other inputs get None.
+    """
+
+    @staticmethod
+    def forward(logits, target, weight, keep, pos_col, pos_row, settings):
+        return _fused_inplace_op(logits, target, weight, keep, pos_col, pos_row, *settings)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.out_mode = inputs[-1].out_mode
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        grad_logits = _scale_grad(grad, grad_output, ctx.out_mode, in_place=True)
+        return (_first_order(grad_logits, grad),) + (None,) * 6
+
+
+class KernelSettings(NamedTuple):
+    """The non-tensor arguments of both ops, in their order."""
+
+    grad_scale: Tensor  # 0-dim float32
+    kind: int
+    params: list[float]
+    out_mode: int
+    validate: bool
+    ignore_index: int | None
+
+
+def _check_inplace_target(logits: Tensor) -> None:
+    """PyTorch's rule for in-place ops: never on a leaf that requires grad, or its view."""
+    base = logits._base if logits._base is not None else logits
+    if base.is_leaf and base.requires_grad:
+        raise RuntimeError(
+            "inplace_backward=True would overwrite a leaf tensor that requires grad (an "
+            "nn.Parameter, a tensor created with requires_grad=True, or a view of one) with "
+            "its gradient; pass inplace_backward=False, or the output of an operation"
+        )
+
+
+def _as_rows(values: Tensor, num_rows: int, width: int, dtype: torch.dtype) -> Tensor:
+    """An input-shaped tensor as (R, L), or (1, L) when it is the same for every row."""
+    rows = values.to(dtype).reshape(num_rows, width)
+    if num_rows > 1 and rows.stride(0) == 0:
+        return rows[:1].contiguous()
+    return rows.contiguous()
+
+
+def _rows_layout(shape: torch.Size, dim: int | None) -> tuple[int, int]:
+    """(R, L): rows of the whole class axis when it is last, else of one class each."""
+    numel = math.prod(shape)
+    if dim is None or dim == len(shape) - 1:
+        width = 1 if dim is None else shape[-1]
+    else:
+        width = math.prod(shape[dim + 1 :])
+    return numel // width, width
+
+
+def fused_binary_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    kind: int,
+    params: tuple[float, float, float],
+    smoothing: tuple[float, float],
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    keep: Tensor | None,
+    dim: int | None,
+    reduction: str,
+    normalizer,
+    batched: bool,
+    validate_args: bool,
+    ignore_index: int | None,
+    inplace_backward: bool,
+) -> Tensor:
+    """The reduced loss of ``input`` through the kernel (see the module docstring).
+
+    ``params``: (alpha_pos, alpha_neg, gamma) for focal, (gamma_pos, gamma_neg, clip) for
+    ASL; ``smoothing``: (scale, shift) with y' = y * scale + shift; ``dim``: the class axis
+    (None for 0-D input); ``keep``: the input-shaped bool mask of kept elements, or None.
+    """
+    shape = input.shape
+    if reduction == "sample" and normalizer is None and not batched:
+        raise ValueError("reduction='sample' needs a batch axis, but `input` is unbatched")
+    num_rows, width = _rows_layout(shape, dim)
+    # R x L: a view of the caller's logits when they are contiguous, else a private copy
+    logits = input.reshape(num_rows, width).contiguous()
+    target_type = target.dtype if target.dtype == input.dtype else torch.float32
+    target_rows = target.to(target_type).reshape(num_rows, width).contiguous()
+    weight_rows = None if weight is None else _as_rows(
+        weight.expand(shape), num_rows, width, torch.float32
+    )  # fmt: skip
+    keep_rows = None if keep is None else _as_rows(keep.expand(shape), num_rows, width, torch.bool)
+    ones_col = torch.ones(width, dtype=torch.float32)
+    pos_col, pos_row = ones_col, torch.ones(1, dtype=torch.float32)
+    if pos_weight is not None:
+        values = pos_weight.detach().to(torch.float32).reshape(-1)
+        if dim is None or dim == len(shape) - 1:
+            pos_col = values.expand(width).contiguous()
+        else:
+            pos_row = values.expand(shape[dim]).contiguous()
+
+    if normalizer is not None:
+        out_mode = SCALAR
+        scale = safe_divide(torch.ones((), dtype=torch.float32), normalizer)
+    elif reduction in ("sum", "mean"):
+        out_mode = SCALAR
+        count = float(input.numel()) if keep is None else keep.sum()
+        scale = torch.ones((), dtype=torch.float32)
+        if reduction == "mean":
+            scale = safe_divide(scale, torch.as_tensor(count, dtype=torch.float32))
+    else:
+        out_mode = ELEMENTS if reduction == "none" else ROWS
+        scale = torch.ones((), dtype=torch.float32)
+    settings = KernelSettings(
+        scale.to(torch.float32).reshape(()),
+        kind,
+        [float(smoothing[0]), float(smoothing[1]), *map(float, params)],
+        out_mode,
+        validate_args,
+        ignore_index,
+    )
+    tensors = (logits, target_rows, weight_rows, keep_rows, pos_col, pos_row)
+    write_grad = torch.is_grad_enabled() and logits.requires_grad
+    if write_grad and inplace_backward:
+        _check_inplace_target(input)
+        output = InplaceFusedBinary.apply(*tensors, settings)
+    elif write_grad:
+        output, _ = FusedBinary.apply(*tensors, settings)
+    else:
+        output, _ = _fused_op(*tensors, *settings, False)
+    if out_mode == SCALAR:
+        return output
+    if out_mode == ELEMENTS:
+        return output.reshape(shape)
+    # "sample": row sums (R,) -> per sample, over the kept elements of its rows
+    samples = shape[0]
+    if keep_rows is None:
+        per_row_count = torch.full((num_rows,), float(width))
+    else:
+        per_row_count = keep_rows.expand(num_rows, width).sum(1).float()
+    return reduce_loss(
+        output.reshape(samples, -1),
+        "sample",
+        denominator=per_row_count.reshape(samples, -1),
+        batched=batched,
+    )
