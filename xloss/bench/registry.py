@@ -44,6 +44,11 @@ def register(table: Table) -> Table:
 
 def load_tables() -> dict[str, Table]:
     """Import the modules that register tables."""
-    from xloss.bench import cross_entropy, linear_cross_entropy, training_step  # noqa: F401
+    from xloss.bench import (  # noqa: F401
+        binary,
+        cross_entropy,
+        linear_cross_entropy,
+        training_step,
+    )
 
     return TABLES

@@ -30,6 +30,7 @@ from xloss._core.reduction import reduce_loss, safe_divide
 from xloss._core.validation import (
     check_floating_input,
     check_ignore_index,
+    check_inplace_allowed,
     check_normalizer,
     check_reduction,
     check_tensor,
@@ -206,6 +207,8 @@ def elementwise_loss(
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
     check_floating_input(input)
+    if inplace_backward:
+        check_inplace_allowed(input)
     target = elementwise_target(target, input)
     dim = class_axis(input.dim(), class_dim)
     num_classes = 1 if dim is None else input.shape[dim]
@@ -346,8 +349,9 @@ def binary_cross_entropy_with_logits(
     (:mod:`xloss.ops.fused_binary`) that computes the loss and writes the gradient in one
     pass over the elements, in fp32; fp64, other devices, and calls where ``target``,
     ``weight``, ``pos_weight`` or ``normalizer`` require a gradient use portable torch ops.
-    Second-order gradients are available on the portable path only: on the kernel path
-    the second backward raises a RuntimeError that says so.
+    Second-order gradients are available on the portable path only
+    (``with xloss.backends.use("torch"):``); on the kernel path the second backward raises
+    a RuntimeError that says so.
 
     Args:
         input: logits, floating point, any shape. fp16 and bf16 are computed in fp32 and
@@ -373,11 +377,11 @@ def binary_cross_entropy_with_logits(
             device, so they can be switched off.
         inplace_backward: write the gradient into the storage of ``input`` (no extra
             memory; ``input`` then holds the gradient, not the logits). The version counter
-            of ``input`` is bumped, so autograd raises if another op saved it, and a leaf
-            that requires grad (an ``nn.Parameter``, or a view of one) is refused with a
-            RuntimeError, as PyTorch does for in-place ops. Applies on the CPU kernel path
-            when ``input`` is contiguous; otherwise the logits are copied first and
-            ``input`` is left untouched.
+            of ``input`` is bumped, so autograd raises if another op saved it. Applies on
+            the CPU kernel path when ``input`` is contiguous; otherwise the logits are
+            copied first and ``input`` is left untouched. Like PyTorch's in-place ops it
+            raises a RuntimeError, on every path, when ``input`` is a leaf that requires
+            grad (an ``nn.Parameter``) or a view of one.
 
     Shape:
         - input: (*), any shape: (), (C), (N, C), (N, C, d_1, ...) or (B, T, C).

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss.ops import kernel
 
@@ -60,9 +61,10 @@ SCALAR, ROWS, ELEMENTS = 0, 1, 2
 HALF_TYPES = (torch.float16, torch.bfloat16)
 SECOND_ORDER_HELP = (
     "second-order gradients (create_graph=True followed by another backward) are not "
-    "available on the fused CPU kernel path of the binary losses; compute the loss on "
-    "the portable torch path, which supports them: pass float64 input (e.g. "
-    "input.double()), or use `with xloss.backends.use('torch'):` where available"
+    "available on the fused numba kernel path of the binary losses (BCE, focal, ASL): "
+    "the kernel computes the gradient in the forward pass. Compute the loss on the "
+    "portable torch path, which supports them: `with xloss.backends.use(\"torch\"):` "
+    "(or XLOSS_BACKEND=torch, or float64 input)"
 )
 
 _loaded: dict = {}
@@ -79,17 +81,14 @@ def _binary_kernels():
 
 
 def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
-    """The kernel serves non-empty CPU input in fp32, fp16 and bf16.
-
-    ``differentiable``: the other tensors (target, weight, pos_weight, normalizer); when
-    one of them requires a gradient, the portable path computes it instead.
-    """
+    """The numba kernel serves the call: ``xloss.backends`` picks numba (CPU input in fp32,
+    fp16 or bf16, not forced to torch), the input is not empty, and no other tensor
+    (target, weight, pos_weight, normalizer) requires a gradient: the portable path
+    computes those gradients."""
     return (
-        input.device.type == "cpu"
-        and input.dtype in kernel.KERNEL_DTYPES
-        and input.numel() > 0
+        input.numel() > 0
         and not any(isinstance(t, Tensor) and t.requires_grad for t in differentiable)
-        and kernel.kernel_available()
+        and backends.select(input.device.type, input.dtype) == "numba"
     )
 
 
@@ -230,6 +229,9 @@ def _fused_inplace_op(
                 out_mode, validate, ignore_index, logits, True)  # fmt: skip
 
 
+kernel.dynamo_disable_when_imported(_fused_op, _fused_inplace_op)
+
+
 def _output_like(logits: Tensor, out_mode: int) -> Tensor:
     shape = {SCALAR: (), ROWS: (logits.shape[0],), ELEMENTS: tuple(logits.shape)}[out_mode]
     return logits.new_empty(shape, dtype=torch.float32)
@@ -321,17 +323,6 @@ class KernelSettings(NamedTuple):
     ignore_index: int | None
 
 
-def _check_inplace_target(logits: Tensor) -> None:
-    """PyTorch's rule for in-place ops: never on a leaf that requires grad, or its view."""
-    base = logits._base if logits._base is not None else logits
-    if base.is_leaf and base.requires_grad:
-        raise RuntimeError(
-            "inplace_backward=True would overwrite a leaf tensor that requires grad (an "
-            "nn.Parameter, a tensor created with requires_grad=True, or a view of one) with "
-            "its gradient; pass inplace_backward=False, or the output of an operation"
-        )
-
-
 def _as_rows(values: Tensor, num_rows: int, width: int, dtype: torch.dtype) -> Tensor:
     """An input-shaped tensor as (R, L), or (1, L) when it is the same for every row."""
     rows = values.to(dtype).reshape(num_rows, width)
@@ -418,7 +409,6 @@ def fused_binary_loss(
     tensors = (logits, target_rows, weight_rows, keep_rows, pos_col, pos_row)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     if write_grad and inplace_backward:
-        _check_inplace_target(input)
         output = InplaceFusedBinary.apply(*tensors, settings)
     elif write_grad:
         output, _ = FusedBinary.apply(*tensors, settings)
