@@ -41,8 +41,8 @@ is returned, and differentiating it raises (see :class:`FirstOrderOnly`).
 
 from __future__ import annotations
 
-import importlib
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -71,13 +71,30 @@ _loaded: dict = {}
 
 
 def _binary_kernels():
-    """The compiled-kernel module, or None when numba is unusable (warned once there)."""
+    """The compiled-kernel module, or None when numba is unusable (warned once)."""
+    if not kernel.kernel_available():  # no numba, or forked after OpenMP ran (warned there)
+        return None
     if "binary" not in _loaded:
-        module = None
-        if kernel.kernel_available():
-            module = importlib.import_module("xloss.ops._numba_binary")
-        _loaded["binary"] = module
+        try:
+            _loaded["binary"] = kernel._import_kernels("xloss.ops._numba_binary")
+        except Exception as error:  # a broken numba/llvmlite install
+            warnings.warn(
+                f"xloss: the numba binary kernel is unavailable ({type(error).__name__}: "
+                f"{error}); BCE, focal and ASL on CPU use the slower portable torch path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _loaded["binary"] = None
     return _loaded["binary"]
+
+
+def binary_kernel_available() -> bool:
+    """True when the numba binary kernel can run."""
+    return _binary_kernels() is not None
+
+
+# torch.compile takes the result as a constant (see kernel.kernel_available)
+binary_kernel_available._dynamo_marked_constant = True
 
 
 def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
@@ -89,6 +106,7 @@ def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
         input.numel() > 0
         and not any(isinstance(t, Tensor) and t.requires_grad for t in differentiable)
         and backends.select(input.device.type, input.dtype) == "numba"
+        and binary_kernel_available()
     )
 
 
@@ -148,36 +166,40 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
     kernels = _binary_kernels()
     if kernels is None:
         raise RuntimeError("the numba binary kernel is unavailable; check kernel_available()")
-    kernel._set_threads()
     num_rows, width = target.shape
     ones_weight = torch.ones(1, width, dtype=torch.float32)
     ones_keep = torch.ones(1, width, dtype=torch.bool)
     keep_array = _array(ones_keep if keep is None else keep)
     target_array = _array(target)
-    if validate and in_place and kernels.count_bad_targets(target_array, keep_array):
-        _raise_bad_target(target, keep, ignore_index)
+    if validate and in_place:
+        with kernel.parallel_region():  # threads, fork and the thread-safety of numba's pool
+            bad = kernels.count_bad_targets(target_array, keep_array)
+        if bad:
+            _raise_bad_target(target, keep, ignore_index)
     tiles = -(-width // kernels.TILE)
     tile_loss = torch.empty(num_rows, tiles, dtype=torch.float32)  # R x T
     tile_bad = torch.empty(num_rows, tiles, dtype=torch.int32)
     element_loss = torch.empty((num_rows, width) if out_mode == ELEMENTS else (0, 0))
     empty = _array(logits.new_empty(0, 0))
     scale = float(grad_scale)
-    kernels.KERNELS[kind](
-        empty if in_place else _array(logits),
-        target_array,
-        empty if dest is None else _array(dest),
-        in_place,
-        _array(ones_weight if weight is None else weight),
-        keep_array,
-        _array(pos_col),
-        _array(pos_row),
-        *(np.float32(value) for value in params[:2]),
-        np.float32(scale),
-        *(np.float32(value) for value in params[2:]),
-        _array(element_loss),
-        _array(tile_loss),
-        _array(tile_bad),
-    )
+    with kernel.parallel_region():
+        launch = kernels.KERNELS[kind]
+        launch(
+            empty if in_place else _array(logits),
+            target_array,
+            empty if dest is None else _array(dest),
+            in_place,
+            _array(ones_weight if weight is None else weight),
+            keep_array,
+            _array(pos_col),
+            _array(pos_row),
+            *(np.float32(value) for value in params[:2]),
+            np.float32(scale),
+            *(np.float32(value) for value in params[2:]),
+            _array(element_loss),
+            _array(tile_loss),
+            _array(tile_bad),
+        )
     if validate and not in_place and bool(tile_bad.any()):
         _raise_bad_target(target, keep, ignore_index)
     if out_mode == ELEMENTS:

@@ -89,11 +89,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _import_kernels():
-    """Import (compile or load) the kernels; when numba cannot cache next to the package
-    nor in the home directory, compile them without a shared disk cache (one warning)."""
+def _import_kernels(name: str = "xloss.ops._numba_rows"):
+    """Import (compile or load) the kernel module ``name``; when numba cannot cache next
+    to the package nor in the home directory, compile without a disk cache (one warning)."""
     try:
-        return importlib.import_module("xloss.ops._numba_rows")
+        return importlib.import_module(name)
     except RuntimeError as error:
         if "cannot cache function" not in str(error):
             raise
@@ -108,7 +108,7 @@ def _import_kernels():
     atexit.register(shutil.rmtree, private, ignore_errors=True)
     previous, numba.config.CACHE_DIR = numba.config.CACHE_DIR, private
     try:
-        module = importlib.import_module("xloss.ops._numba_rows")
+        module = importlib.import_module(name)
     finally:
         numba.config.CACHE_DIR = previous
     warnings.warn(
