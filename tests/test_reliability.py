@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xloss
 from xloss._core.validation import check_inplace_allowed
@@ -62,8 +66,9 @@ def test_inplace_backward_still_writes_into_non_leaf_logits():
     torch.testing.assert_close(loss.double(), reference.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-6)
     # a view of a non-leaf is allowed too, as in PyTorch
-    xloss.cross_entropy((param * 1.0).view(2, 3, 5), target.view(2, 3), class_dim=-1,
-                        inplace_backward=True).backward()
+    xloss.cross_entropy(
+        (param * 1.0).view(2, 3, 5), target.view(2, 3), class_dim=-1, inplace_backward=True
+    ).backward()
 
 
 def test_inplace_allowed_without_grad_mode_or_grad():
@@ -75,3 +80,417 @@ def test_inplace_allowed_without_grad_mode_or_grad():
     check_inplace_allowed(torch.randn(3, 4)[1:])
     with pytest.raises(RuntimeError, match="`scores` is a leaf.*`in_place=False`"):
         check_inplace_allowed(param, name="scores", option="in_place")
+
+
+# ---------------------------------------------------------------------------------------
+# float64 references written here (never xloss itself)
+
+
+def reference_rows(x, target, weight=None, eps=0.0, z=0.0):
+    """Per-row loss (float64 torch ops, differentiable twice) and each row's w[y]."""
+    num_classes = x.shape[-1]
+    w = torch.ones(num_classes, dtype=x.dtype) if weight is None else weight
+    lse = x.logsumexp(-1)
+    nll = lse - x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    loss = (1 - eps) * w[target] * nll + eps / num_classes * (w.sum() * lse - x @ w)
+    return loss + z * lse.square(), w[target]
+
+
+def reference_reduce(loss, reduction, denominator):
+    if reduction == "mean":
+        return loss.sum() / denominator.sum()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "sample":
+        return loss.sum(-1) / denominator.sum(-1)
+    return loss
+
+
+def hessian_vector(fn, x, v):
+    """d/dx <d fn(x) / dx, v>: a second derivative, taken with create_graph=True."""
+    x = x.detach().requires_grad_()
+    (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+    (hv,) = torch.autograd.grad((g * v).sum(), x)
+    return hv
+
+
+# ---------------------------------------------------------------------------------------
+# 1. second-order gradients: right where claimed, a clear error at the second backward
+#    everywhere else
+
+SECOND_BACKWARD = r'differentiated twice.*with xloss\.backends\.use\("torch"\)'
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_backward_through_the_cross_entropy_kernel_raises(dtype, inplace_backward,
+                                                                 reduction):  # fmt: skip
+    x = torch.randn(5, 7, dtype=dtype, requires_grad=True)
+    target = torch.tensor([0, 3, 6, 1, 2])
+    loss = xloss.cross_entropy(x * 1.0, target, reduction=reduction, label_smoothing=0.1,
+                               inplace_backward=inplace_backward)  # fmt: skip
+    (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
+    expected = torch.autograd.grad(
+        reference_reduce(*reference_rows(x.double(), target, eps=0.1)[:1], reduction,
+                         torch.ones(5, dtype=torch.float64)).sum(), x)[0]  # fmt: skip
+    torch.testing.assert_close(grad.double(), expected.double(), atol=1e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError, match=SECOND_BACKWARD):
+        grad.square().sum().backward()
+
+
+def test_meta_gradient_through_the_kernel_raises_instead_of_a_wrong_number():
+    # MAML: the inner gradient of W flows through the loss's gradient w.r.t. the logits
+    hidden = torch.randn(6, 4)
+    weight = torch.randn(5, 4, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    loss = xloss.cross_entropy(hidden @ weight.T, target)
+    (grad_weight,) = torch.autograd.grad(loss, weight, create_graph=True)
+    adapted = weight - 0.5 * grad_weight
+    with pytest.raises(RuntimeError, match=SECOND_BACKWARD):
+        xloss.cross_entropy(hidden @ adapted.T, target).backward()
+    with xloss.backends.use("torch"):  # the documented way: the right meta-gradient
+        loss = xloss.cross_entropy(hidden @ weight.T, target)
+        (grad_weight,) = torch.autograd.grad(loss, weight, create_graph=True)
+        xloss.cross_entropy(hidden @ (weight - 0.5 * grad_weight).T, target).backward()
+    reference_weight = weight.detach().double().requires_grad_()
+    h = hidden.double()
+    inner = reference_rows(h @ reference_weight.T, target)[0].mean()
+    (g,) = torch.autograd.grad(inner, reference_weight, create_graph=True)
+    reference_rows(h @ (reference_weight - 0.5 * g).T, target)[0].mean().backward()
+    torch.testing.assert_close(weight.grad.double(), reference_weight.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_second_backward_through_chunked_linear_cross_entropy_raises(reduction, dtype):
+    hidden = torch.randn(5, 3, dtype=dtype, requires_grad=True)
+    weight = torch.randn(7, 3, dtype=dtype, requires_grad=True)
+    target = torch.tensor([0, 1, -100, 6, 2])
+    loss = xloss.linear_cross_entropy(hidden, weight, target, reduction=reduction, chunk_size=2)
+    grads = torch.autograd.grad(loss, (hidden, weight), create_graph=True)
+    for grad in grads:
+        with pytest.raises(RuntimeError, match=SECOND_BACKWARD):
+            grad.sum().backward(retain_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "sample"])
+def test_linear_cross_entropy_float64_gradgradcheck(reduction):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[0, 5, -100], [3, 3, 1]])
+
+    def fn(hidden, weight, bias):
+        options = dict(reduction=reduction, label_smoothing=0.1, z_loss=0.01, chunk_size=4)
+        return xloss.linear_cross_entropy(hidden, weight, target, bias, **options)
+
+    assert torch.autograd.gradgradcheck(fn, (hidden, weight, bias))
+
+
+def test_vocab_parallel_second_backward_raises():
+    import torch.distributed as dist
+
+    from xloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            logits = torch.randn(4, 5, dtype=dtype, requires_grad=True)
+            target = torch.tensor([0, 1, 4, -100])
+            for reduction in ("mean", "none"):
+                loss = vocab_parallel_cross_entropy(logits, target, reduction=reduction)
+                (grad,) = torch.autograd.grad(loss.sum(), logits, create_graph=True)
+                with pytest.raises(RuntimeError, match=SECOND_BACKWARD):
+                    grad.square().sum().backward()
+                hidden = torch.randn(4, 3, dtype=dtype, requires_grad=True)
+                weight = torch.randn(5, 3, dtype=dtype, requires_grad=True)
+                loss = vocab_parallel_linear_cross_entropy(hidden, weight, target,
+                                                           reduction=reduction)  # fmt: skip
+                (grad,) = torch.autograd.grad(loss.sum(), weight, create_graph=True)
+                with pytest.raises(RuntimeError, match=SECOND_BACKWARD):
+                    grad.square().sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+SECOND_ORDER_PATHS = {
+    # name: (loss of logits-or-hidden x, dtype, tolerance); paths that claim second order
+    "cross_entropy float64": ("ce", torch.float64, None, 1e-9),
+    "cross_entropy forced torch": ("ce", torch.float32, "torch", 2e-4),
+    "linear_cross_entropy float64": ("linear", torch.float64, None, 1e-9),
+    "linear_cross_entropy per row": ("linear_rows", torch.float32, None, 2e-4),
+    "linear_cross_entropy forced torch": ("linear", torch.float32, "torch", 2e-4),
+}
+
+
+@given(
+    path=st.sampled_from(sorted(SECOND_ORDER_PATHS)),
+    rows=st.integers(1, 5),
+    classes=st.integers(2, 7),
+    eps=st.sampled_from([0.0, 0.1, 0.5]),
+    z=st.sampled_from([0.0, 0.01]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_property_second_order_gradients_match_torch(path, rows, classes, eps, z, reduction,
+                                                     seed):  # fmt: skip
+    kind, dtype, backend, tol = SECOND_ORDER_PATHS[path]
+    if kind == "linear_rows":
+        reduction = "none"
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, classes, (rows,), generator=g)
+    options = dict(label_smoothing=eps, z_loss=z, reduction=reduction)
+    hidden_size = 3
+    weight = torch.randn(classes, hidden_size, generator=g, dtype=torch.float64)
+    x = torch.randn(rows, classes if kind == "ce" else hidden_size, generator=g,
+                    dtype=torch.float64)  # fmt: skip
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def ours(x):
+        if kind == "ce":
+            return xloss.cross_entropy(x, target, **options)
+        return xloss.linear_cross_entropy(x, weight.to(dtype), target, chunk_size=2, **options)
+
+    def reference(x):
+        logits = x if kind == "ce" else x @ weight.T
+        loss, denominator = reference_rows(logits, target, eps=eps, z=z)
+        return reference_reduce(loss, reduction, denominator)
+
+    context = xloss.backends.use(backend) if backend else contextlib.nullcontext()
+    with context:
+        got = hessian_vector(ours, x.to(dtype), v.to(dtype))
+    expected = hessian_vector(reference, x, v)
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol * 10)
+
+
+def test_torch_func_jacrev_of_grad_through_the_kernel_raises():
+    target = torch.tensor([0, 1, 2])
+
+    def loss_fn(x):
+        return xloss.cross_entropy(x, target, validate_args=False)
+
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=SECOND_BACKWARD):
+        torch.func.jacrev(torch.func.grad(loss_fn))(x)
+    with xloss.backends.use("torch"):
+        hessian = torch.func.jacrev(torch.func.grad(loss_fn))(x.double())
+    expected = torch.autograd.functional.hessian(
+        lambda x: reference_rows(x, target)[0].mean(), x.double()
+    )
+    torch.testing.assert_close(hessian, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. out-of-range class indices with validate_args=False: the kernels raise, never read
+
+
+@pytest.mark.parametrize("bad", [7, 10**11, -5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["grad", "inplace", "no_grad"])
+def test_out_of_range_target_without_validation_raises_in_the_kernel(bad, dtype, mode):
+    x = torch.randn(6, 7, dtype=dtype, requires_grad=mode != "no_grad")
+    target = torch.tensor([0, 1, bad, 3, -100, 6])  # -100: ignored, as it should be
+    logits = x * 1.0 if mode == "inplace" else x
+    with pytest.raises(ValueError, match=rf"must lie in \[0, 6\], found {bad} .*validate_args"):
+        xloss.cross_entropy(logits, target, validate_args=False, reduction="none",
+                            inplace_backward=mode == "inplace")  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [6, 10**11, -5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_cross_entropy_out_of_range_target_without_validation_raises(bad, dtype):
+    hidden = torch.randn(4, 3, dtype=dtype, requires_grad=True)
+    weight = torch.randn(6, 3, dtype=dtype)
+    target = torch.tensor([0, bad, -100, 2])
+    for reduction in ("mean", "none"):
+        # numba (fp32) names the index; the portable twin's gather raises torch's error
+        with pytest.raises((ValueError, RuntimeError), match="must lie in|out of bounds"):
+            xloss.linear_cross_entropy(hidden, weight, target, reduction=reduction,
+                                       validate_args=False)  # fmt: skip
+
+
+def test_kernel_rows_past_a_bad_target_are_still_right():
+    # the kernel skips only the bad row; the call raises, nothing is read out of bounds
+    from xloss.ops import kernel
+
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"found 5 \(row 1"):
+        kernel.row_loss(x, torch.tensor([0, 5, 2]))
+    loss = kernel.row_loss(x, torch.tensor([0, -1, 2]))
+    expected = reference_rows(x.double(), torch.tensor([0, 0, 2]))[0]
+    torch.testing.assert_close(loss.double()[[0, 2]], expected[[0, 2]], atol=1e-6, rtol=1e-6)
+    assert loss[1] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# 4. gradients of a learnable class weight and of a tensor normalizer, in every dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_weight_gets_its_gradient_in_every_dtype(dtype, reduction):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, generator=g).to(dtype)
+    target = torch.tensor([0, 4, -100, 2, 2, 1])
+    weight = (torch.rand(5, generator=g) + 0.5).to(dtype).requires_grad_()
+    out = xloss.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.2)
+    out.sum().backward()
+    reference_weight = weight.detach().double().requires_grad_()
+    kept = target != -100
+    loss, denominator = reference_rows(x.double()[kept], target[kept], reference_weight, eps=0.2)
+    reference_reduce(loss, reduction, denominator).sum().backward()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(weight.grad.double(), reference_weight.grad, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_normalizer_gets_its_gradient(dtype):
+    x = torch.randn(4, 6, dtype=dtype, requires_grad=True)
+    target = torch.tensor([0, 5, 1, -100])
+    normalizer = torch.tensor(3.0, dtype=dtype, requires_grad=True)
+    xloss.cross_entropy(x, target, normalizer=normalizer).backward()
+    loss = reference_rows(x.detach().double()[:3], target[:3])[0].sum()
+    torch.testing.assert_close(normalizer.grad.double(), -loss / 9.0)
+
+
+def test_linear_cross_entropy_class_weight_and_normalizer_get_their_gradients():
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(5, 3, generator=g)
+    weight = torch.randn(6, 3, generator=g)
+    target = torch.tensor([0, 5, -100, 2, 2])
+    class_weight = (torch.rand(6, generator=g) + 0.5).requires_grad_()
+    normalizer = torch.tensor(4.0, requires_grad=True)
+    xloss.linear_cross_entropy(hidden, weight, target, class_weight=class_weight,
+                               label_smoothing=0.1).backward()  # fmt: skip
+    xloss.linear_cross_entropy(hidden, weight, target, normalizer=normalizer).backward()
+    reference_weight = class_weight.detach().double().requires_grad_()
+    kept = target != -100
+    logits = (hidden @ weight.T).double()[kept]
+    loss, denominator = reference_rows(logits, target[kept], reference_weight, eps=0.1)
+    (loss.sum() / denominator.sum()).backward()
+    torch.testing.assert_close(class_weight.grad.double(), reference_weight.grad, atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    total = reference_rows(logits, target[kept])[0].sum()
+    torch.testing.assert_close(normalizer.grad.double(), -total / 16.0, atol=1e-6, rtol=1e-5)
+
+
+def test_vocab_parallel_linear_normalizer_gets_its_gradient():
+    import torch.distributed as dist
+
+    from xloss.distributed import vocab_parallel_linear_cross_entropy
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        hidden = torch.randn(4, 3, dtype=torch.float64)
+        weight = torch.randn(5, 3, dtype=torch.float64)
+        target = torch.tensor([0, 4, -100, 1])
+        normalizer = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+        vocab_parallel_linear_cross_entropy(hidden, weight, target,
+                                            normalizer=normalizer).backward()  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    total = reference_rows(hidden[[0, 1, 3]] @ weight.T, target[[0, 1, 3]])[0].sum()
+    torch.testing.assert_close(normalizer.grad, -total / 4.0)
+
+
+# ---------------------------------------------------------------------------------------
+# 11. reduction="sample" on an empty batch: an empty (0,) result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_reduction_of_an_empty_batch(dtype):
+    import torch.distributed as dist
+
+    from xloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    logits = torch.zeros(0, 4, 5, dtype=dtype, requires_grad=True)
+    tokens = torch.zeros(0, 4, dtype=torch.long)
+    hidden = torch.zeros(0, 4, 3, dtype=dtype, requires_grad=True)
+    weight = torch.randn(5, 3, dtype=dtype, requires_grad=True)
+    results = [
+        xloss.cross_entropy(logits, tokens, class_dim=-1, reduction="sample"),
+        xloss.binary_cross_entropy_with_logits(logits, logits.detach(), reduction="sample"),
+        xloss.linear_cross_entropy(hidden, weight, tokens, reduction="sample"),
+    ]
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            results.append(vocab_parallel_cross_entropy(logits, tokens, reduction="sample"))
+            results.append(
+                vocab_parallel_linear_cross_entropy(hidden, weight, tokens, reduction="sample")
+            )
+        finally:
+            dist.destroy_process_group()
+    for result in results:
+        assert result.shape == (0,) and result.dtype == dtype
+        result.sum().backward()
+    assert logits.grad.shape == logits.shape and hidden.grad.shape == hidden.shape
+
+
+# ---------------------------------------------------------------------------------------
+# 12. torch.func: grad works through the kernels; vmap raises naming the portable path
+
+
+def test_torch_func_grad_through_the_kernels():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 6, generator=g)
+    target = torch.tensor([0, 5, -100, 2])
+    grad = torch.func.grad(lambda x: xloss.cross_entropy(x, target, label_smoothing=0.1))(x)
+    kept = target != -100
+    reference = x.double().requires_grad_()
+    reference_rows(reference[kept], target[kept], eps=0.1)[0].mean().backward()
+    torch.testing.assert_close(grad.double(), reference.grad, atol=1e-6, rtol=1e-5)
+    hidden = torch.randn(4, 3, generator=g)
+    weight = torch.randn(6, 3, generator=g)
+    for reduction in ("mean", "none"):
+        grad_weight = torch.func.grad(
+            lambda w, r=reduction: xloss.linear_cross_entropy(hidden, w, target, reduction=r).sum()
+        )(weight)
+        reference = weight.double().requires_grad_()
+        logits = hidden.double()[kept] @ reference.T
+        loss = reference_rows(logits, target[kept])[0]
+        (loss.mean() if reduction == "mean" else loss.sum()).backward()
+        torch.testing.assert_close(grad_weight.double(), reference.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_func_vmap_raises_naming_the_portable_path_which_works():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 6, generator=g)
+    target = torch.randint(0, 6, (3, 4), generator=g)
+
+    def loss_fn(x, target):
+        return xloss.cross_entropy(x, target, validate_args=False)
+
+    with pytest.raises(RuntimeError, match=r'vmap.*backends\.use\("torch"\)'):
+        torch.func.vmap(torch.func.grad(loss_fn))(x, target)
+    with xloss.backends.use("torch"):
+        per_sample = torch.func.vmap(torch.func.grad(loss_fn))(x, target)
+    for i in range(3):
+        reference = x[i].double().requires_grad_()
+        reference_rows(reference, target[i])[0].mean().backward()
+        torch.testing.assert_close(per_sample[i].double(), reference.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_scaled_in_place_after_the_call_still_backpropagates():
+    # gradient accumulation scales the loss in place; nothing may have saved it
+    x = torch.randn(4, 6, requires_grad=True)
+    target = torch.tensor([0, 5, -100, 2])
+    hidden = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(6, 3, requires_grad=True)
+    losses = [
+        xloss.cross_entropy(x, target),
+        xloss.cross_entropy(x * 1.0, target, inplace_backward=True),
+        xloss.linear_cross_entropy(hidden, weight, target),
+        xloss.linear_cross_entropy(hidden.double(), weight.double(), target),
+    ]
+    for loss in losses:
+        loss /= 4
+        loss.backward()
+    assert x.grad is not None and weight.grad is not None

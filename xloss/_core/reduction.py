@@ -53,5 +53,7 @@ def reduce_loss(
     # reduction == "sample"
     if not batched or loss.dim() == 0:
         raise ValueError("reduction='sample' needs a batch axis, but `input` is unbatched")
-    per_sample = loss.reshape(loss.shape[0], -1).sum(1)
-    return safe_divide(per_sample, counts.reshape(loss.shape[0], -1).sum(1))
+    # flatten(1), not reshape(N, -1): an empty batch (N = 0) gives an empty (0,) result
+    per_sample = (loss.flatten(1) if loss.dim() > 1 else loss.unsqueeze(1)).sum(1)
+    counts = counts.flatten(1) if counts.dim() > 1 else counts.unsqueeze(1)
+    return safe_divide(per_sample, counts.sum(1))

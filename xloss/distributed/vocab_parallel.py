@@ -28,6 +28,9 @@ from xloss._core.validation import (
 from xloss.distributed._comm import resolve_group
 from xloss.distributed._rows import RowStats, global_row_stats, local_gradient_
 from xloss.functional.cross_entropy import check_cross_entropy_settings, compute_dtype
+from xloss.ops.second_order import KernelFunction, first_order_only, grad_anchor
+
+_WHAT = "xloss.distributed's vocab-parallel cross-entropy"
 
 
 class VocabParallelSettings(NamedTuple):
@@ -62,7 +65,7 @@ def _dropped_as_negative(target: Tensor, keep: Tensor | None) -> Tensor:
     return index if keep is None else torch.where(keep, index, -1)
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
+class _VocabParallelCrossEntropy(KernelFunction):
     """Per-row loss of local logits (R, V_local); see ``vocab_parallel_cross_entropy``.
 
     Forward: steps 1-3 (two all-reduces). Saves the local logits as given (no copy for
@@ -72,7 +75,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, settings: VocabParallelSettings):
+    def forward(logits: Tensor, target: Tensor, settings: VocabParallelSettings):
         dtype = compute_dtype(logits.dtype)
         stats = global_row_stats(
             logits.to(dtype),
@@ -83,33 +86,45 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             group=settings.group,
             check_slices=settings.validate_args,
         )
-        ctx.save_for_backward(
-            logits, stats.row_logsumexp, stats.num_classes, stats.local_target, stats.in_slice
-        )
-        ctx.settings = settings
-        ctx.mark_non_differentiable(stats.num_classes)
-        return stats.loss, stats.num_classes
+        return (
+            stats.loss, stats.num_classes, stats.row_logsumexp, stats.local_target,
+            stats.in_slice,
+        )  # fmt: skip
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_num_classes):
+    def setup_context(ctx, inputs, output):
+        loss, num_classes, row_logsumexp, local_target, in_slice = output
+        ctx.settings = inputs[2]
+        ctx.mark_non_differentiable(num_classes, row_logsumexp, local_target, in_slice)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inputs[0], row_logsumexp, num_classes, local_target, in_slice)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_grads_of_stats):
         logits, row_logsumexp, num_classes, local_target, in_slice = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None, None
         settings = ctx.settings
         stats = RowStats(row_logsumexp, None, None, num_classes, local_target, in_slice)
-        grad_loss = grad_loss.to(row_logsumexp.dtype)
-        # 4. Local gradient: softmax recomputed from the local logits and the global lse.
-        if backends.select(logits.device.type, logits.dtype) == "triton":
-            from xloss.ops.triton.vocab_parallel import local_gradient
+        with torch.no_grad():  # first order only (tagged below): record nothing
+            grad_loss = grad_loss.to(row_logsumexp.dtype)
+            # 4. Local gradient: softmax recomputed from the local logits and the global lse.
+            if backends.select(logits.device.type, logits.dtype) == "triton":
+                from xloss.ops.triton.vocab_parallel import local_gradient
 
-            grad = local_gradient(logits, row_logsumexp, grad_loss, local_target, in_slice,
-                                  num_classes, label_smoothing=settings.label_smoothing,
-                                  z_loss=settings.z_loss)  # fmt: skip
-            return grad, None, None
-        probs = (logits.to(row_logsumexp.dtype) - row_logsumexp.unsqueeze(-1)).exp_()
-        row_factor = grad_loss * (1.0 + 2.0 * settings.z_loss * row_logsumexp)
-        grad = local_gradient_(
-            probs, row_factor, grad_loss, stats, label_smoothing=settings.label_smoothing
-        )
-        return grad.to(logits.dtype), None, None
+                grad = local_gradient(logits, row_logsumexp, grad_loss, local_target, in_slice,
+                                      num_classes, label_smoothing=settings.label_smoothing,
+                                      z_loss=settings.z_loss)  # fmt: skip
+            else:
+                probs = (logits.to(row_logsumexp.dtype) - row_logsumexp.unsqueeze(-1)).exp_()
+                row_factor = grad_loss * (1.0 + 2.0 * settings.z_loss * row_logsumexp)
+                grad = local_gradient_(
+                    probs, row_factor, grad_loss, stats, label_smoothing=settings.label_smoothing
+                )
+        # lse is a constant here (its derivative needs the other ranks): first order only;
+        # the saved logits (with their graph) anchor the error node.
+        grad = first_order_only(grad.to(logits.dtype), logits, _WHAT)
+        return grad, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -229,7 +244,7 @@ def vocab_parallel_cross_entropy(
     index = _dropped_as_negative(target, keep).reshape(-1)
     rows = layout.logits.reshape(-1, layout.num_classes)  # R x V_local
     settings = VocabParallelSettings(vocab_start, label_smoothing, z_loss, group, validate_args)
-    row_loss, num_classes = _VocabParallelCrossEntropy.apply(rows, index, settings)
+    row_loss, num_classes, *_ = _VocabParallelCrossEntropy.apply(rows, index, settings)
     if validate_args:
         check_index_target_range(target, int(num_classes), ignore_index, keep)
 
@@ -288,7 +303,7 @@ class _GradBuffers:
             dist.all_reduce(self.hidden, op=dist.ReduceOp.SUM, group=group)
 
 
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+class _VocabParallelLinearCrossEntropy(KernelFunction):
     """Cross-entropy of ``hidden @ local_weight.T + bias`` by chunks of rows.
 
     Two modes, chosen by ``grad_scale``:
@@ -301,11 +316,14 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
       lse; backward recomputes each chunk's logits (one more GEMM) and all-reduces
       grad_hidden (SUM) once, its only communication.
 
-    Also returns C (non-differentiable) for the target range check.
+    Also returns C (non-differentiable) for the target range check, and, for
+    ``setup_context``, the per-row statistics and the stored gradients (empty when not
+    computed). The gradients are first order only: a second backward through them raises
+    (``xloss.ops.second_order``).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, grad_scale, settings: LinearSettings):
+    def forward(hidden, weight, bias, target, grad_scale, settings: LinearSettings, anchor):
         vocab = settings.vocab
         dtype = compute_dtype(hidden.dtype)
         weight_c = weight.to(dtype)  # V_local x H (no copy for fp32)
@@ -350,41 +368,58 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                     label_smoothing=vocab.label_smoothing,
                 )
                 grads.add_chunk(part, grad_logits, hidden_c, weight_c)
-        ctx.settings = settings
-        ctx.fused = fused
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(num_classes)
+        empty = row_loss.new_empty(0)
+        kept_loss = torch.where(target >= 0, row_loss, 0.0)
         if fused:
-            loss = (grad_scale * torch.where(target >= 0, row_loss, 0.0)).sum()
+            result = (grad_scale * kept_loss).sum()
             if grads is not None:
                 grads.all_reduce_hidden(vocab.group)
-                ctx.grads = grads
-            return loss, num_classes
-        ctx.save_for_backward(
-            hidden, weight, bias, row_logsumexp, num_classes, local_target, in_slice
-        )
-        return row_loss, num_classes
+        else:
+            result = row_loss
+        stored = [empty] * 3 if grads is None else [grads.hidden, grads.weight, grads.bias]
+        stored = [empty if g is None else g for g in stored]
+        return (result, num_classes, kept_loss, row_logsumexp, local_target, in_slice, *stored)
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_num_classes):
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, _, grad_scale, settings, anchor = inputs
+        result, num_classes, kept_loss, row_logsumexp, local_target, in_slice, *stored = output
+        ctx.settings = settings
+        ctx.fused = grad_scale is not None
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
         if ctx.fused:
-            grads = ctx.grads
-            scaled = [
-                None if g is None else grad_loss.to(g.dtype) * g
-                for g in (grads.hidden, grads.weight, grads.bias)
-            ]
+            ctx.save_for_backward(anchor, kept_loss, *stored)
         else:
-            scaled = _recompute_gradients(ctx, grad_loss)
+            ctx.save_for_backward(
+                anchor, hidden, weight, bias, row_logsumexp, num_classes, local_target, in_slice
+            )
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_grads_of_side_outputs):
+        if grad_loss is None:
+            return (None,) * 7
+        anchor, *saved = ctx.saved_tensors
+        grad_scale = None
+        if ctx.fused:
+            kept_loss, *grads = saved
+            scaled = [grad_loss.to(g.dtype) * g for g in grads]
+            if ctx.needs_input_grad[4]:  # a normalizer that requires grad
+                grad_scale = grad_loss * kept_loss
+        else:
+            with torch.no_grad():  # first order only (tagged below): record nothing
+                scaled = _recompute_gradients(ctx, saved, grad_loss)
         results = [
-            None if g is None or not needed else g.to(dtype)
+            None if g is None or not needed else first_order_only(g.to(dtype), anchor, _WHAT)
             for g, needed, dtype in zip(scaled, ctx.needs_input_grad[:3], ctx.dtypes, strict=True)
         ]
-        return (*results, None, None, None)
+        return (*results, None, grad_scale, None, None)
 
 
-def _recompute_gradients(ctx, grad_loss: Tensor):
+def _recompute_gradients(ctx, saved, grad_loss: Tensor):
     """Per-row mode backward: steps 4-5 with each chunk's logits recomputed."""
-    hidden, weight, bias, row_logsumexp, num_classes, local_target, in_slice = ctx.saved_tensors
+    hidden, weight, bias, row_logsumexp, num_classes, local_target, in_slice = saved
     vocab = ctx.settings.vocab
     dtype = row_logsumexp.dtype
     weight_c = weight.to(dtype)
@@ -566,6 +601,7 @@ def vocab_parallel_linear_cross_entropy(
             for t in (input, local_weight, bias)
         ),
     )
+    anchor = grad_anchor(hidden, local_weight, bias) if torch.is_grad_enabled() else None
     if normalizer is not None or reduction in ("mean", "sum"):
         dtype = compute_dtype(input.dtype)
         counts = (
@@ -579,12 +615,12 @@ def vocab_parallel_linear_cross_entropy(
             grad_scale = safe_divide(counts, counts.sum())
         else:
             grad_scale = counts
-        loss, num_classes = _VocabParallelLinearCrossEntropy.apply(
-            hidden, local_weight, bias, index, grad_scale, settings
+        loss, num_classes, *_ = _VocabParallelLinearCrossEntropy.apply(
+            hidden, local_weight, bias, index, grad_scale, settings, anchor
         )
     else:
-        row_loss, num_classes = _VocabParallelLinearCrossEntropy.apply(
-            hidden, local_weight, bias, index, None, settings
+        row_loss, num_classes, *_ = _VocabParallelLinearCrossEntropy.apply(
+            hidden, local_weight, bias, index, None, settings, anchor
         )
         loss = row_loss.reshape(target.shape)
         if keep is not None:

@@ -147,8 +147,12 @@ def cross_entropy(
 
     On CPU, class-index targets in fp32, fp16 or bf16 run through a fused numba kernel
     (:mod:`xloss.ops.kernel`) that computes the loss and writes the gradient in one pass
-    over each row, in fp32; other cases (probability targets, fp64, other devices) use
-    portable torch ops.
+    over each row, in fp32; other cases (probability targets, fp64, other devices, a
+    ``weight`` or tensor ``normalizer`` that requires grad) use portable torch ops, so
+    ``weight`` and ``normalizer`` get their gradients in every dtype. The kernel's
+    gradient cannot be differentiated again: a second backward through it (after
+    ``create_graph=True``) raises; ``with xloss.backends.use("torch"):`` gives
+    second-order gradients.
 
     Args:
         input: logits; floating point. fp16 and bf16 are computed in fp32 and the
@@ -254,7 +258,12 @@ def cross_entropy(
                 f"shape {tuple(target.shape)}"
             )
         stats = _logits_stats(layout.logits, target, keep, softcap, dtype)
-    if fused_kernel_applies(input, layout.soft):
+    # The kernel differentiates the logits only; learnable weights and normalizers take
+    # the portable path, which differentiates them too (F.cross_entropy does).
+    side_grad = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in (weight, normalizer)
+    )
+    if not side_grad and fused_kernel_applies(input, layout.soft):
         reduced = fused_cross_entropy(
             layout.logits,
             target,

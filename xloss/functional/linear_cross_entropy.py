@@ -23,6 +23,18 @@ from xloss.functional.cross_entropy import (
     stats_buffers,
     stats_result,
 )
+from xloss.ops.kernel import kernel_target
+
+
+def _every_row_kept(keep: Tensor) -> bool | None:
+    """Whether ``keep`` keeps every row; None where that is data-dependent (traced by
+    torch.compile, batched by torch.func.vmap)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return bool(keep.all())
+    except RuntimeError:  # vmap: "attempting to use a Tensor in data-dependent control flow"
+        return None
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -238,14 +250,20 @@ def linear_cross_entropy(
     if class_weight is not None:
         class_weight = class_weight.to(device=device, dtype=dtype)
     hidden = input.reshape(-1, input.shape[-1])  # N x H
-    index = target.reshape(-1).long()  # N
+    # Kept negative indices become out of range, so the row kernels raise on them instead
+    # of dropping their rows (a negative target drops a row in the kernels' contract).
+    index = kernel_target(target.reshape(-1).long(), None)  # N
     kept_rows = None
-    # The gather copies K x H (and its backward scatters into N x H): skip it when every
-    # row is kept, which the default ignore_index alone cannot tell.
-    if keep is not None and not bool(keep.all()):
-        kept_rows = keep.reshape(-1).nonzero().squeeze(1)  # K
-        hidden = hidden.index_select(0, kept_rows)  # K x H, gathered once
-        index = index.index_select(0, kept_rows)  # K
+    if keep is not None:
+        every_row_kept = _every_row_kept(keep)
+        if every_row_kept is None:  # traced: no data-dependent gather, dropped rows marked -1
+            index = torch.where(keep.reshape(-1), index, -1)
+        elif not every_row_kept:
+            # The gather copies K x H (and its backward scatters into N x H): skipped when
+            # every row is kept, which the default ignore_index alone cannot tell.
+            kept_rows = keep.reshape(-1).nonzero().squeeze(1)  # K
+            hidden = hidden.index_select(0, kept_rows)  # K x H, gathered once
+            index = index.index_select(0, kept_rows)  # K
 
     per_row = reduction in ("none", "sample") and normalizer is None
     if per_row:
@@ -253,10 +271,11 @@ def linear_cross_entropy(
     elif normalizer is not None:
         scale = safe_divide(torch.ones((), dtype=dtype, device=device), normalizer)
     elif reduction == "mean":
+        scored = index >= 0  # the rows not dropped (all of them after a gather)
         count = (
-            index.numel()
+            scored.sum()
             if class_weight is None
-            else class_weight.index_select(0, index).sum().to(dtype)
+            else torch.where(scored, class_weight[index.clamp(0, num_classes - 1)], 0).sum()
         )
         scale = safe_divide(torch.ones((), dtype=dtype, device=device), count)
     else:

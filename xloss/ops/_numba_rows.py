@@ -352,16 +352,28 @@ def _dropped_row_stats(stats, predicted, i):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write, loss,
-             stats=None, predicted=None):  # fmt: skip
+             bad_row, stats=None, predicted=None):  # fmt: skip
     """fp32 rows. write: gradient into ``dest`` (after copying ``source`` there if
     ``copy_rows``; in place when ``dest`` is the logits). Not write: read ``source`` only.
     ``stats`` (R, 2) float32 and ``predicted`` (R,) int64, or None (the plain loss is then
-    compiled without them): per row (lse, entropy) and the argmax."""
+    compiled without them): per row (lse, entropy) and the argmax.
+
+    A target >= C is never read: its row gets loss NaN and gradient 0 and its index goes
+    to ``bad_row[0]`` (any one of them when several race), for the caller to raise.
+    """
     num_rows = target.shape[0]
+    num = dest.shape[1] if write else source.shape[1]
     per_row_scale = scale.shape[0] > 1
     for i in prange(num_rows):
         s = scale[i] if per_row_scale else scale[0]
         y = target[i]
+        if y >= num:
+            bad_row[0] = i
+            _dropped_row_stats(stats, predicted, i)
+            loss[i] = np.float32(np.nan)
+            if write:
+                dest[i, :] = np.float32(0.0)
+            continue
         if y < 0:
             _dropped_row_stats(stats, predicted, i)
         if not write:
@@ -430,8 +442,9 @@ def _float_to_bf16(value):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
-              stats=None, predicted=None):  # fmt: skip
-    """fp16 / bf16 rows as uint16 bits; the gradient goes to ``dest`` (may be ``source``)."""
+              bad_row, stats=None, predicted=None):  # fmt: skip
+    """fp16 / bf16 rows as uint16 bits; the gradient goes to ``dest`` (may be ``source``).
+    Targets >= C as in :func:`rows_f32`."""
     num_rows, num = source.shape
     per_row_scale = scale.shape[0] > 1
     num_blocks = min(num_rows, 64)
@@ -439,9 +452,11 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
         scratch = np.empty(num, dtype=np.float32)  # one widened row per block
         for i in range(block, num_rows, num_blocks):
             y = target[i]
-            if y < 0:
+            if y < 0 or y >= num:
                 _dropped_row_stats(stats, predicted, i)
-                loss[i] = np.float32(0.0)
+                loss[i] = np.float32(0.0) if y < 0 else np.float32(np.nan)
+                if y >= num:
+                    bad_row[0] = i
                 if write:
                     dest[i, :] = np.uint16(0)
                 continue

@@ -4,7 +4,9 @@ Two ops in the ``xloss`` namespace, each with a fake (meta) implementation, so
 ``torch.compile(fullgraph=True)`` traces through them:
 
 - ``xloss::fused_cross_entropy`` returns ``(output, grad)`` with ``grad`` a new buffer;
-  its autograd formula is registered with ``register_autograd``.
+  :class:`FusedCrossEntropy` (an ``autograd.Function`` in ``setup_context`` form, which
+  ``torch.func.grad`` needs; ``register_autograd`` generates one without it) carries its
+  autograd formula.
 - ``xloss::fused_cross_entropy_`` writes the gradient into ``logits`` itself
   (``inplace_backward=True``). PyTorch allows no autograd formula on a mutating op, so
   :class:`InplaceFusedCrossEntropy` (an ``autograd.Function``) carries it. Declaring the
@@ -21,7 +23,9 @@ Forward, step by step:
    writes nothing.
 
 Backward multiplies the stored gradient by ``grad_output`` (one factor per row with
-``per_row``), and skips the multiply when every factor is exactly 1.
+``per_row``), and skips the multiply when every factor is exactly 1. That gradient is
+not differentiable again: under ``create_graph=True`` it raises at the second backward
+(``xloss.ops.second_order``); ``vmap`` and forward-mode AD raise too.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import Tensor
 from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss.ops import kernel
+from xloss.ops.second_order import KernelFunction, first_order_only, grad_anchor
 
 _KERNEL_BACKENDS = ("numba", "triton")  # backends these ops launch
 _DEVICES = ("cpu", "cuda")  # numba; Triton (also CPU under its interpreter)
@@ -138,44 +143,71 @@ def _scale_grad(grad: Tensor, grad_output: Tensor, per_row: bool, in_place: bool
     return grad.mul_(factor) if in_place else (grad * factor).to(grad.dtype)
 
 
-def _setup(ctx, inputs, output):
-    ctx.per_row = inputs[7]
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # else backward gets an R x C zero tensor for `grad`
-    ctx.save_for_backward(output[1])
+class FusedCrossEntropy(KernelFunction):
+    """``xloss::fused_cross_entropy`` with autograd (``setup_context`` form, so ``torch.func``
+    transforms run it).
+
+    forward: run the op, which writes the gradient into a (pooled) buffer while it computes
+    the loss. backward: scale the buffer by ``grad_output`` (skipped when 1). Under
+    ``create_graph=True`` the gradient raises when differentiated again
+    (``xloss.ops.second_order``).
+    """
+
+    @staticmethod
+    def forward(logits, target, class_weight, settings, anchor):
+        return _fused_op(logits, target, class_weight, *settings, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.per_row = inputs[3].per_row
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # else backward gets an R x C zero tensor for `grad`
+        ctx.save_for_backward(output[1], inputs[4])  # the gradient, the second-order anchor
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_of_grad):
+        grad, anchor = ctx.saved_tensors
+        if grad_output is None:  # grads are not materialised
+            return None, None, None, None, None
+        grad_logits = _scale_grad(grad, grad_output, ctx.per_row, in_place=False)
+        grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
+        return grad_logits, None, None, None, None
 
 
-def _backward(ctx, grad_output, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_output is None:  # grads are not materialised
-        return (None,) * 9
-    grad_logits = _scale_grad(grad, grad_output, ctx.per_row, in_place=False)
-    return (grad_logits,) + (None,) * 8  # one value per input of the op
+def _no_vmap(info, in_dims, *args):
+    KernelFunction.vmap(info, in_dims, *args)  # raises
 
 
-_fused_op.register_autograd(_backward, setup_context=_setup)
+_fused_op.register_vmap(_no_vmap)
+_fused_inplace_op.register_vmap(_no_vmap)
 
 
-class InplaceFusedCrossEntropy(torch.autograd.Function):
+class InplaceFusedCrossEntropy(KernelFunction):
     """The in-place op with autograd: the logits' storage becomes their gradient.
 
     forward: 1. run ``xloss::fused_cross_entropy_`` (bumps the logits' version);
     2. save the logits, which now hold the gradient scaled by ``grad_scale``.
     backward: multiply that gradient in place by ``grad_output`` (skipped when 1) and
-    return it for ``logits``; the other inputs get None.
+    return it for ``logits``; the other inputs get None. Under ``create_graph=True`` the
+    gradient raises when differentiated again (``xloss.ops.second_order``).
     """
 
     @staticmethod
-    def forward(ctx, logits, target, class_weight, settings):
-        output = _fused_inplace_op(logits, target, class_weight, *settings)
+    def forward(logits, target, class_weight, settings, anchor):
+        return _fused_inplace_op(logits, target, class_weight, *settings)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, _, _, settings, anchor = inputs
         ctx.per_row = settings.per_row
-        ctx.save_for_backward(logits)
-        return output
+        ctx.save_for_backward(logits, anchor)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return _scale_grad(grad, grad_output, ctx.per_row, in_place=True), None, None, None
+        grad, anchor = ctx.saved_tensors
+        grad_logits = _scale_grad(grad, grad_output, ctx.per_row, in_place=True)
+        grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
+        return grad_logits, None, None, None, None
 
 
 class KernelSettings(NamedTuple):
@@ -230,9 +262,10 @@ def fused_cross_entropy(
     target_shape = logits.shape[:-1]
     # R x C: a view of the caller's logits when they are contiguous, else a private copy
     rows = logits.reshape(-1, logits.shape[-1]).contiguous()
-    index = target.reshape(-1).long()
-    if keep is not None:
-        index = torch.where(keep.reshape(-1), index, -1)  # the kernel drops negative rows
+    # dropped rows -1 (the kernel skips them); kept out-of-range indices make it raise
+    index = kernel.kernel_target(
+        target.reshape(-1).long(), None if keep is None else keep.reshape(-1)
+    )
     denominator = _denominator(class_weight, target, keep)
     per_row = normalizer is None and reduction in ("none", "sample")
     if per_row:
@@ -244,9 +277,13 @@ def fused_cross_entropy(
     )
     write_grad = torch.is_grad_enabled() and rows.requires_grad
     if write_grad and inplace_backward:
-        output = InplaceFusedCrossEntropy.apply(rows, index, class_weight, settings)
+        anchor = grad_anchor(rows)  # made before the op overwrites the rows
+        output = InplaceFusedCrossEntropy.apply(rows, index, class_weight, settings, anchor)
+    elif write_grad:
+        anchor = grad_anchor(rows)
+        output, _ = FusedCrossEntropy.apply(rows, index, class_weight, settings, anchor)
     else:
-        output, _ = _fused_op(rows, index, class_weight, *settings, write_grad)
+        output, _ = _fused_op(rows, index, class_weight, *settings, False)
     if not per_row:
         return output
     return reduce_loss(

@@ -271,6 +271,7 @@ def _launch(
     source = _as_array(logits)
     stats_arrays = (None, None) if stats is None else _stats_arrays(stats, num_rows)
     target_array = target.detach().numpy()
+    bad_row = np.full(1, -1, dtype=np.int64)  # the kernel's out-of-range report
     write = dest is not None
     if write and (dest.shape != logits.shape or dest.dtype != logits.dtype):
         raise ValueError("the gradient buffer must have the logits' shape and dtype")
@@ -284,15 +285,17 @@ def _launch(
         with parallel_region():
             kernels.rows_f32(
                 rows_source, rows_dest, target_array, scale, *settings,
-                write and not in_place, write, loss.numpy(), *stats_arrays,
+                write and not in_place, write, loss.numpy(), bad_row, *stats_arrays,
             )  # fmt: skip
     else:
         rows_dest = _as_array(dest) if write else np.empty((0, 0), np.uint16)
         with parallel_region():
             kernels.rows_half(
                 source, rows_dest, target_array, scale, *settings,
-                logits.dtype == torch.bfloat16, write, loss.numpy(), *stats_arrays,
+                logits.dtype == torch.bfloat16, write, loss.numpy(), bad_row, *stats_arrays,
             )  # fmt: skip
+    if bad_row[0] >= 0:
+        _raise_out_of_range(int(bad_row[0]), int(target_array[bad_row[0]]), logits.shape[1])
     return loss
 
 
@@ -311,6 +314,29 @@ def _stats_arrays(stats: tuple[Tensor, Tensor], num_rows: int):
             f"{tuple(predicted.shape)}"
         )
     return values.detach().numpy(), predicted.detach().numpy()
+
+
+# A kept negative class index is shifted by this much (past any class count) before the
+# kernel, whose contract drops rows with a negative target: the kernel then reports it.
+NEGATIVE_TARGET_SHIFT = 2**62
+
+
+def kernel_target(index: Tensor, keep: Tensor | None) -> Tensor:
+    """int64 targets for the row kernels: -1 where ``keep`` drops the row, and a kept
+    negative index y as y + 2**62, which the kernel rejects instead of dropping the row."""
+    index = torch.where(index < 0, index + NEGATIVE_TARGET_SHIFT, index)
+    return index if keep is None else torch.where(keep, index, -1)
+
+
+def _raise_out_of_range(row: int, value: int, num_classes: int) -> None:
+    if value >= NEGATIVE_TARGET_SHIFT // 2:
+        value -= NEGATIVE_TARGET_SHIFT
+    raise ValueError(
+        f"`target` class indices must lie in [0, {num_classes - 1}], found {value} (row "
+        f"{row} of the flattened target). With validate_args=False the range is not checked "
+        "before the kernel; the kernel does not read such rows and stops here. Fix the "
+        "target, or give padding an ignore_index."
+    )
 
 
 def row_loss_and_grad_(
@@ -333,7 +359,8 @@ def row_loss_and_grad_(
 
     Args:
         logits: (R, C) contiguous CPU float32, float16 or bfloat16; overwritten.
-        target: (R,) int64 class indices; negative marks a dropped row.
+        target: (R,) int64 class indices; negative marks a dropped row; an index >= C
+            raises a ValueError after the kernel (the row is not read).
         grad_scale: s_i, a float or an (R,) tensor.
         class_weight: (C,) weights w, or None.
         label_smoothing, z_loss, softcap: eps, z and the softcap (None: off).

@@ -15,6 +15,7 @@ from torch import Tensor
 from xloss import backends
 from xloss.ops.row_grad import row_loss_and_grad_ as portable_row_loss_and_grad_
 from xloss.ops.rows import cross_entropy_rows, row_stats
+from xloss.ops.second_order import KernelFunction, first_order_only, grad_anchor
 
 # Rows per chunk (see `_run_chunks` for the profile behind these numbers): enough rows
 # that the forward GEMM runs at its full-matrix rate, with the chunk's logits kept within a
@@ -100,14 +101,16 @@ def default_chunk_size(
     return max(1, -(-num_rows // num_chunks))
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
+class LinearCrossEntropyFunction(KernelFunction):
     """Sum (or per-row values) of cross-entropy over ``input @ weight.T + bias``, in chunks.
 
     Inputs: ``input`` (K, H) rows to score (dropped rows already removed), ``weight``
     (V, H), ``bias`` (V) or None, ``target`` (K) class indices, ``class_weight`` (V) or
     None, ``scale`` a float or 0-dim tensor multiplying the summed loss (1/denominator
-    for a mean), and a ``LinearCrossEntropyConfig``. Everything is computed in
-    ``promote_types(input.dtype, float32)``.
+    for a mean), a ``LinearCrossEntropyConfig``, ``needs_grad`` (input, weight, bias) and
+    ``anchor`` (``xloss.ops.second_order.grad_anchor``). Everything is computed in
+    ``promote_types(input.dtype, float32)``. Outputs: the loss and, non-differentiable,
+    the gradients computed in forward (empty when not).
 
     Forward, reduced (``per_row=False``): returns scale * sum_i loss_i, and since the
     scale is known the gradients are computed right away:
@@ -121,47 +124,97 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     Forward, per row (``per_row=True``): steps 1-2 per chunk, keeping only the loss;
     returns loss (K). Backward, per row: steps 1-4 again with grad_output[r] as the
     row kernel's per-row gradient scale, so weights applied after the loss are exact.
+
+    Second order (backward under ``create_graph=True``): per-row and float64 calls save
+    their inputs and recompute the gradients from torch ops that autograd records (the
+    K x V logits are then held); other calls return gradients that raise when
+    differentiated again (``xloss.ops.second_order``).
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, target, class_weight, scale, config):
+    def forward(input, weight, bias, target, class_weight, scale, config, needs_grad, anchor):
         dtype = torch.promote_types(input.dtype, torch.float32)
-        ctx.config = config
-        ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
-        needs_grad = ctx.needs_input_grad[:3] if config.grad_enabled else None
+        empty = input.new_empty(0, dtype=dtype)
         if config.per_row:
             loss, _ = _run_chunks(input, weight, bias, target, class_weight, 1.0, config, None)
-            ctx.save_for_backward(input, weight, bias, target, class_weight)
-            return loss
-        grads = _run_chunks(input, weight, bias, target, class_weight, scale, config, needs_grad)
-        loss, (grad_input, grad_weight, grad_bias) = grads
-        ctx.save_for_backward(grad_input, grad_weight, grad_bias)
-        return loss.sum() * torch.as_tensor(scale, dtype=dtype, device=input.device)
+            return loss, empty, empty, empty
+        loss, grads = _run_chunks(
+            input, weight, bias, target, class_weight, scale, config, needs_grad
+        )
+        loss = loss.sum() * torch.as_tensor(scale, dtype=dtype, device=input.device)
+        return (loss, *(empty if g is None else g for g in grads))
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, target, class_weight, scale, config, needs_grad, anchor = inputs
+        ctx.config = config._replace(stats=None)  # the forward filled them already
+        ctx.scale = scale
+        ctx.needs_grad = needs_grad
+        ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        # float64 and per-row calls keep what a differentiable recompute needs, so their
+        # gradients can be differentiated again; the others raise at a second backward.
+        ctx.twice_differentiable = config.per_row or input.dtype == torch.float64
+        saved = (input, weight, bias, target, class_weight) if ctx.twice_differentiable else ()
+        ctx.num_saved = len(saved)
+        ctx.save_for_backward(*saved, anchor, *output[1:])
+
+    @staticmethod
+    def backward(ctx, grad_output, *_grads_of_grads):
+        saved = ctx.saved_tensors
+        anchor = saved[ctx.num_saved]
+        if grad_output is None:
+            return (None,) * 9
+        if torch.is_grad_enabled() and ctx.twice_differentiable:
+            grads = _differentiable_grads(ctx, saved[: ctx.num_saved], grad_output)
+            return (*grads, None, None, None, None, None, None)
         if ctx.config.per_row:
-            input, weight, bias, target, class_weight = ctx.saved_tensors
-            needs_grad = ctx.needs_input_grad[:3]
-            config = ctx.config._replace(stats=None)  # the forward filled them already
+            input, weight, bias, target, class_weight = saved[: ctx.num_saved]
             _, grads = _run_chunks(
-                input, weight, bias, target, class_weight, grad_output, config, needs_grad
-            )
-            factor = None
+                input, weight, bias, target, class_weight, grad_output, ctx.config,
+                ctx.needs_grad,
+            )  # fmt: skip
         else:
-            grads = ctx.saved_tensors
+            grads = saved[ctx.num_saved + 1 :]  # empty where not needed
             # The common loss.backward() passes 1: hand the stored gradients over as they are.
-            factor = None if bool(grad_output == 1) else grad_output
+            if not bool(grad_output == 1):
+                grads = tuple(g * grad_output.to(g.dtype) for g in grads)
         out = []
-        for grad, dtype in zip(grads, ctx.dtypes, strict=True):
-            if grad is not None:
-                grad = grad if factor is None else grad * factor.to(grad.dtype)
-                grad = grad.to(dtype)
+        for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_grad, strict=True):
+            if grad is not None and needed:
+                grad = first_order_only(grad.to(dtype), anchor, "xloss.linear_cross_entropy")
+            else:
+                grad = None
             out.append(grad)
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
-@torch.compiler.disable  # a graph break: torch.compile runs the chunk loop eagerly
+def _differentiable_grads(ctx, saved, grad_output):
+    """Gradients of input, weight and bias from torch ops that autograd records, for a
+    backward with ``create_graph=True``: the K x V logits are held (plain autograd would
+    hold them too)."""
+    input, weight, bias, target, class_weight = saved
+    config = ctx.config
+    inputs = [t for t, n in zip((input, weight, bias), ctx.needs_grad, strict=True) if n]
+    with torch.enable_grad():
+        scale = 1.0 if config.per_row else ctx.scale
+        if isinstance(scale, Tensor):
+            scale = scale.detach()
+        constant_weight = None if class_weight is None else class_weight.detach()
+        loss = _plain_rows(input, weight, bias, target, constant_weight, scale, config)
+        grads = iter(torch.autograd.grad(loss, inputs, grad_output, create_graph=True))
+    return tuple(
+        next(grads).to(dtype) if n else None
+        for n, dtype in zip(ctx.needs_grad, ctx.dtypes, strict=True)
+    )
+
+
+@torch.compiler.disable(
+    reason="xloss.linear_cross_entropy runs its chunk loop (a row kernel per chunk of logits) "
+    "eagerly: a graph break, so compile the model with fullgraph=False, or under "
+    'xloss.backends.use("torch") (plain torch ops that hold the N x V logits)'
+)
 def linear_cross_entropy_rows(
     input: Tensor,
     weight: Tensor,
@@ -172,23 +225,35 @@ def linear_cross_entropy_rows(
     config: LinearCrossEntropyConfig,
 ) -> Tensor:
     """``LinearCrossEntropyFunction.apply``, hidden from torch.compile's tracer (numba and
-    a data-dependent loop inside). Backend "torch" forced: plain torch ops instead."""
-    if backends.forced() == "torch":
-        return _plain_rows(input, weight, bias, target, class_weight, scale, config)
-    return LinearCrossEntropyFunction.apply(
-        input, weight, bias, target, class_weight, scale, config
+    a data-dependent loop inside). Plain torch ops instead when backend "torch" is forced,
+    or when ``class_weight`` or ``scale`` (a normalizer) requires grad: the chunked
+    function differentiates input, weight and bias only."""
+    side_grad = config.grad_enabled and any(
+        isinstance(t, Tensor) and t.requires_grad for t in (class_weight, scale)
     )
+    if side_grad or backends.forced() == "torch":
+        return _plain_rows(input, weight, bias, target, class_weight, scale, config)
+    needs_grad = None  # no grad mode: the loss only
+    if config.grad_enabled:
+        needs_grad = tuple(t is not None and t.requires_grad for t in (input, weight, bias))
+    anchor = grad_anchor(input, weight, bias) if config.grad_enabled else None
+    return LinearCrossEntropyFunction.apply(
+        input, weight, bias, target, class_weight, scale, config, needs_grad, anchor
+    )[0]
 
 
 def _plain_rows(input, weight, bias, target, class_weight, scale, config):
     """What LinearCrossEntropyFunction returns, from autograd-tracked torch ops: the K x V
-    logits are held, and the result can be differentiated twice."""
+    logits are held, and the result can be differentiated twice. Negative targets mark
+    dropped rows (loss 0), as in the row kernels."""
     dtype = torch.promote_types(input.dtype, torch.float32)
     logits = torch.nn.functional.linear(input, weight, bias).to(dtype)  # K x V
+    scored = target >= 0
     loss = cross_entropy_rows(
-        logits, target, class_weight=class_weight, label_smoothing=config.label_smoothing,
-        z_loss=config.z_loss, softcap=config.softcap,
+        logits, torch.where(scored, target, 0), class_weight=class_weight,
+        label_smoothing=config.label_smoothing, z_loss=config.z_loss, softcap=config.softcap,
     )  # fmt: skip
+    loss = torch.where(scored, loss, 0.0)
     if config.stats is not None:
         values, predicted = row_stats(logits, config.softcap)
         config.stats[0].copy_(values)
