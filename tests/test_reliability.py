@@ -494,3 +494,67 @@ def test_loss_scaled_in_place_after_the_call_still_backpropagates():
         loss /= 4
         loss.backward()
     assert x.grad is not None and weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------
+# 14. torch.compile(fullgraph=True) with validate_args=True; linear CE says it graph-breaks
+
+
+def test_fullgraph_compile_keeps_the_target_check_in_the_graph():
+    x = torch.randn(4, 6, requires_grad=True)
+    normalizer = torch.tensor(3.0)
+
+    def loss_fn(x, target):
+        return xloss.cross_entropy(x, target, label_smoothing=0.1, normalizer=normalizer)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    target = torch.tensor([0, 5, -100, 2])
+    out = compiled(x, target)
+    out.backward()
+    kept = target != -100
+    expected = reference_rows(x.detach().double()[kept], target[kept], eps=0.1)[0].sum() / 3
+    torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match=r"must lie in \[0, 5\]"):
+        compiled(x, torch.tensor([0, 9, -100, 2]))
+
+
+def test_linear_cross_entropy_fullgraph_names_the_graph_break_and_compiles_without_it():
+    hidden = torch.randn(4, 3)
+    weight = torch.randn(6, 3, requires_grad=True)
+    target = torch.tensor([0, 5, -100, 2])
+
+    def loss_fn(hidden, weight, target):
+        return xloss.linear_cross_entropy(hidden, weight, target)
+
+    with pytest.raises(Exception, match="fullgraph=False"):
+        torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(hidden, weight, target)
+    out = torch.compile(loss_fn, backend="aot_eager")(hidden, weight, target)
+    expected = reference_rows((hidden @ weight.T).detach().double()[[0, 1, 3]], target[[0, 1, 3]])
+    torch.testing.assert_close(out.double(), expected[0].mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_vmap_with_validate_args_names_validate_args_false():
+    x = torch.randn(3, 4, 6)
+    target = torch.randint(0, 6, (3, 4))
+    with pytest.raises(RuntimeError, match="pass validate_args=False under vmap"):
+        torch.func.vmap(lambda x, t: xloss.cross_entropy(x, t))(x, target)
+
+
+# ---------------------------------------------------------------------------------------
+# 17. autocast: the loss in float32, as F.cross_entropy under autocast
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_returns_a_float32_loss_like_torch(dtype):
+    x = torch.randn(4, 6).to(dtype).requires_grad_()
+    target = torch.tensor([0, 5, 1, 2])
+    with torch.autocast("cpu", dtype=dtype):
+        ours = xloss.cross_entropy(x, target, label_smoothing=0.1)
+        theirs = torch.nn.functional.cross_entropy(x, target, label_smoothing=0.1)
+        linear = xloss.linear_cross_entropy(torch.randn(4, 3, dtype=dtype),
+                                            torch.randn(6, 3, dtype=dtype), target)  # fmt: skip
+    assert ours.dtype == theirs.dtype == linear.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    ours.backward()
+    assert x.grad.dtype == dtype
+    assert xloss.cross_entropy(x, target).dtype == dtype  # outside autocast: the input's

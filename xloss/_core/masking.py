@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xloss._core.validation import check_tensor, shape_str
+from xloss._core.validation import any_violation, check_tensor, shape_str
 
 RELATIVE_LENGTH_TOLERANCE = 1e-6
 
@@ -49,14 +49,16 @@ def lengths_mask(lengths: Tensor, shape: torch.Size, validate_args: bool = True)
         raise TypeError(f"`lengths` must hold integers or floats, got dtype {lengths.dtype}")
     if lengths.is_floating_point():
         # written so that NaN fails it: `not (0 < L <= 1)`
-        if validate_args and not bool(((lengths > 0) & (lengths <= 1)).all()):
+        in_range = (lengths > 0) & (lengths <= 1)
+        if validate_args and any_violation(~in_range, "floating `lengths` must lie in (0, 1]"):
             raise ValueError(
                 "floating `lengths` are relative and must lie in (0, 1], got "
                 f"{[float(v) for v in lengths.flatten()[:8]]} (NaN and inf are rejected too)"
             )
         counts = relative_length_counts(lengths, steps)
     else:
-        if validate_args and bool(((lengths < 0) | (lengths > steps)).any()):
+        out_of_range = (lengths < 0) | (lengths > steps)
+        if validate_args and any_violation(out_of_range, f"`lengths` must lie in [0, {steps}]"):
             raise ValueError(
                 f"integer `lengths` must lie in [0, {steps}] (the size of target axis 1), "
                 f"got min {int(lengths.min())} and max {int(lengths.max())}"

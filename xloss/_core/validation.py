@@ -133,6 +133,30 @@ def check_class_weight(weight, num_classes: int | None, name: str = "weight") ->
         )
 
 
+def any_violation(bad: Tensor, message: str) -> bool:
+    """Whether any element of the bool tensor ``bad`` is set: the data check behind
+    ``validate_args``, which synchronises with the device.
+
+    Traced by ``torch.compile`` (``fullgraph=True`` included) a branch on data is not
+    possible: the check becomes an assertion inside the graph (``torch._assert_async``,
+    which raises a RuntimeError with ``message`` when it fails, without the value found)
+    and this returns False. Under ``torch.func.vmap`` it raises, naming validate_args=False.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), message)
+        return False
+    try:
+        return bool(bad.any())
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        raise RuntimeError(
+            "validate_args=True checks tensor values (a data-dependent branch), which "
+            "torch.func.vmap cannot batch; pass validate_args=False under vmap and check the "
+            f"inputs outside it (the check: {message})"
+        ) from error
+
+
 def check_index_target_range(
     target: Tensor, num_classes: int, ignore_index: int | None, valid: Tensor | None
 ) -> None:
@@ -142,12 +166,11 @@ def check_index_target_range(
         bad &= target != ignore_index
     if valid is not None:
         bad &= valid
-    if bool(bad.any()):
+    hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+    expected = f"`target` class indices must lie in [0, {num_classes - 1}]{hint}"
+    if any_violation(bad, expected):
         value = int(target[bad].flatten()[0])
-        hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-        raise ValueError(
-            f"`target` class indices must lie in [0, {num_classes - 1}]{hint}, found {value}"
-        )
+        raise ValueError(f"{expected}, found {value}")
 
 
 def check_normalizer(normalizer, validate_args: bool) -> None:
@@ -163,10 +186,9 @@ def check_normalizer(normalizer, validate_args: bool) -> None:
                 f"got shape {shape_str(normalizer.shape)}"
             )
         # a tensor's value is read only with validate_args (it synchronises with the device)
-        if validate_args and not bool((normalizer >= 0) & (normalizer < math.inf)):
-            raise ValueError(
-                f"`normalizer` must be >= 0 and finite, got {float(normalizer)}"
-            )
+        finite = (normalizer >= 0) & (normalizer < math.inf)
+        if validate_args and any_violation(~finite, "`normalizer` must be >= 0 and finite"):
+            raise ValueError(f"`normalizer` must be >= 0 and finite, got {float(normalizer)}")
         return
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(

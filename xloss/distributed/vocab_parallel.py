@@ -27,7 +27,11 @@ from xloss._core.validation import (
 )
 from xloss.distributed._comm import resolve_group
 from xloss.distributed._rows import RowStats, global_row_stats, local_gradient_
-from xloss.functional.cross_entropy import check_cross_entropy_settings, compute_dtype
+from xloss.functional.cross_entropy import (
+    check_cross_entropy_settings,
+    compute_dtype,
+    loss_dtype,
+)
 from xloss.ops.second_order import KernelFunction, first_order_only, grad_anchor
 
 _WHAT = "xloss.distributed's vocab-parallel cross-entropy"
@@ -252,7 +256,7 @@ def vocab_parallel_cross_entropy(
     if keep is not None:
         loss = torch.where(keep, loss, 0.0)
     reduced = reduce_loss(loss, reduction, keep=keep, normalizer=normalizer, batched=layout.batched)
-    return reduced.to(local_logits.dtype)
+    return reduced.to(loss_dtype(local_logits))
 
 
 class LinearSettings(NamedTuple):
@@ -628,4 +632,4 @@ def vocab_parallel_linear_cross_entropy(
         loss = reduce_loss(loss, reduction, keep=keep, batched=input.dim() > 1)
     if validate_args and rows > 0:
         check_index_target_range(target, int(num_classes), ignore_index, keep)
-    return loss.to(input.dtype)
+    return loss.to(loss_dtype(input))

@@ -28,6 +28,7 @@ from torch import Tensor
 from xloss._core.masking import build_mask
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss._core.validation import (
+    any_violation,
     check_floating_input,
     check_ignore_index,
     check_inplace_allowed,
@@ -153,9 +154,9 @@ def check_target_range(target: Tensor, ignore_index: int | None, keep: Tensor | 
         bad &= target != ignore_index
     if keep is not None:
         bad &= keep
-    if bool(bad.any()):
+    hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+    if any_violation(bad, f"`target` must lie in [0, 1]{hint}"):
         value = float(target[bad].flatten()[0])
-        hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
         raise ValueError(f"`target` must lie in [0, 1]{hint}, found {value}")
 
 

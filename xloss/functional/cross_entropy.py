@@ -96,6 +96,16 @@ def stats_result(loss, values, predicted, target, keep, shape) -> CrossEntropySt
     )
 
 
+def loss_dtype(input: Tensor) -> torch.dtype:
+    """The dtype of the returned loss: the input's, except fp16/bf16 under autocast, where
+    float32 as for F.cross_entropy (cross-entropy is on autocast's float32 list)."""
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+        input.device.type
+    ):
+        return torch.float32
+    return input.dtype
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16 and bf16 are computed in fp32; fp32 and fp64 in their own precision."""
     return torch.promote_types(dtype, torch.float32)
@@ -274,7 +284,7 @@ def cross_entropy(
             inplace_backward=inplace_backward,
             **options,
         )
-        return _with_stats(reduced.to(input.dtype), stats, target, keep)
+        return _with_stats(reduced.to(loss_dtype(input)), stats, target, keep)
     rows = layout.logits.reshape(-1, num_classes).to(dtype)  # R x C
     if layout.soft:
         probs = target.movedim(layout.class_dim, -1).reshape(-1, num_classes).to(dtype)
@@ -298,7 +308,7 @@ def cross_entropy(
         normalizer=normalizer,
         batched=layout.batched,
     )
-    return _with_stats(reduced.to(input.dtype), stats, target, keep)
+    return _with_stats(reduced.to(loss_dtype(input)), stats, target, keep)
 
 
 def _with_stats(loss: Tensor, stats, target: Tensor, keep: Tensor | None):

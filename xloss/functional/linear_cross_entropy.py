@@ -20,6 +20,7 @@ from xloss.functional.cross_entropy import (
     CrossEntropyStats,
     check_cross_entropy_settings,
     check_return_stats,
+    loss_dtype,
     stats_buffers,
     stats_result,
 )
@@ -306,7 +307,7 @@ def linear_cross_entropy(
         if class_weight is not None:
             denominator = class_weight[target.long().clamp(0, num_classes - 1)]
         result = reduce_loss(loss, reduction, keep=keep, denominator=denominator)
-    result = result.to(input.dtype)
+    result = result.to(loss_dtype(input))
     if not return_stats:
         return result
     values, predicted = config.stats  # K x 2, K: the kept rows
