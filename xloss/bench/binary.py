@@ -10,7 +10,7 @@ reads the logits and the targets and writes the gradient (12 bytes an element).
 
 from __future__ import annotations
 
-from xloss.bench.registry import Table, register
+from xloss.bench.registry import Table, model_output, register
 
 
 def _inputs(case: dict):
@@ -24,28 +24,11 @@ def _inputs(case: dict):
     return logits, target, pos_weight
 
 
-def _model_output(logits):
-    """The leaf's storage as a non-leaf, as a model's logits are (no copy): in place on
-    the leaf itself raises, as PyTorch's in-place ops do."""
-    import torch
-
-    class ModelOutput(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.detach()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad
-
-    return ModelOutput.apply(logits)
-
-
 def _training_step(loss_fn, case: dict, in_place: bool = False):
     logits, target, pos_weight = _inputs(case)
 
     def step():
-        source = _model_output(logits) if in_place else logits
+        source = model_output(logits) if in_place else logits
         loss_fn(source, target, pos_weight).backward()
         logits.grad = None  # the gradient is part of the step's memory, not the baseline
 

@@ -52,3 +52,20 @@ def load_tables() -> dict[str, Table]:
     )
 
     return TABLES
+
+
+def model_output(logits):
+    """The leaf's storage as a non-leaf, as a model's logits are (no copy): in place on
+    the leaf itself raises, as PyTorch's in-place ops do."""
+    import torch
+
+    class ModelOutput(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    return ModelOutput.apply(logits)
