@@ -558,3 +558,34 @@ def test_autocast_returns_a_float32_loss_like_torch(dtype):
     ours.backward()
     assert x.grad.dtype == dtype
     assert xloss.cross_entropy(x, target).dtype == dtype  # outside autocast: the input's
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
+@pytest.mark.parametrize("num_classes", [10, 3000])  # one block / several blocks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_of_minus_inf_only_gives_nan_as_torch(backend, num_classes, dtype):
+    """A fully masked row: F.cross_entropy gives a NaN loss and NaN gradient (0/0 softmax).
+    The numba kernel once returned a tiny finite loss and a zero gradient there."""
+    if backend == "numba" and not xloss.ops.kernel.kernel_available():
+        pytest.skip("numba kernel unavailable")
+    if backend == "triton" and not xloss.backends.interpreting():
+        pytest.skip("Triton's interpreter is off")
+    torch.manual_seed(0)
+    x = torch.randn(3, num_classes).to(dtype)
+    x[1] = float("-inf")
+    target = torch.tensor([1, 2, 3])
+    reference = torch.nn.functional.cross_entropy(x.float(), target, reduction="none")
+    assert reference[1].isnan()
+    with xloss.backends.use(backend):
+        logits = x.clone().requires_grad_()
+        out = xloss.cross_entropy(
+            logits, target, reduction="none", label_smoothing=0.1, return_stats=True
+        )
+        out.loss.sum().backward()
+        capped = xloss.cross_entropy(x, target, reduction="none", softcap=5.0)
+    assert out.loss[1].isnan() and logits.grad[1].isnan().all()
+    assert out.loss[[0, 2]].isfinite().all() and logits.grad[[0, 2]].isfinite().all()
+    assert out.lse[1] == float("-inf") and out.entropy[1].isnan() and out.predicted[1] == 0
+    # soft-capping maps -inf to -cap: a uniform row, a finite loss of log C
+    expected = torch.log(torch.tensor(float(num_classes)))
+    torch.testing.assert_close(capped[1].float(), expected, rtol=5e-3, atol=0)

@@ -106,6 +106,24 @@ def _row_loss(peak, sum_exp, sum_t, x_target, target_weight, total_weight, smoot
     return loss, lse
 
 
+_MINUS_INF = np.float32(-np.inf)
+
+
+@njit(inline="always", cache=True)
+def _no_finite_logit(row, write, stats, predicted):
+    """A row of -inf only (a fully masked vocabulary, no softcap): the softmax is 0/0, so
+    the loss, every gradient entry and the entropy are NaN, as in F.cross_entropy, and the
+    lse is -inf. Handled apart: under fastmath the general formulas give garbage here."""
+    if stats is not None:
+        stats[0] = _MINUS_INF
+        stats[1] = np.float32(np.nan)
+        predicted[0] = 0
+    if write:
+        for c in range(row.shape[0]):
+            row[c] = np.float32(np.nan)
+    return np.float32(np.nan)
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predicted):
     """Whole-row passes (max, sums, gradient); used for soft-capped rows.
@@ -123,6 +141,8 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predi
         sum_et = np.float32(0.0)  # sum exp(t) t, for the entropy
     if has_cap:
         peak = cap * np.float32(math.tanh(peak / cap))
+    elif peak == _MINUS_INF:
+        return _no_finite_logit(row, write, stats, predicted)
     # pass 2: sum exp(t) and the smoothing sum of t = x - max
     sum_exp = np.float32(0.0)
     sum_t = np.float32(0.0)
@@ -194,7 +214,6 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predi
 
 
 BLOCK = 1024  # elements per block: 4 KiB, stays in L1 between the block's two loops
-_MINUS_INF = np.float32(-np.inf)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -273,6 +292,8 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write, stats, predicte
     peak = _MINUS_INF
     for b in range(num_blocks):
         peak = max(peak, block_peak[b])
+    if peak == _MINUS_INF:
+        return _no_finite_logit(row, write, stats, predicted)
     sum_exp = np.float32(0.0)
     sum_t = np.float32(0.0)
     total_weight = np.float32(0.0)

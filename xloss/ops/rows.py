@@ -28,7 +28,8 @@ def row_stats(logits: Tensor, softcap: float | None = None) -> tuple[Tensor, Ten
     x = apply_softcap(raw, softcap)
     lse = torch.logsumexp(x, -1)
     probs = torch.softmax(x, -1)
-    entropy = lse - torch.where(probs > 0, probs * x, 0.0).sum(-1)
+    # 0 * -inf terms count 0; a row of -inf only (0/0 softmax) keeps its NaN entropy
+    entropy = lse - torch.where(probs == 0, 0.0, probs * x).sum(-1)
     return torch.stack((lse, entropy), -1), predicted
 
 
