@@ -178,7 +178,7 @@ def test_second_order_raises_at_the_second_backward(name, inplace_backward):
     x64 = x.double().requires_grad_()
     expected = torch.autograd.grad(loss_fn(x64, y.double()), x64)[0]
     torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-7)
-    with pytest.raises(RuntimeError, match=r"second-order gradients.*backends.use\(\"torch\"\)"):
+    with pytest.raises(RuntimeError, match=r"differentiated twice.*backends.use\(\"torch\"\)"):
         grad.pow(2).sum().backward()
 
 
@@ -276,6 +276,17 @@ def test_torch_func_grad_equals_autograd(name):
     leaf = x.clone().requires_grad_()
     loss_fn(leaf, y, label_smoothing=0.1).backward()
     torch.testing.assert_close(grad, leaf.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_vmap_raises_naming_the_portable_path(requires_grad):
+    x = torch.randn(3, 4, 5, requires_grad=requires_grad)
+    y = torch.zeros(4, 5)
+    with pytest.raises(RuntimeError, match=r"vmap cannot batch.*backends.use\(\"torch\"\)"):
+        torch.func.vmap(lambda logits: bce(logits, y, validate_args=False))(x)
+    with xloss.backends.use("torch"):
+        batched = torch.func.vmap(lambda logits: bce(logits, y, validate_args=False))(x)
+    torch.testing.assert_close(batched[1], bce(x[1], y))
 
 
 @pytest.mark.parametrize("inplace_backward", [False, True])

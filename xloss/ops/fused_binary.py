@@ -36,7 +36,8 @@ Forward, step by step:
 Backward multiplies the stored gradient by ``grad_output`` (per row, or per element for
 ``"none"``), and skips the multiply when every factor is exactly 1. Second-order
 gradients are not available here: with ``create_graph=True`` the first-order gradient
-is returned, and differentiating it raises (see :class:`FirstOrderOnly`).
+is returned, and differentiating it raises (``xloss.ops.second_order``); ``vmap``
+raises too, naming the portable path.
 """
 
 from __future__ import annotations
@@ -52,20 +53,14 @@ from torch import Tensor
 from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss.ops import kernel
+from xloss.ops.second_order import KernelFunction, first_order_only
 
 # Loss kinds, as numbered in xloss.ops._numba_binary.
 BCE, FOCAL, ASL_CLIP, ASL_NO_CLIP = 0, 1, 2, 3
 # What the op returns: the scaled sum, the (R,) row sums, or the (R, L) element losses.
 SCALAR, ROWS, ELEMENTS = 0, 1, 2
 
-HALF_TYPES = (torch.float16, torch.bfloat16)
-SECOND_ORDER_HELP = (
-    "second-order gradients (create_graph=True followed by another backward) are not "
-    "available on the fused numba kernel path of the binary losses (BCE, focal, ASL): "
-    "the kernel computes the gradient in the forward pass. Compute the loss on the "
-    "portable torch path, which supports them: `with xloss.backends.use(\"torch\"):` "
-    "(or XLOSS_BACKEND=torch, or float64 input)"
-)
+WHAT = "xloss's binary losses (BCE, sigmoid focal, ASL)"  # named in the second-order error
 
 _loaded: dict = {}
 
@@ -108,35 +103,6 @@ def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
         and backends.select(input.device.type, input.dtype) == "numba"
         and binary_kernel_available()
     )
-
-
-class FirstOrderOnly(torch.autograd.Function):
-    """Identity on a first-order gradient; differentiating it again raises.
-
-    The fused backward returns the stored gradient, which has no graph to the logits.
-    With ``create_graph=True`` a second backward would silently see no dependence on
-    them; this node (anchored to the logits, so its output requires grad) makes that
-    second backward raise instead.
-    """
-
-    @staticmethod
-    def forward(grad: Tensor, anchor: Tensor) -> Tensor:
-        return grad.view_as(grad)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        raise RuntimeError(SECOND_ORDER_HELP)
-
-
-def _first_order(grad: Tensor, anchor: Tensor) -> Tensor:
-    """``grad``, guarded by :class:`FirstOrderOnly` when a graph is being built."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return FirstOrderOnly.apply(grad, anchor)
-    return grad
 
 
 def _array(tensor: Tensor):
@@ -254,6 +220,14 @@ def _fused_inplace_op(
 kernel.dynamo_disable_when_imported(_fused_op, _fused_inplace_op)
 
 
+def _no_vmap(info, in_dims, *args):
+    KernelFunction.vmap(info, in_dims, *args)  # raises, naming the portable path
+
+
+_fused_op.register_vmap(_no_vmap)
+_fused_inplace_op.register_vmap(_no_vmap)
+
+
 def _output_like(logits: Tensor, out_mode: int) -> Tensor:
     shape = {SCALAR: (), ROWS: (logits.shape[0],), ELEMENTS: tuple(logits.shape)}[out_mode]
     return logits.new_empty(shape, dtype=torch.float32)
@@ -280,7 +254,7 @@ def _scale_grad(grad: Tensor, grad_output: Tensor, out_mode: int, in_place: bool
     return grad.mul_(factor) if in_place else (grad * factor).to(grad.dtype)
 
 
-class FusedBinary(torch.autograd.Function):
+class FusedBinary(KernelFunction):
     """The out-of-place op with autograd (an ``autograd.Function`` with ``setup_context``,
     so ``torch.func.grad`` works; a custom op's registered autograd does not support it).
 
@@ -306,10 +280,10 @@ class FusedBinary(torch.autograd.Function):
         if grad_output is None:  # grads are not materialised
             return (None,) * 7
         grad_logits = _scale_grad(grad, grad_output, ctx.out_mode, in_place=False)
-        return (_first_order(grad_logits, logits),) + (None,) * 6
+        return (first_order_only(grad_logits, logits, WHAT),) + (None,) * 6
 
 
-class InplaceFusedBinary(torch.autograd.Function):
+class InplaceFusedBinary(KernelFunction):
     """The in-place op with autograd: the logits' storage becomes their gradient.
 
     forward: 1. run ``xloss::fused_binary_`` (bumps the logits' version);
@@ -331,7 +305,7 @@ class InplaceFusedBinary(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         grad_logits = _scale_grad(grad, grad_output, ctx.out_mode, in_place=True)
-        return (_first_order(grad_logits, grad),) + (None,) * 6
+        return (first_order_only(grad_logits, grad, WHAT),) + (None,) * 6
 
 
 class KernelSettings(NamedTuple):
