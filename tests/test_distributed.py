@@ -32,6 +32,7 @@ from xloss.distributed import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )
+from xloss.distributed._rows import local_partials
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -420,3 +421,36 @@ def test_global_token_count_one_process(one_process_group):
         global_token_count(target, mask=mask.float())
     with pytest.raises(TypeError, match="`ignore_index` must be an int"):
         global_token_count(target, ignore_index=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("sum_logits", "entropy"), [(False, False), (True, False), (True, True)])
+def test_local_partials_match_float64(dtype, sum_logits, entropy):
+    """Step 2's partial sums of one slice, with M the row max of the WHOLE row."""
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(5, 11, generator=gen, dtype=torch.float64) * 3
+    full[1, 3] = -math.inf  # a masked class: e = 0, e * (x - M) counts 0
+    full[2] += 1e4  # large logits: the shifted entropy partial must not cancel
+    row_max = full.amax(-1)
+    start, stop = 4, 9  # this slice: classes 4..8
+    target = torch.tensor([5, 0, 8, -1, 10])
+    in_slice = (target >= start) & (target < stop)
+    local_target = torch.where(in_slice, target - start, 0)
+    got = local_partials(
+        full[:, start:stop].to(dtype), row_max.to(dtype), local_target, in_slice,
+        sum_logits=sum_logits, entropy=entropy,
+    )  # fmt: skip
+    local = full[:, start:stop].to(dtype).double()  # the values the function saw
+    shifted = local - row_max.to(dtype).double().unsqueeze(-1)
+    expected = [torch.where(in_slice, local.gather(-1, local_target[:, None])[:, 0], 0.0)]
+    if sum_logits:
+        expected.append(local.sum(-1))
+    expected.append(shifted.exp().sum(-1))
+    if entropy:
+        finite = torch.where(local.isfinite(), shifted, 0.0)
+        expected.append((shifted.exp() * finite).sum(-1))
+    assert len(got) == len(expected)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol)

@@ -50,9 +50,7 @@ def global_row_stats(
     local_size = logits.shape[-1]
     # 1. All-reduce the row max (MAX), packed with the slice sizes and given starts -> C
     #    and the slice start.
-    global_max = all_reduce_max_and_sizes(
-        logits.detach().amax(-1), local_size, group, vocab_start
-    )
+    global_max = all_reduce_max_and_sizes(logits.detach().amax(-1), local_size, group, vocab_start)
     if check_slices and vocab_start is not None:
         check_slices_tile(global_max)
     row_max = global_max.row_max
@@ -60,19 +58,20 @@ def global_row_stats(
     local_target = target - start
     in_slice = (target >= 0) & (local_target >= 0) & (local_target < local_size)
     local_target = torch.where(in_slice, local_target, 0)
-    # 2. Local partial sums: exp, the target logit (only the rank that holds the target
-    #    contributes it) and the sum of logits for smoothing; ONE packed all-reduce (SUM).
-    target_logit = torch.where(in_slice, logits.gather(-1, local_target.unsqueeze(-1))[:, 0], 0.0)
-    partials = [target_logit]
-    if label_smoothing > 0.0:
-        partials.append(logits.sum(-1))
-    if exp_in_place:
+    # 2. Local partial sums: the target logit (only the rank that holds the target
+    #    contributes it), exp and, with smoothing, the sum of logits; ONE packed
+    #    all-reduce (SUM).
+    sum_logits = label_smoothing > 0.0
+    if exp_in_place:  # the fused linear gradient starts from e^(x - M): keep it in the block
+        head = _logit_partials(logits, local_target, in_slice, sum_logits=sum_logits)
         shifted_exp = logits.sub_(row_max.unsqueeze(-1)).exp_()  # R x V_local, in place
+        partials = head + _exp_partials(shifted_exp, entropy=False)
     else:
-        shifted_exp = (logits - row_max.unsqueeze(-1)).exp_()  # R x V_local
-    partials.append(shifted_exp.sum(-1))
+        partials = local_partials(
+            logits, row_max, local_target, in_slice, sum_logits=sum_logits, entropy=False
+        )
     summed = all_reduce_sum(*partials, group=group)
-    target_logit, sum_exp = summed[0], summed[-1]
+    target_logit, sum_exp = summed[0], summed[2 if label_smoothing > 0.0 else 1]
     # 3. lse = m + log S; C is the GLOBAL vocabulary size (not this rank's slice).
     num_classes = global_max.num_classes
     row_logsumexp = row_max + torch.log(sum_exp)
@@ -82,6 +81,51 @@ def global_row_stats(
     if z_loss > 0.0:
         loss = loss + z_loss * row_logsumexp.square()
     return RowStats(row_logsumexp, sum_exp, loss, num_classes, local_target, in_slice)
+
+
+def local_partials(
+    logits: Tensor,
+    row_max: Tensor,
+    local_target: Tensor,
+    in_slice: Tensor,
+    *,
+    sum_logits: bool,
+    entropy: bool,
+) -> tuple[Tensor, ...]:
+    """Step 2's local partial sums over a block of local logits (R, V_local); reads only.
+
+    ``row_max`` (R,) is the GLOBAL row max M (after collective 1); ``local_target`` (R,)
+    the target's column in this slice and ``in_slice`` (R,) whether this slice holds it.
+    Returns (R,) tensors in the logits' dtype, in this order:
+
+    - the target logit x_y where ``in_slice``, else 0;
+    - if ``sum_logits``: sum_c x_c;
+    - sum_c e^(x_c - M);
+    - if ``entropy``: sum_c e^(x_c - M) (x_c - M), 0 for x_c = -inf (so that the
+      softmax entropy is log S - this / S after the SUM; shifted by M, so no
+      cancellation for large logits).
+
+    Each sum is over this slice only; the SUM all-reduce of step 2 makes them global.
+    """
+    shifted_exp = (logits - row_max.unsqueeze(-1)).exp_()  # R x V_local
+    head = _logit_partials(logits, local_target, in_slice, sum_logits=sum_logits)
+    return head + _exp_partials(shifted_exp, entropy=entropy)
+
+
+def _logit_partials(logits, local_target, in_slice, *, sum_logits: bool) -> tuple[Tensor, ...]:
+    """The target logit (0 where not ``in_slice``) and, if ``sum_logits``, sum_c x_c."""
+    target_logit = logits.gather(-1, local_target.unsqueeze(-1))[:, 0]
+    target_logit = torch.where(in_slice, target_logit, 0.0)
+    return (target_logit, logits.sum(-1)) if sum_logits else (target_logit,)
+
+
+def _exp_partials(shifted_exp: Tensor, *, entropy: bool) -> tuple[Tensor, ...]:
+    """sum_c e_c and, if ``entropy``, sum_c e_c log e_c = sum_c e_c (x_c - M) of e = e^(x - M)."""
+    sum_exp = shifted_exp.sum(-1)
+    if not entropy:
+        return (sum_exp,)
+    # xlogy gives 0 where e underflows to 0 (x = -inf included), not 0 * -inf.
+    return sum_exp, torch.xlogy(shifted_exp, shifted_exp).sum(-1)
 
 
 def local_gradient_(
