@@ -469,3 +469,116 @@ def test_vocab_parallel_cross_entropy_on_triton_one_process(one_process_group, m
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------- no host synchronisation on Triton
+
+
+class HostSyncGuard(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that would make the host wait for a GPU, on any tensor.
+
+    torch.cuda.set_sync_debug_mode needs a GPU; on CPU tensors this mode sees the same
+    events at the ATen level: a device value read on the host (``_local_scalar_dense``,
+    behind ``bool()``, ``.item()``, ``float()``, ``int()``), and outputs whose shape
+    depends on the data (``nonzero``, ``masked_select``, ``unique``, boolean indexing).
+    Dispatch modes follow autograd into backward. ``xloss::`` custom ops are re-entered
+    under the mode so their bodies are watched too. A host copy (``.cpu()``,
+    ``.tolist()``) of a CPU tensor is invisible here: none is in these paths.
+    """
+
+    SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2",
+                "unique_consecutive", "unique_dim", "argwhere")  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        boolean_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ()
+        )
+        if name in self.SYNC_OPS or boolean_index:
+            self.events.append(str(func))
+        if func.namespace == "xloss":
+            with self:  # the body, below the Python key, under this mode
+                keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+                return func.redispatch(keys, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class _TestsOnesInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad if bool((grad == 1).all()) else 2 * grad
+
+
+def test_the_sync_guard_sees_what_it_must():
+    """The guard's own check: each kind of sync it claims to see, inside a backward too,
+    and the target check of validate_args=True inside xloss."""
+    x = torch.randn(4)
+    with HostSyncGuard() as guard:
+        bool((x > 0).all()), float(x.sum()), x.nonzero(), x[x > 0]
+    assert len(guard.events) == 4, guard.events
+    leaf = x.clone().requires_grad_()
+    with HostSyncGuard() as guard:
+        _TestsOnesInBackward.apply(leaf).sum().backward()
+    assert guard.events == ["aten._local_scalar_dense.default"]
+    with HostSyncGuard() as guard:
+        xloss.cross_entropy(x[None], torch.tensor([1]))  # validate_args=True reads
+    assert guard.events
+
+
+SYNC_FREE_CALLS = {
+    "cross_entropy mean": lambda x, h, w, t: xloss.cross_entropy(
+        x, t, label_smoothing=0.1, validate_args=False),
+    "cross_entropy none": lambda x, h, w, t: xloss.cross_entropy(
+        x, t, reduction="none", z_loss=1e-3, validate_args=False).sum(),
+    "cross_entropy in place": lambda x, h, w, t: xloss.cross_entropy(
+        x * 1, t, inplace_backward=True, softcap=3.0, validate_args=False),
+    "linear mean": lambda x, h, w, t: xloss.linear_cross_entropy(
+        h, w, t, chunk_size=4, validate_args=False),
+    "linear none": lambda x, h, w, t: xloss.linear_cross_entropy(
+        h, w, t, reduction="none", chunk_size=4, validate_args=False).sum(),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("call", list(SYNC_FREE_CALLS))
+def test_no_host_sync_in_forward_and_backward(call):
+    """With validate_args=False nothing on the Triton path reads a device value on the
+    host or makes a data-dependent shape, in forward or backward (a mask drops a row)."""
+    x, target = case(6, 13, seed=3)
+    target[2] = -100
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 5, generator=generator).requires_grad_()
+    weight = torch.randn(13, 5, generator=generator).requires_grad_()
+    logits = x.clone().requires_grad_()
+    with HostSyncGuard() as guard:
+        loss = SYNC_FREE_CALLS[call](logits, hidden, weight, target)
+        loss.backward()
+    assert guard.events == []
+    assert all(t.grad is None or t.grad.isfinite().all() for t in (logits, hidden, weight))
+
+
+def test_no_host_sync_in_vocab_parallel_cross_entropy(one_process_group):
+    from xloss.distributed import vocab_parallel_cross_entropy
+
+    x, target = case(6, 11, seed=4)
+    target[2] = -100
+    logits = x.clone().requires_grad_()
+    with HostSyncGuard() as guard:
+        loss = vocab_parallel_cross_entropy(
+            logits, target, label_smoothing=0.1, z_loss=1e-2, validate_args=False
+        )
+        loss.backward()
+    assert guard.events == []
+    assert logits.grad.isfinite().all()

@@ -7,6 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from xloss import backends
 from xloss._core.masking import build_mask
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss._core.validation import (
@@ -27,10 +28,11 @@ from xloss.functional.cross_entropy import (
 from xloss.ops.kernel import kernel_target
 
 
-def _every_row_kept(keep: Tensor) -> bool | None:
+def _every_row_kept(keep: Tensor, dtype: torch.dtype) -> bool | None:
     """Whether ``keep`` keeps every row; None where that is data-dependent (traced by
-    torch.compile, batched by torch.func.vmap)."""
-    if torch.compiler.is_compiling():
+    torch.compile, batched by torch.func.vmap) or would synchronise with a GPU (the
+    Triton backend: its row kernel skips the dropped rows itself)."""
+    if torch.compiler.is_compiling() or backends.select(keep.device.type, dtype) == "triton":
         return None
     try:
         return bool(keep.all())
@@ -141,7 +143,9 @@ def linear_cross_entropy(
 
     (x replaced by ``softcap * tanh(x / softcap)`` first when ``softcap`` is set).
     Rows whose target is ``ignore_index``, where ``mask`` is False or past
-    ``lengths`` are dropped before any GEMM; they give loss 0 and zero gradient.
+    ``lengths`` are dropped before any GEMM on CPU; they give loss 0 and zero gradient.
+    On the Triton backend they stay in the GEMMs and the row kernel skips them: finding
+    them first would make the host wait for the GPU (a data-dependent row count).
 
     Reductions as :func:`xloss.cross_entropy`: ``"mean"`` divides by the summed
     ``w[y]`` of the kept rows, ``"sum"``, ``normalizer`` (sum / normalizer),
@@ -159,7 +163,8 @@ def linear_cross_entropy(
     computed in fp32 (GEMMs included) and the loss is returned in the input's dtype. On
     CPU the numba row kernel is used when available. On GPUs with Triton
     (``xloss.backends``) the GEMMs and the chunk of logits stay in the input dtype (bf16
-    tensor-core GEMMs, no fp32 copies) and the Triton row kernel computes in fp32. Under
+    tensor-core GEMMs, no fp32 copies), the Triton row kernel computes in fp32, and with
+    ``validate_args=False`` nothing synchronises with the host. Under
     ``torch.compile`` the call is a graph break and runs eagerly.
 
     Args:
@@ -256,8 +261,8 @@ def linear_cross_entropy(
     index = kernel_target(target.reshape(-1).long(), None)  # N
     kept_rows = None
     if keep is not None:
-        every_row_kept = _every_row_kept(keep)
-        if every_row_kept is None:  # traced: no data-dependent gather, dropped rows marked -1
+        every_row_kept = _every_row_kept(keep, input.dtype)
+        if every_row_kept is None:  # no data-dependent gather: dropped rows marked -1
             index = torch.where(keep.reshape(-1), index, -1)
         elif not every_row_kept:
             # The gather copies K x H (and its backward scatters into N x H): skipped when

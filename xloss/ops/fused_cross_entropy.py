@@ -23,7 +23,8 @@ Forward, step by step:
    writes nothing.
 
 Backward multiplies the stored gradient by ``grad_output`` (one factor per row with
-``per_row``), and skips the multiply when every factor is exactly 1. That gradient is
+``per_row``); on CPU (numba) it skips the multiply when every factor is exactly 1, on a
+GPU it never reads a device value (no host synchronisation). That gradient is
 not differentiable again: under ``create_graph=True`` it raises at the second backward
 (``xloss.ops.second_order``); ``vmap`` and forward-mode AD raise too.
 """
@@ -135,12 +136,28 @@ def _(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap
     return _output_like(logits, per_row)
 
 
-def _scale_grad(grad: Tensor, grad_output: Tensor, per_row: bool, in_place: bool) -> Tensor:
-    """grad * grad_output; no multiply when every factor is exactly 1 (eager only)."""
-    if not torch.compiler.is_compiling() and bool((grad_output == 1).all()):
+def _host_kernel(logits: Tensor) -> bool:
+    """The numba kernel serves these logits: their values are in host memory, so reading
+    one there costs no device synchronisation."""
+    return backends.select(logits.device.type, logits.dtype) == "numba"
+
+
+def _scale_grad(grad: Tensor, grad_output: Tensor, per_row: bool, in_place: bool,
+                host: bool) -> Tensor:  # fmt: skip
+    """grad * grad_output, rounded once to grad's dtype.
+
+    ``host`` (the numba kernel, eager only): no multiply when every factor is exactly 1,
+    which saves a pass over R x C (and, out of place, a fresh buffer). On a GPU that test
+    would make the host wait for the device at every step, so there the multiply always
+    runs: no ``bool()``, ``.item()`` or other read of a device value.
+    """
+    if host and not torch.compiler.is_compiling() and bool((grad_output == 1).all()):
         return grad
     factor = grad_output.unsqueeze(-1) if per_row else grad_output
-    return grad.mul_(factor) if in_place else (grad * factor).to(grad.dtype)
+    if in_place:
+        return grad.mul_(factor)
+    # out= in grad's dtype: fp16/bf16 products are rounded once, no fp32 R x C temporary
+    return torch.mul(grad, factor, out=torch.empty_like(grad))  # R x C
 
 
 class FusedCrossEntropy(KernelFunction):
@@ -148,7 +165,7 @@ class FusedCrossEntropy(KernelFunction):
     transforms run it).
 
     forward: run the op, which writes the gradient into a (pooled) buffer while it computes
-    the loss. backward: scale the buffer by ``grad_output`` (skipped when 1). Under
+    the loss. backward: scale the buffer by ``grad_output`` (on CPU skipped when 1). Under
     ``create_graph=True`` the gradient raises when differentiated again
     (``xloss.ops.second_order``).
     """
@@ -160,6 +177,7 @@ class FusedCrossEntropy(KernelFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.per_row = inputs[3].per_row
+        ctx.host = _host_kernel(inputs[0])
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # else backward gets an R x C zero tensor for `grad`
         ctx.save_for_backward(output[1], inputs[4])  # the gradient, the second-order anchor
@@ -169,7 +187,7 @@ class FusedCrossEntropy(KernelFunction):
         grad, anchor = ctx.saved_tensors
         if grad_output is None:  # grads are not materialised
             return None, None, None, None, None
-        grad_logits = _scale_grad(grad, grad_output, ctx.per_row, in_place=False)
+        grad_logits = _scale_grad(grad, grad_output, ctx.per_row, False, ctx.host)
         grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
         return grad_logits, None, None, None, None
 
@@ -187,7 +205,7 @@ class InplaceFusedCrossEntropy(KernelFunction):
 
     forward: 1. run ``xloss::fused_cross_entropy_`` (bumps the logits' version);
     2. save the logits, which now hold the gradient scaled by ``grad_scale``.
-    backward: multiply that gradient in place by ``grad_output`` (skipped when 1) and
+    backward: multiply that gradient in place by ``grad_output`` (on CPU skipped when 1) and
     return it for ``logits``; the other inputs get None. Under ``create_graph=True`` the
     gradient raises when differentiated again (``xloss.ops.second_order``).
     """
@@ -200,12 +218,13 @@ class InplaceFusedCrossEntropy(KernelFunction):
     def setup_context(ctx, inputs, output):
         logits, _, _, settings, anchor = inputs
         ctx.per_row = settings.per_row
+        ctx.host = _host_kernel(logits)
         ctx.save_for_backward(logits, anchor)
 
     @staticmethod
     def backward(ctx, grad_output):
         grad, anchor = ctx.saved_tensors
-        grad_logits = _scale_grad(grad, grad_output, ctx.per_row, in_place=True)
+        grad_logits = _scale_grad(grad, grad_output, ctx.per_row, True, ctx.host)
         grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
         return grad_logits, None, None, None, None
 

@@ -38,6 +38,10 @@ class LinearCrossEntropyConfig(NamedTuple):
     stats: tuple[Tensor, Tensor] | None = None
 
 
+def _on_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    return backends.select(device.type, dtype) == "triton"
+
+
 def select_row_kernel_and_dtype(device: torch.device, input_dtype: torch.dtype):
     """(row kernel, dtype of the GEMMs and logits) for ``input_dtype`` rows on ``device``.
 
@@ -45,7 +49,7 @@ def select_row_kernel_and_dtype(device: torch.device, input_dtype: torch.dtype):
     dtype (tensor-core GEMMs, half the logits memory); the other kernels compute in
     ``promote_types(input_dtype, float32)``.
     """
-    if backends.select(device.type, input_dtype) == "triton":
+    if _on_triton(device, input_dtype):
         from xloss.ops.triton.cross_entropy import row_loss_and_grad_
 
         return row_loss_and_grad_, input_dtype
@@ -149,6 +153,7 @@ class LinearCrossEntropyFunction(KernelFunction):
         input, weight, bias, target, class_weight, scale, config, needs_grad, anchor = inputs
         ctx.config = config._replace(stats=None)  # the forward filled them already
         ctx.scale = scale
+        ctx.host = input.device.type == "cpu" and not _on_triton(input.device, input.dtype)
         ctx.needs_grad = needs_grad
         ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(*output[1:])
@@ -177,8 +182,9 @@ class LinearCrossEntropyFunction(KernelFunction):
             )  # fmt: skip
         else:
             grads = saved[ctx.num_saved + 1 :]  # empty where not needed
-            # The common loss.backward() passes 1: hand the stored gradients over as they are.
-            if not bool(grad_output == 1):
+            # The common loss.backward() passes 1: on CPU the stored gradients are handed
+            # over as they are; on a GPU that test would synchronise, so they are scaled.
+            if not (ctx.host and bool(grad_output == 1)):
                 grads = tuple(g * grad_output.to(g.dtype) for g in grads)
         out = []
         for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_grad, strict=True):
@@ -302,10 +308,13 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
     bias_c = None if bias is None else bias.to(dtype)  # V
     loss_dtype = torch.promote_types(dtype, torch.float32)  # also of the row scales
     class_weight_c = None if class_weight is None else class_weight.to(loss_dtype)
+    on_triton = _on_triton(device, input.dtype)
     if isinstance(grad_scale, Tensor) and grad_scale.dim() == 0:
-        # A known scale: a float on CPU (free); elsewhere a per-row view, so no sync.
+        # A known scale: a float for the CPU kernels (free); the Triton kernel reads the
+        # 0-dim tensor on the device; the torch twin elsewhere gets a per-row view. No sync.
         grad_scale = grad_scale.to(loss_dtype)
-        grad_scale = float(grad_scale) if device.type == "cpu" else grad_scale.expand(num_rows)
+        if not on_triton:
+            grad_scale = float(grad_scale) if device.type == "cpu" else grad_scale.expand(num_rows)
     elif isinstance(grad_scale, Tensor):
         grad_scale = grad_scale.to(loss_dtype).contiguous()
 
@@ -324,7 +333,9 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
         else:
             torch.addmm(bias_c, rows, weight_c.T, out=logits)
         # 2. the row kernel turns the logits into their gradient in place
-        scale = grad_scale[start:stop] if isinstance(grad_scale, Tensor) else grad_scale
+        scale = grad_scale
+        if isinstance(grad_scale, Tensor) and grad_scale.dim() == 1:
+            scale = grad_scale[start:stop]
         if config.stats is not None:
             extra["stats"] = (config.stats[0][start:stop], config.stats[1][start:stop])
         loss[start:stop] = row_kernel(
