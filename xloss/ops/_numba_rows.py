@@ -87,10 +87,26 @@ def _range_max(row, start, stop):
     """Max of ``row[start:stop]`` via an integer max over order-preserving bit keys."""
     best = np.int32(-2147483648)
     for c in range(start, stop):
-        bits = _float_as_int(row[c])
-        key = np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
-        best = max(best, key)
-    return _int_as_float(best ^ ((best >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+        best = max(best, _order_key(_float_as_int(row[c])))
+    return _int_as_float(_order_key(best))
+
+
+@njit(inline="always", cache=True)
+def _order_key(bits):
+    """float32 bits -> an int32 with the floats' order (its own inverse)."""
+    return np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@njit(inline="always", cache=True)
+def _copy_max(source, dest):
+    """Copy ``source`` into ``dest`` and return its max (the integer max of
+    :func:`_range_max`): the out-of-place kernel's first read of a block, in one loop."""
+    best = np.int32(-2147483648)
+    for c in range(source.shape[0]):
+        value = source[c]
+        dest[c] = value
+        best = max(best, _order_key(_float_as_int(value)))
+    return _int_as_float(_order_key(best))
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -217,14 +233,17 @@ BLOCK = 1024  # elements per block: 4 KiB, stays in L1 between the block's two l
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write, stats, predicted):
+def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, predicted):
     """Uncapped rows, in blocks so the exp overlaps the stream from memory.
 
     Pass 1, per block b of the row (the block is read from memory once, then reused
-    from L1): its max m_b, e = exp(x - m_b) (stored over the row), S_b = sum e and
-    T_b = sum w (x - m_b). With m = max m_b: S = sum_b S_b exp(m_b - m) and
-    T = sum_b T_b + W_b (m_b - m). Pass 2 (the row is in L2): gradient = e * coef_b - eps/C w
-    with coef_b = scale * A / S * exp(m_b - m), then the target entry.
+    from L1; out of place, ``source`` is the logits row and the loop that takes the max
+    also copies the block into ``row``, so the logits are read once and the gradient
+    buffer written while they stream in; else ``source`` is empty): its max m_b,
+    e = exp(x - m_b) (stored over the row), S_b = sum e and T_b = sum w (x - m_b). With
+    m = max m_b: S = sum_b S_b exp(m_b - m) and T = sum_b T_b + W_b (m_b - m). Pass 2 (the
+    row is in L2): gradient = e * coef_b - eps/C w with coef_b = scale * A / S * exp(m_b - m),
+    then the target entry.
     Blocks are sliced so that every loop index starts at 0: numba's negative-index
     wrap-around check on ``row[start + c]`` would otherwise stop the vectoriser.
 
@@ -237,7 +256,7 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write, stats, predicte
     num = row.shape[0]
     has_weight = weight.shape[0] > 0
     smooth = eps / np.float32(num)
-    x_target = row[y]
+    x_target = source[y] if source.shape[0] > 0 else row[y]
     num_blocks = (num + BLOCK - 1) // BLOCK
     block_peak = np.empty(num_blocks, dtype=np.float32)
     block_sum = np.empty(num_blocks, dtype=np.float32)
@@ -250,7 +269,10 @@ def _row_loss_grad_blocked(row, y, scale, weight, eps, z, write, stats, predicte
         block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
         block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)] if has_weight else weight
         size = block.shape[0]
-        peak = _row_max(block)
+        if source.shape[0] > 0:
+            peak = _copy_max(source[b * BLOCK : min((b + 1) * BLOCK, num)], block)
+        else:
+            peak = _row_max(block)
         sum_exp = np.float32(0.0)
         sum_t = np.float32(0.0)
         sum_et = np.float32(0.0)
@@ -350,16 +372,21 @@ def _first_index_of(row, value):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _row_loss_grad(row, y, scale, weight, eps, z, cap, write, stats, predicted):
+def _row_loss_grad(row, source, y, scale, weight, eps, z, cap, write, stats, predicted):
     """Loss of one float32 row with target y >= 0; overwrite the row with its gradient.
+
+    ``source``: empty, or the logits row to read (out of place: ``row`` is then only
+    written, and the copy is fused into the first pass when there is no softcap).
 
     ``weight`` is (C,) float32 or empty (unweighted); ``cap`` <= 0 means no softcap.
     ``stats``/``predicted``: None, or (2,) float32 and (1,) int64 views receiving
     (lse, entropy) and the argmax (a separate compiled specialisation).
     """
     if cap > np.float32(0.0):
+        if source.shape[0] > 0:
+            row[:] = source
         return _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predicted)
-    return _row_loss_grad_blocked(row, y, scale, weight, eps, z, write, stats, predicted)
+    return _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, predicted)
 
 
 @njit(cache=True)
@@ -385,6 +412,7 @@ def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write,
     num_rows = target.shape[0]
     num = dest.shape[1] if write else source.shape[1]
     per_row_scale = scale.shape[0] > 1
+    no_source = np.empty(0, dtype=np.float32)
     for i in prange(num_rows):
         s = scale[i] if per_row_scale else scale[0]
         y = target[i]
@@ -401,9 +429,10 @@ def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write,
             if y < 0:
                 loss[i] = np.float32(0.0)
             elif stats is None:
-                loss[i] = _row_loss_grad(source[i], y, s, weight, eps, z, cap, False, None, None)
+                loss[i] = _row_loss_grad(source[i], no_source, y, s, weight, eps, z, cap, False,
+                                         None, None)  # fmt: skip
             else:
-                loss[i] = _row_loss_grad(source[i], y, s, weight, eps, z, cap, False,
+                loss[i] = _row_loss_grad(source[i], no_source, y, s, weight, eps, z, cap, False,
                                          stats[i], predicted[i : i + 1])  # fmt: skip
             continue
         row = dest[i]
@@ -411,12 +440,11 @@ def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write,
             row[:] = np.float32(0.0)
             loss[i] = np.float32(0.0)
             continue
-        if copy_rows:
-            row[:] = source[i]
+        row_source = source[i] if copy_rows else no_source  # copied by the kernel's first pass
         if stats is None:
-            loss[i] = _row_loss_grad(row, y, s, weight, eps, z, cap, True, None, None)
+            loss[i] = _row_loss_grad(row, row_source, y, s, weight, eps, z, cap, True, None, None)
         else:
-            loss[i] = _row_loss_grad(row, y, s, weight, eps, z, cap, True,
+            loss[i] = _row_loss_grad(row, row_source, y, s, weight, eps, z, cap, True,
                                      stats[i], predicted[i : i + 1])  # fmt: skip
 
 
@@ -469,6 +497,7 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
     num_rows, num = source.shape
     per_row_scale = scale.shape[0] > 1
     num_blocks = min(num_rows, 64)
+    no_source = np.empty(0, dtype=np.float32)
     for block in prange(num_blocks):
         scratch = np.empty(num, dtype=np.float32)  # one widened row per block
         for i in range(block, num_rows, num_blocks):
@@ -490,9 +519,10 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
                     scratch[c] = _half_to_float(np.int32(bits[c]))
             s = scale[i] if per_row_scale else scale[0]
             if stats is None:
-                loss[i] = _row_loss_grad(scratch, y, s, weight, eps, z, cap, write, None, None)
+                loss[i] = _row_loss_grad(scratch, no_source, y, s, weight, eps, z, cap, write,
+                                         None, None)  # fmt: skip
             else:
-                loss[i] = _row_loss_grad(scratch, y, s, weight, eps, z, cap, write,
+                loss[i] = _row_loss_grad(scratch, no_source, y, s, weight, eps, z, cap, write,
                                          stats[i], predicted[i : i + 1])  # fmt: skip
             if write:
                 out = dest[i]
