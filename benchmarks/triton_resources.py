@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xloss.ops.triton import cross_entropy as triton_ce  # noqa: E402
 from xloss.ops.triton import vocab_parallel as triton_vp  # noqa: E402
 
-OPTIONS = ("has_weight", "smoothing", "z_loss", "softcap", "row_scale", "store_lse")
+OPTIONS = ("has_weight", "smoothing", "z_loss", "softcap", "row_scale", "store_stats")
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 REGISTERS_PER_SM = triton_ce.REGISTERS_PER_SM
 MAX_REGISTERS_PER_THREAD = 255
@@ -100,7 +100,7 @@ def row_specialisations(full: bool = False):
             softcap=30.0 if options["softcap"] else None,
             row_scale=options["row_scale"],
             write_grad=write_grad,
-            store_lse=options["store_lse"],
+            store_stats=options["store_stats"],
         )
         flags = [key.lower() for key, value in constants.items() if value is True]
         name = f"{DTYPES[dtype]} BLOCK={constants['BLOCK']} " + ",".join(flags)
@@ -114,7 +114,8 @@ def row_signature(dtype, constants) -> dict:
         "logits_ptr": f"*{element}", "logits_stride": "i64",
         "grad_ptr": f"*{element}", "grad_stride": "i64",
         "target_ptr": "*i64", "scale_ptr": "*fp32", "weight_ptr": "*fp32",
-        "weight_sum_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
+        "weight_sum_ptr": "*fp32", "loss_ptr": "*fp32", "values_ptr": "*fp32",
+        "predicted_ptr": "*i64",
         "num_classes": "i32", "class_count": "fp32", "label_smoothing": "fp32",
         "smooth": "fp32", "z_loss": "fp32", "softcap": "fp32",
     }  # fmt: skip

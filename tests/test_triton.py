@@ -114,17 +114,72 @@ def test_row_kernel_matches_float64_and_numba(classes, option, dtype, block_path
         torch.testing.assert_close(grad.float(), numba_grad.float(), **tol)
 
 
-def test_buffer_loss_only_and_lse_outputs(block_path):
+def test_buffer_and_loss_only_outputs(block_path):
     x, target = case(4, 23, seed=3)
     options = dict(label_smoothing=0.1, z_loss=1e-3)
     loss_ref, grad_ref = reference_rows(x, target, eps=0.1, z=1e-3, scale=0.5)
-    lse = torch.empty(4)
     loss, grad = triton_ce.row_loss_and_grad(x, target, grad_scale=0.5, **options)
     assert torch.equal(x, case(4, 23, seed=3)[0])  # the input is untouched
     torch.testing.assert_close(grad.double(), grad_ref, rtol=2e-5, atol=2e-6)
-    loss_only = triton_ce.launch(x, target, None, lse=lse, **options)
-    torch.testing.assert_close(loss_only, loss)
-    torch.testing.assert_close(lse.double(), torch.logsumexp(x.double(), 1))
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(triton_ce.launch(x, target, None, **options), loss)
+
+
+def reference_stats(x, target, cap=None):
+    """float64 (lse, entropy) of the softmax after the softcap, and the first argmax of
+    the raw row; (0, 0) and -1 where the row is dropped."""
+    x64 = x.double()
+    capped = x64 if cap is None else cap * torch.tanh(x64 / cap)
+    p = capped.softmax(1)
+    values = torch.stack([torch.logsumexp(capped, 1), -torch.xlogy(p, p).sum(1)], 1)
+    is_max = x64 == x64.max(1, keepdim=True).values
+    first = torch.where(is_max, torch.arange(x.shape[1]), x.shape[1]).min(1).values
+    dropped = target < 0
+    return values.masked_fill(dropped[:, None], 0.0), first.masked_fill(dropped, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cap", [None, 2.0])
+@pytest.mark.parametrize("classes", [1, 37])
+def test_stats_in_the_same_pass_match_float64_and_numba(classes, cap, dtype, block_path):
+    """(lse, entropy) and argmax: odd V and V = 1 on both block paths, softcap (argmax
+    of the raw row: 9.0 and 9.5 tie after a cap of 2 in fp32), a dropped row and a tie."""
+    x, target = case(5, classes, dtype, seed=classes + 1)
+    target[1] = -1
+    if classes > 1:
+        x[2, [4, 30]] = x[2].max() + 1  # a tie in the raw row: the first index wins
+        x[3, 20], x[3, 33] = 9.0, 9.5  # tanh(4.5) and tanh(4.75) round to 1 in fp32
+    values, predicted = torch.empty(5, 2), torch.empty(5, dtype=torch.long)
+    grad = x.clone()
+    options = dict(softcap=cap, label_smoothing=0.1)
+    loss = triton_ce.row_loss_and_grad_(grad, target, grad_scale=1.0, stats=(values, predicted),
+                                        **options)  # fmt: skip
+    want_values, want_predicted = reference_stats(x, target, cap)
+    torch.testing.assert_close(values.double(), want_values, rtol=2e-5, atol=2e-5)
+    assert torch.equal(predicted, want_predicted)
+    plain = triton_ce.row_loss_and_grad_(x.clone(), target, grad_scale=1.0, **options)
+    assert torch.equal(loss, plain)  # the statistics change nothing else
+    if NUMBA:
+        numba_values, numba_predicted = torch.empty(5, 2), torch.empty(5, dtype=torch.long)
+        kernel.row_loss(x, target, stats=(numba_values, numba_predicted), **options)
+        torch.testing.assert_close(values, numba_values, rtol=2e-5, atol=2e-5)
+        assert torch.equal(predicted, numba_predicted)
+
+
+def test_stats_of_rows_out_of_range_infinite_and_wrong_buffers(block_path):
+    x = torch.tensor([[0.0, float("-inf"), 2.0], [float("-inf")] * 3, [1.0, 2.0, 3.0]])
+    target = torch.tensor([2, 0, 3])  # row 2: out of range (validate_args=False)
+    values, predicted = torch.empty(3, 2), torch.empty(3, dtype=torch.long)
+    loss = triton_ce.row_loss(x, target, stats=(values, predicted))
+    want = reference_stats(x[:1], target[:1])[0][0]
+    torch.testing.assert_close(values[0].double(), want)
+    assert values[1, 0] == float("-inf") and values[1, 1].isnan()  # as numba and torch
+    assert torch.equal(values[2], torch.zeros(2)) and loss[2].isnan()
+    assert predicted.tolist() == [2, 0, -1]
+    with pytest.raises(ValueError, match=r"`stats` must be contiguous \(\(R, 2\) float32"):
+        triton_ce.row_loss(x, target, stats=(torch.empty(3, 2), torch.empty(3)))
+    with pytest.raises(ValueError, match="`stats` must be contiguous"):
+        triton_ce.row_loss(x, target, stats=(torch.empty(2, 3).T, predicted))
 
 
 def test_all_rows_dropped_and_no_rows():
@@ -582,3 +637,67 @@ def test_no_host_sync_in_vocab_parallel_cross_entropy(one_process_group):
         loss.backward()
     assert guard.events == []
     assert logits.grad.isfinite().all()
+
+
+# ----------------------------------------------- return_stats on the Triton backend
+
+
+def check_stats_result(out, x, target, keep, cap, want_loss):
+    """``out`` (CrossEntropyStats) against float64: per position lse, entropy (after the
+    softcap), the raw argmax, 0 / 0 / -1 where dropped, and the accuracy."""
+    rows = x.reshape(-1, x.shape[-1])
+    flat = torch.where(keep, target, -1).reshape(-1)
+    values, predicted = reference_stats(rows, flat, cap)
+    shape = target.shape
+    torch.testing.assert_close(out.loss.double(), want_loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out.lse.double(), values[:, 0].reshape(shape), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(
+        out.entropy.double(), values[:, 1].reshape(shape), rtol=2e-5, atol=2e-5
+    )
+    assert torch.equal(out.predicted, predicted.reshape(shape))
+    hits = ((predicted.reshape(shape) == target) & keep).sum()
+    torch.testing.assert_close(out.accuracy.double(), hits.double() / keep.sum())
+
+
+@pytest.mark.parametrize("classes", [1, 37])
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_cross_entropy_return_stats_on_triton(classes, cap, block_path):
+    x, target = case(6, classes, seed=21)
+    if classes > 1:
+        x[0, [3, 8]] = x[0].max() + 1  # a tie: the first index
+    target[4] = -100
+    keep = target != -100
+    logits = x.clone().requires_grad_()
+    out = xloss.cross_entropy(logits, target, softcap=cap, return_stats=True)
+    out.loss.backward()
+    capped = x.double() if cap is None else cap * torch.tanh(x.double() / cap)
+    want = reference_cross_entropy(capped, target, keep=keep)
+    check_stats_result(out, x, target, keep, cap, want)
+    assert logits.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_linear_cross_entropy_return_stats_on_triton(cap, monkeypatch):
+    """The chunk driver passes each chunk's buffers to the Triton row kernel (spied),
+    rows ignored, odd V."""
+    generator = torch.Generator().manual_seed(8)
+    hidden = torch.randn(2, 4, 5, generator=generator)
+    weight = torch.randn(37, 5, generator=generator)
+    target = torch.randint(0, 37, (2, 4), generator=generator)
+    target[1, 2] = -100
+    keep = target != -100
+    seen = []
+    row_kernel = triton_ce.row_loss_and_grad_
+
+    def spy(logits, target, **options):
+        seen.append(options.get("stats") is not None)
+        return row_kernel(logits, target, **options)
+
+    monkeypatch.setattr(triton_ce, "row_loss_and_grad_", spy)
+    leaf = weight.clone().requires_grad_()
+    out = xloss.linear_cross_entropy(hidden, leaf, target, softcap=cap, chunk_size=3,
+                                     return_stats=True)  # fmt: skip
+    out.loss.backward()
+    assert seen == [True] * 3
+    want = reference_linear(hidden, weight, target, cap=cap, keep=keep, reduction="mean")
+    check_stats_result(out, hidden @ weight.T, target, keep, cap, want)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xloss.ops.row_grad import check_rows
+from xloss.ops.row_grad import check_rows, check_stats
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -300,20 +300,8 @@ def _launch(
 
 
 def _stats_arrays(stats: tuple[Tensor, Tensor], num_rows: int):
-    values, predicted = stats
-    if (
-        values.shape != (num_rows, 2)
-        or values.dtype != torch.float32
-        or predicted.shape != (num_rows,)
-        or predicted.dtype != torch.int64
-        or not (values.is_contiguous() and predicted.is_contiguous())
-    ):
-        raise ValueError(
-            f"`stats` must be contiguous ((R, 2) float32, (R,) int64) tensors with R = "
-            f"{num_rows}, got {values.dtype} {tuple(values.shape)} and {predicted.dtype} "
-            f"{tuple(predicted.shape)}"
-        )
-    return values.detach().numpy(), predicted.detach().numpy()
+    check_stats(stats, num_rows, torch.device("cpu"))
+    return stats[0].detach().numpy(), stats[1].detach().numpy()
 
 
 # A kept negative class index is shifted by this much (past any class count) before the

@@ -294,10 +294,6 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
     device = input.device
     row_kernel, dtype = select_row_kernel_and_dtype(device, input.dtype)  # dtype: GEMMs, logits
     extra = {}
-    if config.stats is not None and row_kernel is not select_row_kernel(device, dtype):
-        # a kernel without statistics (Triton): the portable twin, in the compute dtype
-        dtype = torch.promote_types(input.dtype, torch.float32)
-        row_kernel = select_row_kernel(device, dtype)
     accum_dtype = config.accum_dtype or torch.promote_types(input.dtype, torch.float32)
     chunk = config.chunk_size or default_chunk_size(num_rows, num_classes, dtype, hidden_size)
     chunk = max(1, min(chunk, num_rows))

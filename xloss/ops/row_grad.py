@@ -174,3 +174,24 @@ def check_rows(logits: Tensor, target: Tensor, dtypes: tuple[torch.dtype, ...]) 
             f"`target` must be an int64 tensor of shape ({logits.shape[0]},), "
             f"got {target.dtype} of shape {tuple(target.shape)}"
         )
+
+
+def check_stats(stats, num_rows: int, device: torch.device) -> None:
+    """The row contract's ``stats`` buffers: contiguous ((R, 2) float32, (R,) int64) on
+    ``device`` (kernels call this before launching)."""
+    values, predicted = stats
+    if (
+        values.shape != (num_rows, 2)
+        or values.dtype != torch.float32
+        or predicted.shape != (num_rows,)
+        or predicted.dtype != torch.int64
+        or not (values.is_contiguous() and predicted.is_contiguous())
+        or values.device != device
+        or predicted.device != device
+    ):
+        raise ValueError(
+            f"`stats` must be contiguous ((R, 2) float32, (R,) int64) tensors on {device} "
+            f"with R = {num_rows}, got {values.dtype} {tuple(values.shape)} on "
+            f"{values.device} and {predicted.dtype} {tuple(predicted.shape)} on "
+            f"{predicted.device}"
+        )

@@ -10,6 +10,10 @@ b the bytes of one logit:
 
        loss = (1-eps) w_y (lse - x_y) + eps/C (W lse - T) + z lse^2;
 
+   with ``stats`` also E = sum exp(x - m) (x - m) (rescaled with S: E' = e^(m - m')
+   (E + (m - m') S)), so entropy = log S - E / S, and the argmax of the raw row (the
+   first block's first maximum); these add 12 bytes written per row, nothing read;
+
    reads C b bytes (plus x_y and, with class weights, 4 C bytes of w that every row
    shares from L2);
 2. gradient pass: x again, p = exp(x - lse) and
@@ -39,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from xloss.backends import KERNEL_DTYPES
-from xloss.ops.row_grad import check_rows
+from xloss.ops.row_grad import check_rows, check_stats
 
 # A row of up to this many classes is read once and kept in registers.
 SINGLE_BLOCK_MAX = 8192
@@ -63,13 +67,23 @@ def _tanh(u):
 
 @triton.jit
 def _load_block(row_ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
-    """A block of a row in fp32 (-inf past the row), soft-capped; also tanh(x / cap)."""
-    x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    tanh = x
+    """A block of a row in fp32 (-inf past the row), soft-capped; also tanh(x / cap) and
+    the raw block (before the softcap)."""
+    raw = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    x = raw
+    tanh = raw
     if HAS_SOFTCAP:
-        tanh = _tanh(x / softcap)
+        tanh = _tanh(raw / softcap)
         x = tl.where(mask, softcap * tanh, float("-inf"))
-    return x, tanh
+    return x, tanh, raw
+
+
+@triton.jit
+def _entropy_terms(x, shift):
+    """sum_c e_c (x_c - shift) with e = exp(x - shift); 0 where e underflows (x = -inf)."""
+    t = x - shift
+    e = tl.exp(t)
+    return tl.sum(tl.where(e > 0.0, e * t, 0.0), 0)
 
 
 @triton.jit
@@ -100,7 +114,8 @@ def cross_entropy_rows_kernel(
     weight_ptr,  # (C,) fp32 class weights w (HAS_WEIGHT)
     weight_sum_ptr,  # (1,) fp32 W = sum w (HAS_WEIGHT)
     loss_ptr,  # (R,) fp32 loss, not scaled by s
-    lse_ptr,  # (R,) fp32 lse (STORE_LSE)
+    values_ptr,  # (R, 2) fp32 (lse, entropy) per row (STORE_STATS)
+    predicted_ptr,  # (R,) int64 argmax of the raw row (STORE_STATS)
     num_classes,
     class_count,  # float(C): W without class weights
     label_smoothing,
@@ -113,7 +128,7 @@ def cross_entropy_rows_kernel(
     HAS_SOFTCAP: tl.constexpr,
     ROW_SCALE: tl.constexpr,  # a scale per row, else one for all
     WRITE_GRAD: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_STATS: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # num_classes <= BLOCK: one read of the row
     BLOCK: tl.constexpr,
 ):
@@ -125,21 +140,29 @@ def cross_entropy_rows_kernel(
     if y < 0:
         # A dropped row: loss 0 and a zero gradient, its logits never read.
         tl.store(loss_ptr + row, 0.0)
-        if STORE_LSE:
-            tl.store(lse_ptr + row, 0.0)
+        if STORE_STATS:
+            tl.store(values_ptr + 2 * row, 0.0)
+            tl.store(values_ptr + 2 * row + 1, 0.0)
+            tl.store(predicted_ptr + row, -1)
         if WRITE_GRAD:
             for start in range(0, num_classes, BLOCK):
                 offs = start + offs0
                 zero = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
                 tl.store(out_ptr + offs, zero, mask=offs < num_classes)
     else:
-        # 1. statistics: online max m and S = sum exp(x - m); T = sum w x for smoothing.
+        # 1. statistics: online max m and S = sum exp(x - m); T = sum w x for smoothing;
+        #    with STORE_STATS also E = sum exp(x - m) (x - m) and the raw argmax.
+        sum_et = 0.0
+        best_arg = 0
         if SINGLE_BLOCK:
             mask0 = offs0 < num_classes
-            x0, tanh0 = _load_block(row_ptr, offs0, mask0, softcap, HAS_SOFTCAP)
+            x0, tanh0, raw0 = _load_block(row_ptr, offs0, mask0, softcap, HAS_SOFTCAP)
             row_max = tl.max(x0, 0)
             shift = tl.where(row_max == float("-inf"), 0.0, row_max)  # all -inf: no nan
             sum_exp = tl.sum(tl.exp(x0 - shift), 0)
+            if STORE_STATS:
+                sum_et = _entropy_terms(x0, shift)
+                best_arg = tl.argmax(raw0, 0, tie_break_left=True)
             logit_sum = 0.0
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
@@ -149,23 +172,34 @@ def cross_entropy_rows_kernel(
                     logit_sum = tl.sum(tl.where(mask0, x0, 0.0), 0)
         else:
             row_max = float("-inf")
+            shift = 0.0
             sum_exp = 0.0
             logit_sum = 0.0
+            best_raw = float("-inf")
             for start in range(0, num_classes, BLOCK):
                 offs = start + offs0
                 mask = offs < num_classes
-                x, _ = _load_block(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
+                x, _, raw = _load_block(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
                 new_max = tl.maximum(row_max, tl.max(x, 0))
-                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-                sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift), 0)
+                new_shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                rescale = tl.exp(row_max - new_shift)  # 0 while the row is all -inf
+                if STORE_STATS:
+                    # E' = e^(m - m') (E + (m - m') S) + the block's terms (shifts finite)
+                    sum_et = rescale * (sum_et + (shift - new_shift) * sum_exp)
+                    sum_et += _entropy_terms(x, new_shift)
+                    block_raw = tl.max(raw, 0)
+                    block_arg = start + tl.argmax(raw, 0, tie_break_left=True)
+                    best_arg = tl.where(block_raw > best_raw, block_arg, best_arg)  # first
+                    best_raw = tl.maximum(best_raw, block_raw)
+                sum_exp = sum_exp * rescale + tl.sum(tl.exp(x - new_shift), 0)
                 row_max = new_max
+                shift = new_shift
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
                         w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
                         logit_sum += tl.sum(tl.where(mask, x, 0.0) * w, 0)
                     else:
                         logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
-            shift = tl.where(row_max == float("-inf"), 0.0, row_max)
         # A target past the row (possible with validate_args=False) is never read: its
         # row's loss and gradient become NaN instead of an out-of-bounds access.
         in_range = y < num_classes
@@ -185,8 +219,12 @@ def cross_entropy_rows_kernel(
         if HAS_Z_LOSS:
             loss += z_loss * lse * lse
         tl.store(loss_ptr + row, loss)
-        if STORE_LSE:
-            tl.store(lse_ptr + row, lse)
+        if STORE_STATS:
+            # as the numba kernel: a row whose target is out of range gets (0, 0), -1
+            entropy = tl.log(sum_exp) - sum_et / sum_exp
+            tl.store(values_ptr + 2 * row, tl.where(in_range, lse, 0.0))
+            tl.store(values_ptr + 2 * row + 1, tl.where(in_range, entropy, 0.0))
+            tl.store(predicted_ptr + row, tl.where(in_range, best_arg.to(tl.int64), -1))
 
         # 2. gradient: s [a p - eps/C w - (1-eps) w_y onehot], a = (1-eps) w_y + eps/C W
         #    + 2 z lse; with a softcap times 1 - tanh^2.
@@ -211,7 +249,7 @@ def cross_entropy_rows_kernel(
                 for start in range(0, num_classes, BLOCK):
                     offs = start + offs0
                     mask = offs < num_classes
-                    x, tanh = _load_block(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
+                    x, tanh, _ = _load_block(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
                     g = _grad_block(x, tanh, offs, mask, y, lse, prob_coef, target_coef,
                                     smooth_coef, weight_ptr, HAS_WEIGHT, HAS_SMOOTHING,
                                     HAS_SOFTCAP)  # fmt: skip
@@ -227,7 +265,7 @@ def kernel_constants(
     softcap: float | None,
     row_scale: bool,
     write_grad: bool,
-    store_lse: bool,
+    store_stats: bool,
 ) -> tuple[dict, dict]:
     """The ``tl.constexpr`` arguments and the launch options (warps, register cap) of a
     launch: one compiled specialisation per distinct result
@@ -250,7 +288,7 @@ def kernel_constants(
         HAS_SOFTCAP=bool(softcap),
         ROW_SCALE=row_scale,
         WRITE_GRAD=write_grad,
-        STORE_LSE=store_lse,
+        STORE_STATS=store_stats,
         SINGLE_BLOCK=single,
         BLOCK=block,
     )
@@ -277,15 +315,21 @@ def launch(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    lse: Tensor | None = None,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Run the kernel over the rows of ``logits`` (R, C); returns the (R,) fp32 loss.
 
     ``dest`` None computes the loss only; else the gradient goes there (``logits``
-    itself for in place). ``lse``, an (R,) fp32 tensor, receives each row's lse.
+    itself for in place). ``stats``: None, or ((R, 2) float32, (R,) int64) contiguous
+    tensors on the logits' device that receive per row (lse, entropy) of the softmax
+    (after the softcap) and the argmax of the raw logits (first index on ties), in the
+    same pass: (0, 0) and -1 at dropped rows and rows whose target is out of range, as
+    ``xloss.ops.kernel``.
     """
     _check_rows(logits, target, dest)
     num_rows, num_classes = logits.shape
+    if stats is not None:
+        check_stats(stats, num_rows, logits.device)
     device = logits.device
     loss = torch.empty(num_rows, dtype=torch.float32, device=device)  # R
     if num_rows == 0:
@@ -314,13 +358,13 @@ def launch(
         softcap=softcap,
         row_scale=scale.numel() == num_rows and num_rows > 1,
         write_grad=write,
-        store_lse=lse is not None,
+        store_stats=stats is not None,
     )
     cross_entropy_rows_kernel[(num_rows,)](
         logits, logits.stride(0),
         dest if write else logits, dest.stride(0) if write else 0,
         target, scale, weight, weight_sum, loss,
-        lse if lse is not None else loss,
+        *(stats if stats is not None else (loss, target)),
         num_classes, float(num_classes), float(label_smoothing),
         float(label_smoothing) / num_classes, float(z_loss),
         float(softcap) if softcap else 1.0,
