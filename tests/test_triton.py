@@ -501,29 +501,37 @@ def test_vocab_parallel_local_gradient_matches_float64(dtype, monkeypatch):
     torch.testing.assert_close(grad.double(), want, **tol)
 
 
-def test_vocab_parallel_cross_entropy_on_triton_one_process(one_process_group, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_parallel_cross_entropy_on_triton_one_process(dtype, one_process_group,
+                                                            monkeypatch):  # fmt: skip
+    """Both kernels serve the call (spied); bf16 slices reach them as bf16 (no copy)."""
     from xloss.distributed import vocab_parallel_cross_entropy
     from xloss.ops.triton import vocab_parallel as triton_vp
 
     calls = []
-    original = triton_vp.local_gradient
-    monkeypatch.setattr(
-        triton_vp, "local_gradient", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
-    x, target = case(6, 11, seed=4)
+    for name in ("local_partials", "local_gradient"):
+        original = getattr(triton_vp, name)
+
+        def spy(logits, *args, _original=original, _name=name, **kwargs):
+            calls.append((_name, logits.dtype))
+            return _original(logits, *args, **kwargs)
+
+        monkeypatch.setattr(triton_vp, name, spy)
+    x, target = case(6, 11, dtype, seed=4)
     target[2] = -100
     logits = x.clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-2)
     loss.backward()
-    assert calls == [1]
+    assert calls == [("local_partials", dtype), ("local_gradient", dtype)]
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else TOLERANCE[dtype]
     x64 = x.double().requires_grad_()
     keep = target != -100
     want = reference_cross_entropy(x64, target, eps=0.1, keep=keep, reduction="none")
     want = want + torch.where(keep, 1e-2 * torch.logsumexp(x64, 1) ** 2, 0.0)
     want = want.sum() / keep.sum()
     want.backward()
-    torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-5, atol=2e-6)
-    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(loss.double(), want.detach(), **tol)
+    torch.testing.assert_close(logits.grad.double(), x64.grad, **tol)
 
 
 # ------------------------------------------------- no host synchronisation on Triton
@@ -701,3 +709,46 @@ def test_linear_cross_entropy_return_stats_on_triton(cap, monkeypatch):
     assert seen == [True] * 3
     want = reference_linear(hidden, weight, target, cap=cap, keep=keep, reduction="mean")
     check_stats_result(out, hidden @ weight.T, target, keep, cap, want)
+
+
+# ----------------------------------------- vocab-parallel partial sums (step 2) on Triton
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("sum_logits", "entropy"), [(False, False), (True, True)])
+def test_vocab_parallel_local_partials_match_float64_and_torch(sum_logits, entropy, dtype,
+                                                               monkeypatch):  # fmt: skip
+    """One slice of a wider row: M is the max of the whole row; a -inf class, large
+    logits, a row whose target lies elsewhere; 37 classes in blocks of 16."""
+    from xloss.distributed import _rows
+    from xloss.ops.triton import vocab_parallel as triton_vp
+
+    monkeypatch.setattr(triton_vp, "BLOCK", 16)
+    x, _ = case(4, 45, seed=12)
+    x[1, 7] = float("-inf")
+    x[2] += 1e4
+    full = x.to(dtype)
+    row_max = full.float().amax(-1)
+    local = full[:, 4:41]  # a strided slice: classes 4..40
+    target = torch.tensor([5, 0, 40, -1])
+    in_slice = (target >= 4) & (target < 41)
+    local_target = torch.where(in_slice, target - 4, 0)
+    got = _rows.local_partials(local, row_max, local_target, in_slice,
+                               sum_logits=sum_logits, entropy=entropy)  # fmt: skip
+    x64 = local.double()
+    shifted = x64 - row_max.double()[:, None]
+    want = [torch.where(in_slice, x64.gather(1, local_target[:, None])[:, 0], 0.0)]
+    if sum_logits:
+        want.append(x64.sum(1))
+    want.append(shifted.exp().sum(1))
+    if entropy:
+        want.append((shifted.exp() * torch.where(x64.isfinite(), shifted, 0.0)).sum(1))
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=2e-5, atol=2e-5)
+    with backends.use("torch"):
+        portable = _rows.local_partials(local.float(), row_max, local_target, in_slice,
+                                        sum_logits=sum_logits, entropy=entropy)  # fmt: skip
+    for g, p in zip(got, portable, strict=True):
+        torch.testing.assert_close(g, p, rtol=2e-5, atol=2e-5)

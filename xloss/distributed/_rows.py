@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from xloss import backends
 from xloss.distributed._comm import all_reduce_max_and_sizes, all_reduce_sum, check_slices_tile
 
 
@@ -41,7 +42,8 @@ def global_row_stats(
     exp_in_place: bool = False,
     check_slices: bool = False,
 ) -> RowStats:
-    """Steps 1-3 on a block of local logits (R, V_local) in the compute dtype.
+    """Steps 1-3 on a block of local logits (R, V_local) in the compute dtype (or, when
+    the Triton backend serves them, in their own fp16/bf16: its kernel widens each block).
 
     ``target`` (R,) holds global class indices, negative for dropped rows. With
     ``exp_in_place`` the block is overwritten with exp(x - m) (for a fused gradient). With
@@ -50,7 +52,8 @@ def global_row_stats(
     local_size = logits.shape[-1]
     # 1. All-reduce the row max (MAX), packed with the slice sizes and given starts -> C
     #    and the slice start.
-    global_max = all_reduce_max_and_sizes(logits.detach().amax(-1), local_size, group, vocab_start)
+    local_max = logits.detach().amax(-1).to(torch.promote_types(logits.dtype, torch.float32))
+    global_max = all_reduce_max_and_sizes(local_max, local_size, group, vocab_start)
     if check_slices and vocab_start is not None:
         check_slices_tile(global_max)
     row_max = global_max.row_max
@@ -106,7 +109,14 @@ def local_partials(
       cancellation for large logits).
 
     Each sum is over this slice only; the SUM all-reduce of step 2 makes them global.
+    On the Triton backend one kernel reads each row once, fp16/bf16 natively, and
+    returns fp32 (``xloss.ops.triton.vocab_parallel``).
     """
+    if backends.select(logits.device.type, logits.dtype) == "triton":
+        from xloss.ops.triton import vocab_parallel as triton_vp
+
+        return triton_vp.local_partials(logits, row_max, local_target, in_slice,
+                                        sum_logits=sum_logits, entropy=entropy)  # fmt: skip
     shifted_exp = (logits - row_max.unsqueeze(-1)).exp_()  # R x V_local
     head = _logit_partials(logits, local_target, in_slice, sum_logits=sum_logits)
     return head + _exp_partials(shifted_exp, entropy=entropy)

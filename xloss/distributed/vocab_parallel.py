@@ -81,8 +81,9 @@ class _VocabParallelCrossEntropy(KernelFunction):
     @staticmethod
     def forward(logits: Tensor, target: Tensor, settings: VocabParallelSettings):
         dtype = compute_dtype(logits.dtype)
+        on_triton = backends.select(logits.device.type, logits.dtype) == "triton"
         stats = global_row_stats(
-            logits.to(dtype),
+            logits if on_triton else logits.to(dtype),  # Triton reads fp16/bf16 natively
             target,
             vocab_start=settings.vocab_start,
             label_smoothing=settings.label_smoothing,

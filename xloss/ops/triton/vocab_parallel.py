@@ -1,5 +1,16 @@
-"""Triton kernel of the vocab-parallel local gradient (step 4 of
-``xloss.distributed.vocab_parallel``): no communication, one read and one write per row.
+"""Triton kernels of the vocab-parallel cross-entropy (``xloss.distributed``): the local
+partial sums of step 2 and the local gradient of step 4. Neither communicates; each reads
+a row of the slice once, fp16/bf16 natively, and accumulates in fp32.
+
+Step 2, :func:`local_partials` (``xloss.distributed._rows.local_partials``): with M the
+GLOBAL row max (after the MAX all-reduce), one program per row reads V_local b bytes and
+writes 2-4 fp32 numbers: the target logit x_y (where this slice holds y, else 0), with
+smoothing sum_c x_c, S_local = sum_c e^(x_c - M) and, for the entropy,
+sum_c e^(x_c - M) (x_c - M) (0 where x_c = -inf). The portable path makes an fp32 copy of
+a bf16 slice (2 V_local b more bytes written and read) and an R x V_local temporary for
+the exponentials.
+
+Step 4:
 
 Each rank holds a slice (R, V_local) of the logits x; with the GLOBAL lse of each row
 (after the all-reduces), the global vocabulary size C, the upstream gradient g of the
@@ -53,6 +64,81 @@ def local_gradient_kernel(
         grad = prob_coef * tl.exp(x.to(tl.float32) - lse) - offset
         grad = tl.where(offs == y, grad - target_coef, grad)
         tl.store(grad_ptr + row * local_classes + offs, grad.to(x.dtype), mask=mask)
+
+
+@triton.jit
+def local_partials_kernel(
+    logits_ptr,  # (R, V_local), row stride `logits_stride`
+    logits_stride,
+    row_max_ptr,  # (R,) fp32 global row max M
+    local_target_ptr,  # (R,) int64 target column in this slice, negative: not here
+    partials_ptr,  # (K, R) fp32 out: x_y, [sum x], sum e^(x - M), [sum e^(x - M) (x - M)]
+    num_rows,
+    local_classes,
+    SUM_LOGITS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_stride
+    row_max = tl.load(row_max_ptr + row)
+    sum_logits = 0.0
+    sum_exp = 0.0
+    sum_et = 0.0
+    for start in range(0, local_classes, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < local_classes
+        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        shifted = x - row_max
+        e = tl.exp(shifted)  # 0 past the row
+        sum_exp += tl.sum(e, 0)
+        if SUM_LOGITS:
+            sum_logits += tl.sum(tl.where(mask, x, 0.0), 0)
+        if ENTROPY:
+            sum_et += tl.sum(tl.where(e > 0.0, e * shifted, 0.0), 0)
+    y = tl.load(local_target_ptr + row)
+    here = y >= 0
+    target_logit = tl.load(row_ptr + y, mask=here, other=0.0).to(tl.float32)
+    out = partials_ptr + row
+    tl.store(out, tl.where(here, target_logit, 0.0))
+    if SUM_LOGITS:
+        out += num_rows
+        tl.store(out, sum_logits)
+    out += num_rows
+    tl.store(out, sum_exp)
+    if ENTROPY:
+        out += num_rows
+        tl.store(out, sum_et)
+
+
+def local_partials(
+    logits: Tensor,
+    row_max: Tensor,
+    local_target: Tensor,
+    in_slice: Tensor,
+    *,
+    sum_logits: bool,
+    entropy: bool,
+) -> tuple[Tensor, ...]:
+    """Step 2's partial sums of the slice ``logits`` (R, V_local), one read of each row:
+    the (R,) fp32 tensors of ``xloss.distributed._rows.local_partials``, in its order
+    (see the module docstring). ``row_max`` (R,) is the global row max."""
+    rows, local_classes = logits.shape
+    count = 2 + sum_logits + entropy
+    partials = torch.zeros(count, rows, dtype=torch.float32, device=logits.device)  # K x R
+    if rows == 0:
+        return partials.unbind(0)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    target = torch.where(in_slice, local_target.long(), -1).contiguous()
+    constants = kernel_constants(local_classes)
+    local_partials_kernel[(rows,)](
+        logits, logits.stride(0),
+        row_max.detach().to(dtype=torch.float32).contiguous(), target, partials,
+        rows, local_classes, SUM_LOGITS=sum_logits, ENTROPY=entropy,
+        **constants, **launch_options(constants["BLOCK"]),
+    )  # fmt: skip
+    return partials.unbind(0)
 
 
 def kernel_constants(local_classes: int) -> dict:
