@@ -250,9 +250,7 @@ def test_validation_on_the_kernel_path_raises_and_in_place_leaves_the_input(kern
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_out_of_range_targets_without_validation_agree_with_the_portable_path(
-    name, kernel_calls
-):
+def test_out_of_range_targets_without_validation_agree_with_the_portable_path(name, kernel_calls):
     loss_fn, _, _ = LOSSES[name]
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([[2.0, -3.0, 0.5, 1e6, 0.0]] * 3)
@@ -353,4 +351,72 @@ def test_long_rows_span_several_tiles_and_threads(kernel_calls):
         expected = reference_loss(bce_reference, x.float().double(), y, pos_weight=pos_weight,
                                   reduction=reduction)  # fmt: skip
         torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
+    assert len(kernel_calls) == 3
+
+
+@pytest.mark.parametrize("name", ["bce", "asl"])
+def test_short_rows_run_in_blocks_of_rows(name, kernel_calls):
+    """C = 7 < TILE: blocks of TILE // 7 whole rows are one item (the last block shorter),
+    with the per-column positive weight, a broadcast weight and a broadcast mask repeated
+    over a block's rows, a full weight and a full mask; "sample" keeps rows apart."""
+    from xloss.ops._numba_binary import TILE
+
+    loss_fn, reference, with_pos_weight = LOSSES[name]
+    rows = TILE // 7 + 9  # two blocks, the second of 9 rows
+    x, y = make_data((rows, 7), seed=23)
+    gen = torch.Generator().manual_seed(29)
+    broadcast_weight = torch.rand(7, generator=gen, dtype=torch.float64) + 0.5
+    full_weight = torch.rand(rows, 7, generator=gen, dtype=torch.float64) + 0.5
+    column_mask = torch.tensor([True, False, True, True, True, True, False]).expand(rows, 7)
+    full_mask = torch.rand(rows, 7, generator=gen) > 0.3
+    pos_weight = torch.rand(7, generator=gen, dtype=torch.float64) + 0.5
+    settings = [
+        dict(weight=broadcast_weight, mask=column_mask),
+        dict(weight=full_weight, mask=full_mask),
+    ]
+    for options, reduction in itertools.product(settings, ["mean", "sum", "none", "sample"]):
+        if with_pos_weight:
+            options = dict(options, pos_weight=pos_weight)
+        x32 = x.float().requires_grad_()
+        actual = loss_fn(x32, y.float(), reduction=reduction, **as_fp32(options))
+        x64 = x.float().double().requires_grad_()
+        expected = reference_loss(reference, x64, y, reduction=reduction, **options)
+        torch.testing.assert_close(actual.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+        weighted_sum(actual).backward()
+        weighted_sum(expected).backward()
+        torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    assert len(kernel_calls) == 8
+
+
+def test_short_rows_with_extreme_logits_stay_finite(kernel_calls):
+    """+-1e4 logits in the second block of short rows: BCE equals its float64 reference,
+    focal and ASL equal the portable path, and all stay finite."""
+    from xloss.ops._numba_binary import TILE
+
+    rows = TILE // 5 + 3
+    x, y = make_data((rows, 5), seed=31)
+    x[-1] = torch.tensor([1e4, -1e4, 1e4, -1e4, 0.0], dtype=torch.float64)
+    y[-1] = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.5], dtype=torch.float64)
+    x32 = x.float().requires_grad_()
+    actual = bce(x32, y.float(), reduction="none")
+    x64 = x.float().double()
+    softplus = torch.nn.functional.softplus  # float64; log(1 - s) would be log(0) here
+    expected = y * softplus(-x64) + (1 - y) * softplus(x64)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
+    weighted_sum(actual).backward()
+    factors = torch.linspace(0.5, 1.5, x.numel(), dtype=torch.float64).reshape(x.shape)
+    expected_grad = (torch.sigmoid(x64) - y) * factors  # d/dx of the unweighted BCE
+    torch.testing.assert_close(x32.grad.double(), expected_grad, rtol=1e-5, atol=1e-6)
+    for name in ["focal", "asl"]:
+        loss_fn = LOSSES[name][0]
+        x32 = x.float().requires_grad_()
+        actual = loss_fn(x32, y.float(), reduction="none")
+        weighted_sum(actual).backward()
+        with xloss.backends.use("torch"):
+            portable_x = x.float().requires_grad_()
+            portable = loss_fn(portable_x, y.float(), reduction="none")
+            weighted_sum(portable).backward()
+        assert torch.isfinite(actual).all() and torch.isfinite(x32.grad).all()
+        torch.testing.assert_close(actual, portable, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x32.grad, portable_x.grad, rtol=1e-4, atol=1e-5)
     assert len(kernel_calls) == 3

@@ -16,10 +16,13 @@ not vectorise) and l1 = log1p(e) (an atanh series, vectorised too):
 - s(x) = 1/(1+e) or e/(1+e) by the sign of x, and 1 - s(x) the other one, both without
   cancellation.
 
-Options that are absent are passed as one row of ones (weight, pos_weight, keep) indexed
-with row stride 0, so the element loop has no branch; the loss kind picks one of four
-copies of the loop at the row level. fp16 and bf16 arrive as their bit patterns: fp16 as
-uint16 and bf16 as int16, so numba specialises the kernel on the array types.
+Options that are absent are passed as ones (weight, pos_weight, keep), so the element
+loop has no branch; the loss kind picks one of four kernels, each compiling one copy of
+the loop (``reduction="none"`` runs it a second time to write the element losses, rather
+than compiling a second loop). Short rows are processed in blocks of whole rows (see
+:func:`_items`). fp16 and bf16 both arrive as uint16 bit patterns with a runtime flag,
+so one compiled kernel serves both: per loss kind, the specialisations are fp32 logits
+and targets, half logits and targets, and half logits with fp32 targets.
 """
 
 from __future__ import annotations
@@ -48,57 +51,46 @@ _TINY = np.float32(1.1754943508222875e-38)  # smallest normal fp32
 _TWO_POW_23 = np.float32(8388608.0)
 
 
-def _widen(value):
-    """A stored element as float32 (fp16 bits as uint16, bf16 bits as int16)."""
+def _widen(value, is_bf16):
+    """A stored element as float32 (fp16 or, with ``is_bf16``, bf16 bits as uint16)."""
 
 
 @overload(_widen, inline="always")
-def _widen_impl(value):
+def _widen_impl(value, is_bf16):
     if isinstance(value, types.Float):
 
-        def widen_float(value):
+        def widen_float(value, is_bf16):
             return np.float32(value)
 
         return widen_float
     if value == types.uint16:
 
-        def widen_half(value):
-            return _half_to_float(np.int32(value))
+        def widen_half(value, is_bf16):
+            bits = np.int32(value)
+            return _bf16_to_float(bits) if is_bf16 else _half_to_float(bits)
 
         return widen_half
-    if value == types.int16:
-
-        def widen_bf16(value):
-            return _bf16_to_float(np.int32(value))
-
-        return widen_bf16
     return None
 
 
-def _narrow(array, value):
+def _narrow(array, value, is_bf16):
     """float32 to the element type of ``array`` (round to nearest even for fp16/bf16)."""
 
 
 @overload(_narrow, inline="always")
-def _narrow_impl(array, value):
+def _narrow_impl(array, value, is_bf16):
     if isinstance(array.dtype, types.Float):
 
-        def narrow_float(array, value):
+        def narrow_float(array, value, is_bf16):
             return value
 
         return narrow_float
     if array.dtype == types.uint16:
 
-        def narrow_half(array, value):
-            return _float_to_half(value)
+        def narrow_half(array, value, is_bf16):
+            return _float_to_bf16(value) if is_bf16 else _float_to_half(value)
 
         return narrow_half
-    if array.dtype == types.int16:
-
-        def narrow_bf16(array, value):
-            return np.int16(np.int32(_float_to_bf16(value)))
-
-        return narrow_bf16
     return None
 
 
@@ -221,206 +213,204 @@ def _outside_unit(value):
     return not ((value >= _ZERO) & (value <= _ONE))
 
 
-def _make_rows(element):
-    """The loops over one tile of a row for one loss kind (``element`` is inlined).
+def _make_row(element):
+    """The loop over one tile of a row for one loss kind (``element`` is inlined).
 
-    ``grad_row`` writes the scaled gradient and returns the tile's loss sum and how many
-    kept targets lie outside [0, 1]; ``loss_row`` writes the per-element loss
-    (``reduction="none"``). Each loop writes one array: with more, the runtime alias
-    checks that LLVM inserts before vectorising exceed its limit and the loop stays scalar.
+    It writes one array, ``out``: the scaled gradient, or with ``write_loss`` the weighted
+    element loss (``reduction="none"``); it returns the tile's loss sum and how many kept
+    targets lie outside [0, 1]. One loop for both keeps one inlined copy of ``element``
+    (half the compile time of two loops). Each loop writes one array: with more, the
+    runtime alias checks that LLVM inserts before vectorising exceed its limit and the
+    loop stays scalar.
     """
 
     @njit(inline="always", fastmath=FASTMATH)
-    def grad_row(src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
-                 smooth_shift, scale, p1, p2, p3):  # fmt: skip
+    def row(src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale, smooth_shift,
+            scale, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
         total = _ZERO
         bad = np.int32(0)
         for c in range(src.shape[0]):
-            raw = _widen(target[c])
+            raw = _widen(target[c], is_bf16)
             kept = keep[c]
             y = raw * smooth_scale + smooth_shift
-            loss, grad = element(_widen(src[c]), y, pos_col[c] * pos_scalar, p1, p2, p3)
+            loss, grad = element(_widen(src[c], is_bf16), y, pos_col[c] * pos_scalar, p1, p2, p3)
             w = weight[c]
-            dst[c] = _narrow(dst, grad * w * scale if kept else _ZERO)
+            value = (loss if write_loss else grad * scale) * w
+            out[c] = _narrow(out, value if kept else _ZERO, is_bf16)
             total += loss * w if kept else _ZERO
             bad += np.int32(kept & _outside_unit(raw))
         return total, bad
 
-    @njit(inline="always", fastmath=FASTMATH)
-    def loss_row(src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
-                 smooth_shift, p1, p2, p3):  # fmt: skip
-        for c in range(src.shape[0]):
-            y = _widen(target[c]) * smooth_scale + smooth_shift
-            loss, _ = element(_widen(src[c]), y, pos_col[c] * pos_scalar, p1, p2, p3)
-            losses[c] = loss * weight[c] if keep[c] else _ZERO
-
-    return grad_row, loss_row
+    return row
 
 
-_ROWS = (_make_rows(_bce), _make_rows(_focal), _make_rows(_asl_clip), _make_rows(_asl_no_clip))
+_ROWS = (_make_row(_bce), _make_row(_focal), _make_row(_asl_clip), _make_row(_asl_no_clip))
 
 
-def _grad_row(kind, src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
-              smooth_shift, scale, p1, p2, p3):  # fmt: skip
-    """The gradient loop of loss ``kind`` (a compile-time constant)."""
+def _row(kind, src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale,
+         smooth_shift, scale, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
+    """The tile loop of loss ``kind`` (a compile-time constant)."""
 
 
-def _loss_row(kind, src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
-              smooth_shift, p1, p2, p3):  # fmt: skip
-    """The per-element loss loop of loss ``kind`` (a compile-time constant)."""
-
-
-# Typed with the literal kind, so each kernel compiles only its own loops; numba retries a
+# Typed with the literal kind, so each kernel compiles only its own loop; numba retries a
 # call with literal types when the overload returns None for the plain int.
-@overload(_grad_row, inline="always")
-def _grad_row_impl(kind, src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
-                   smooth_shift, scale, p1, p2, p3):  # fmt: skip
+@overload(_row, inline="always")
+def _row_impl(kind, src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale,
+              smooth_shift, scale, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
     if not isinstance(kind, types.IntegerLiteral):
         return None
-    row = _ROWS[kind.literal_value][0]
+    row = _ROWS[kind.literal_value]
 
-    def impl(kind, src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
-             smooth_shift, scale, p1, p2, p3):  # fmt: skip
-        return row(src, target, dst, weight, keep, pos_col, pos_scalar, smooth_scale,
-                   smooth_shift, scale, p1, p2, p3)
+    def impl(kind, src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale,
+             smooth_shift, scale, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
+        return row(src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale,
+                   smooth_shift, scale, write_loss, is_bf16, p1, p2, p3)  # fmt: skip
 
     return impl
 
 
-@overload(_loss_row, inline="always")
-def _loss_row_impl(kind, src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
-                   smooth_shift, p1, p2, p3):  # fmt: skip
-    if not isinstance(kind, types.IntegerLiteral):
-        return None
-    row = _ROWS[kind.literal_value][1]
-
-    def impl(kind, src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
-             smooth_shift, p1, p2, p3):  # fmt: skip
-        row(src, target, losses, weight, keep, pos_col, pos_scalar, smooth_scale,
-            smooth_shift, p1, p2, p3)
-
-    return impl
-
-
-TILE = 2048  # elements of a row handled at once: 8 KiB of fp32, stays in L1
+TILE = 2048  # elements handled at once: 8 KiB of fp32, stays in L1
+CHUNKS = 256  # work is split into at most this many contiguous runs of items
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _tiles(kind, source, target, dest, in_place, weight, keep, pos_col, pos_row,
-           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
-           tile_bad):  # fmt: skip
-    """The whole pass over (R, L) elements, in tiles of at most TILE elements of a row.
+def _items(kind, source, target, dest, element_loss, in_place, weight, keep, pattern,
+           pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
+           scale, p1, p2, p3, item_loss, item_bad):  # fmt: skip
+    """The whole pass over the R x L elements (flat, row-major), in items of <= TILE.
+
+    An item is a piece of one row (``rows_per_item`` = 1, ``tiles_per_row`` pieces of
+    TILE per row) or a block of ``rows_per_item`` whole rows (short rows, one piece per
+    row): a contiguous run of the flat arrays, so short rows (C = 80) run as one long
+    vectorised loop instead of one short loop each.
 
     Args:
         kind: BCE, FOCAL, ASL_CLIP or ASL_NO_CLIP (a compile-time constant).
-        source: (R, L) logits, float32 / uint16 (fp16 bits) / int16 (bf16 bits); unused
-            (0, 0) with ``in_place``, where ``dest`` holds the logits and gets the gradient.
-        target: (R, L) targets, float32 / uint16 / int16.
-        dest: (R, L) gradient in the logits' type; (0, 0) computes the loss only.
-        weight: (R, L) or (1, L) float32 element weights; keep: (R, L) or (1, L) bool.
-        pos_col: (L,) positive weight per column; pos_row: (P,) per row r, read at r % P.
+        source: (R*L,) logits, float32 or uint16 (fp16 bits, or bf16 bits with
+            ``is_bf16``); unused (0,) with ``in_place``, where ``dest`` holds the logits.
+        target: (R*L,) targets, float32 or uint16 (then the logits' half type).
+        dest: (R*L,) gradient in the logits' type; (0,) computes no gradient.
+        element_loss: (R*L,) per-element loss in the logits' type, or (0,).
+        weight, keep: (R*L,) float32 / bool, or the pattern of one item (see ``pattern``).
+        pattern: (rows_per_item * L,) positive weight per column, repeated for the rows of
+            a block; pos_row: (P,) per row r, read at r % P (P = 1 when rows_per_item > 1).
         smooth_scale, smooth_shift: y' = y * smooth_scale + smooth_shift.
         scale: the gradient's factor (1/count for a mean).
         p1, p2, p3: (alpha_pos, alpha_neg, gamma) for focal, (gamma_pos, gamma_neg, clip)
             for ASL, unused for BCE.
-        element_loss: (R, L) float32 per-element loss, or (0, 0).
-        tile_loss: (R, T) float32 loss sum of each tile; tile_bad: (R, T) int32 count of
-            kept targets outside [0, 1]; T = ceil(L / TILE).
+        item_loss: (I,) float32 loss sum of each item; item_bad: (I,) int32 count of kept
+            targets outside [0, 1]; items are numbered row-major (I = R * tiles_per_row
+            when rows_per_item = 1).
 
-    With ``in_place`` the tile of logits is first copied to a per-thread scratch tile
-    (from L1): reading and writing one array through two names would fail LLVM's alias
-    check and run the loop unvectorised.
+    With ``in_place`` an item of logits is first copied to a per-thread scratch (from L1):
+    reading and writing one array through two names would fail LLVM's alias check and
+    run the loop unvectorised.
     """
-    num_rows, width = target.shape
-    tiles_per_row = tile_loss.shape[1]
-    num_tiles = num_rows * tiles_per_row
+    num_rows = target.shape[0] // width
+    num_items = item_loss.shape[0]
     write = dest.shape[0] > 0
     store = element_loss.shape[0] > 0
-    full_weight = weight.shape[0] > 1
-    full_keep = keep.shape[0] > 1
+    full_weight = weight.shape[0] == target.shape[0]
+    full_keep = keep.shape[0] == target.shape[0]
     num_pos_rows = pos_row.shape[0]
-    num_chunks = min(num_tiles, 256)
+    span = min(width, TILE) if rows_per_item == 1 else rows_per_item * width
+    num_chunks = min(num_items, CHUNKS)
     for chunk in prange(num_chunks):
-        src_scratch = np.empty(min(width, TILE) if in_place else 0, dtype=dest.dtype)
-        dst_scratch = np.empty(0 if write else min(width, TILE), dtype=dest.dtype)
-        for t in range(chunk, num_tiles, num_chunks):
-            r = t // tiles_per_row
-            start = (t - r * tiles_per_row) * TILE
-            stop = min(start + TILE, width)
-            size = stop - start
-            dst = dest[r, start:stop] if write else dst_scratch[:size]
+        src_scratch = np.empty(span if in_place else 0, dtype=dest.dtype)
+        dst_scratch = np.empty(0 if write or store else span, dtype=dest.dtype)
+        for i in range(chunk * num_items // num_chunks, (chunk + 1) * num_items // num_chunks):
+            block = i // tiles_per_row
+            row = block * rows_per_item
+            start = (i - block * tiles_per_row) * TILE  # within the pattern
+            stop = min(start + TILE, width) if rows_per_item == 1 else (
+                min(rows_per_item, num_rows - row) * width)  # fmt: skip
+            begin = row * width + start  # within the flat arrays
+            end = row * width + stop
             if in_place:
-                src = src_scratch[:size]
-                src[:] = dst
+                src = src_scratch[: stop - start]
+                src[:] = dest[begin:end]
             else:
-                src = source[r, start:stop]
-            y = target[r, start:stop]
-            w = weight[r, start:stop] if full_weight else weight[0, start:stop]
-            k = keep[r, start:stop] if full_keep else keep[0, start:stop]
-            pw = pos_col[start:stop]
-            pos_scalar = pos_row[r % num_pos_rows]
-            total, bad = _grad_row(kind, src, y, dst, w, k, pw, pos_scalar, smooth_scale,
-                                   smooth_shift, scale, p1, p2, p3)
+                src = source[begin:end]
+            y = target[begin:end]
+            w = weight[begin:end] if full_weight else weight[start:stop]
+            k = keep[begin:end] if full_keep else keep[start:stop]
+            pw = pattern[start:stop]
+            pos_scalar = pos_row[row % num_pos_rows]
             if store:
-                _loss_row(kind, src, y, element_loss[r, start:stop], w, k, pw, pos_scalar,
-                          smooth_scale, smooth_shift, p1, p2, p3)
-            tile_loss[r, t - r * tiles_per_row] = total
-            tile_bad[r, t - r * tiles_per_row] = bad
+                out = element_loss[begin:end]
+            elif write:
+                out = dest[begin:end]
+            else:
+                out = dst_scratch[: stop - start]
+            total, bad = _row(kind, src, y, out, w, k, pw, pos_scalar, smooth_scale,
+                              smooth_shift, scale, store, is_bf16, p1, p2, p3)  # fmt: skip
+            item_loss[i] = total
+            item_bad[i] = bad
 
 
-# One kernel per loss kind, so that a call compiles (and caches) only its own loops.
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def bce(source, target, dest, in_place, weight, keep, pos_col, pos_row, smooth_scale,
-        smooth_shift, scale, p1, p2, p3, element_loss, tile_loss, tile_bad):  # fmt: skip
-    """The bce kernel: :func:`_tiles` with kind=BCE."""
-    _tiles(BCE, source, target, dest, in_place, weight, keep, pos_col, pos_row,
-           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
-           tile_bad)  # fmt: skip
+# One kernel per loss kind, so that a call compiles (and caches) only its own loop.
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def focal(source, target, dest, in_place, weight, keep, pos_col, pos_row, smooth_scale,
-        smooth_shift, scale, p1, p2, p3, element_loss, tile_loss, tile_bad):  # fmt: skip
-    """The focal kernel: :func:`_tiles` with kind=FOCAL."""
-    _tiles(FOCAL, source, target, dest, in_place, weight, keep, pos_col, pos_row,
-           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
-           tile_bad)  # fmt: skip
+def bce(source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row, width,
+        rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale, p1, p2, p3,
+        item_loss, item_bad):  # fmt: skip
+    """The bce kernel: :func:`_items` with kind=BCE."""
+    _items(BCE, source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row,
+           width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale,
+           p1, p2, p3, item_loss, item_bad)  # fmt: skip
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def asl_clip(source, target, dest, in_place, weight, keep, pos_col, pos_row, smooth_scale,
-        smooth_shift, scale, p1, p2, p3, element_loss, tile_loss, tile_bad):  # fmt: skip
-    """The asl_clip kernel: :func:`_tiles` with kind=ASL_CLIP."""
-    _tiles(ASL_CLIP, source, target, dest, in_place, weight, keep, pos_col, pos_row,
-           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
-           tile_bad)  # fmt: skip
+def focal(source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row, width,
+          rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale, p1, p2, p3,
+          item_loss, item_bad):  # fmt: skip
+    """The focal kernel: :func:`_items` with kind=FOCAL."""
+    _items(FOCAL, source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row,
+           width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale,
+           p1, p2, p3, item_loss, item_bad)  # fmt: skip
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def asl_no_clip(source, target, dest, in_place, weight, keep, pos_col, pos_row, smooth_scale,
-        smooth_shift, scale, p1, p2, p3, element_loss, tile_loss, tile_bad):  # fmt: skip
-    """The asl_no_clip kernel: :func:`_tiles` with kind=ASL_NO_CLIP."""
-    _tiles(ASL_NO_CLIP, source, target, dest, in_place, weight, keep, pos_col, pos_row,
-           smooth_scale, smooth_shift, scale, p1, p2, p3, element_loss, tile_loss,
-           tile_bad)  # fmt: skip
+def asl_clip(source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row,
+             width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale,
+             p1, p2, p3, item_loss, item_bad):  # fmt: skip
+    """The asl_clip kernel: :func:`_items` with kind=ASL_CLIP."""
+    _items(ASL_CLIP, source, target, dest, element_loss, in_place, weight, keep, pattern,
+           pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
+           scale, p1, p2, p3, item_loss, item_bad)  # fmt: skip
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def asl_no_clip(source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row,
+                width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
+                scale, p1, p2, p3, item_loss, item_bad):  # fmt: skip
+    """The asl_no_clip kernel: :func:`_items` with kind=ASL_NO_CLIP."""
+    _items(ASL_NO_CLIP, source, target, dest, element_loss, in_place, weight, keep, pattern,
+           pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
+           scale, p1, p2, p3, item_loss, item_bad)  # fmt: skip
 
 
 KERNELS = (bce, focal, asl_clip, asl_no_clip)  # indexed by kind
 
 
 @njit(parallel=True, cache=True)
-def count_bad_targets(target, keep):
-    """How many kept targets lie outside [0, 1] (NaN included), for in-place validation."""
-    num_rows = target.shape[0]
-    full_keep = keep.shape[0] > 1
-    bad_rows = np.zeros(num_rows, dtype=np.int32)
-    for r in prange(num_rows):
-        k = keep[r] if full_keep else keep[0]
-        row = target[r]
-        bad = np.int32(0)
-        for c in range(row.shape[0]):
-            bad += np.int32(k[c] & _outside_unit(_widen(row[c])))
-        bad_rows[r] = bad
-    return int(bad_rows.sum())
+def count_bad_targets(target, keep, width, is_bf16):
+    """How many kept targets lie outside [0, 1] (NaN included), for in-place validation.
+
+    target: (R*L,) float32 or uint16 (fp16/bf16 bits); keep: (R*L,) bool, or (L,) for
+    every row alike.
+    """
+    num_rows = target.shape[0] // width
+    full_keep = keep.shape[0] == target.shape[0]
+    num_chunks = min(num_rows, CHUNKS)
+    bad_chunks = np.zeros(max(num_chunks, 1), dtype=np.int64)
+    for chunk in prange(num_chunks):
+        bad = np.int64(0)
+        for r in range(chunk * num_rows // num_chunks, (chunk + 1) * num_rows // num_chunks):
+            row = target[r * width : (r + 1) * width]
+            kept = keep[r * width : (r + 1) * width] if full_keep else keep
+            for c in range(width):
+                bad += np.int64(kept[c] & _outside_unit(_widen(row[c], is_bf16)))
+        bad_chunks[chunk] = bad
+    return int(bad_chunks.sum())

@@ -106,12 +106,10 @@ def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
 
 
 def _array(tensor: Tensor):
-    """A numpy view of a contiguous CPU tensor; fp16 as uint16 bits, bf16 as int16 bits."""
-    tensor = tensor.detach()
-    if tensor.dtype == torch.float16:
+    """A flat numpy view of a contiguous CPU tensor; fp16 and bf16 as uint16 bits."""
+    tensor = tensor.detach().reshape(-1)
+    if tensor.dtype in (torch.float16, torch.bfloat16):
         return tensor.view(torch.int16).numpy().view("uint16")
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy()
     return tensor.numpy()
 
 
@@ -133,47 +131,73 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
     if kernels is None:
         raise RuntimeError("the numba binary kernel is unavailable; check kernel_available()")
     num_rows, width = target.shape
-    ones_weight = torch.ones(1, width, dtype=torch.float32)
-    ones_keep = torch.ones(1, width, dtype=torch.bool)
-    keep_array = _array(ones_keep if keep is None else keep)
+    is_bf16 = logits.dtype == torch.bfloat16
     target_array = _array(target)
     if validate and in_place:
+        keep_flat = torch.ones(width, dtype=torch.bool) if keep is None else keep
         with kernel.parallel_region():  # threads, fork and the thread-safety of numba's pool
-            bad = kernels.count_bad_targets(target_array, keep_array)
+            bad = kernels.count_bad_targets(target_array, _array(keep_flat), width, is_bf16)
         if bad:
             _raise_bad_target(target, keep, ignore_index)
-    tiles = -(-width // kernels.TILE)
-    tile_loss = torch.empty(num_rows, tiles, dtype=torch.float32)  # R x T
-    tile_bad = torch.empty(num_rows, tiles, dtype=torch.int32)
-    element_loss = torch.empty((num_rows, width) if out_mode == ELEMENTS else (0, 0))
-    empty = _array(logits.new_empty(0, 0))
+    # Work items (see _numba_binary._items): blocks of whole short rows when no per-row
+    # result or per-row positive weight needs them apart, else tiles of one row.
+    rows_per_item = 1
+    if out_mode != ROWS and pos_row.numel() == 1 and width < kernels.TILE:
+        rows_per_item = min(kernels.TILE // width, num_rows)
+    tiles_per_row = -(-width // kernels.TILE) if rows_per_item == 1 else 1
+    num_items = -(-num_rows // rows_per_item) * tiles_per_row
+    item_loss = torch.empty(num_items, dtype=torch.float32)
+    item_bad = torch.empty(num_items, dtype=torch.int32)
+
+    def pattern(values: Tensor | None, fill, dtype: torch.dtype) -> Tensor:
+        """(R, L) values as they are, or one row repeated for the rows of a block."""
+        if values is None:
+            return torch.full((rows_per_item * width,), fill, dtype=dtype)
+        if values.shape[0] == num_rows and num_rows > 1:
+            return values
+        return values.reshape(-1).repeat(rows_per_item)
+
+    empty = logits.new_empty(0)
     scale = float(grad_scale)
-    with kernel.parallel_region():
-        launch = kernels.KERNELS[kind]
-        launch(
-            empty if in_place else _array(logits),
-            target_array,
-            empty if dest is None else _array(dest),
-            in_place,
-            _array(ones_weight if weight is None else weight),
-            keep_array,
-            _array(pos_col),
-            _array(pos_row),
-            *(np.float32(value) for value in params[:2]),
-            np.float32(scale),
-            *(np.float32(value) for value in params[2:]),
-            _array(element_loss),
-            _array(tile_loss),
-            _array(tile_bad),
-        )
-    if validate and not in_place and bool(tile_bad.any()):
+
+    def launch(dest: Tensor, element_loss: Tensor) -> None:
+        overwrite = dest is logits  # in place: the kernel reads the logits from `dest`
+        with kernel.parallel_region():
+            kernels.KERNELS[kind](
+                _array(empty if overwrite else logits),
+                target_array,
+                _array(dest),
+                _array(element_loss),
+                overwrite,
+                _array(pattern(weight, 1.0, torch.float32)),
+                _array(pattern(keep, True, torch.bool)),
+                _array(pos_col.repeat(rows_per_item)),
+                _array(pos_row),
+                width,
+                rows_per_item,
+                tiles_per_row,
+                is_bf16,
+                *(np.float32(value) for value in params[:2]),
+                np.float32(scale),
+                *(np.float32(value) for value in params[2:]),
+                _array(item_loss),
+                _array(item_bad),
+            )
+
+    # One launch writes one array: the element losses (first, while the logits are still
+    # there in place), then the gradient; without either, the loss sums only.
+    element_loss = logits.new_empty(num_rows * width if out_mode == ELEMENTS else 0)
+    if out_mode == ELEMENTS or dest is None:
+        launch(empty, element_loss)
+    if dest is not None:
+        launch(dest, empty)
+    if validate and not in_place and bool(item_bad.any()):
         _raise_bad_target(target, keep, ignore_index)
     if out_mode == ELEMENTS:
-        return element_loss
-    row_loss = tile_loss.double().sum(1)
-    if out_mode == ROWS:
-        return row_loss.float()
-    return (row_loss.sum() * scale).float()
+        return element_loss.reshape(num_rows, width)
+    if out_mode == ROWS:  # rows_per_item is 1: items are the row's tiles in order
+        return item_loss.double().reshape(num_rows, tiles_per_row).sum(1).float()
+    return (item_loss.double().sum() * scale).float()
 
 
 @torch.library.custom_op("xloss::fused_binary", mutates_args=(), device_types="cpu")
@@ -229,7 +253,9 @@ _fused_inplace_op.register_vmap(_no_vmap)
 
 
 def _output_like(logits: Tensor, out_mode: int) -> Tensor:
-    shape = {SCALAR: (), ROWS: (logits.shape[0],), ELEMENTS: tuple(logits.shape)}[out_mode]
+    if out_mode == ELEMENTS:  # in the logits' dtype: rounded once from fp32 in the kernel
+        return torch.empty_like(logits)
+    shape = {SCALAR: (), ROWS: (logits.shape[0],)}[out_mode]
     return logits.new_empty(shape, dtype=torch.float32)
 
 
