@@ -36,18 +36,27 @@ CE_CASES = [
     for reduction in REDUCTIONS
     for i, options in enumerate(CE_OPTIONS)
 ] + [
-    dict(name="mask-ignore-smooth-sample", reduction="sample", label_smoothing=0.1, use_mask=True),
+    dict(
+        name="mask-ignore-smooth-sample",
+        reduction="sample",
+        label_smoothing=0.1,
+        use_mask=True,
+        stats=True,
+    ),
     dict(name="mask-mean-z", reduction="mean", z_loss=1e-3, use_mask=True),
     dict(name="normalizer", reduction="sum", normalizer=7.0, label_smoothing=0.3),
     dict(name="normalizer-tensor", reduction="mean", normalizer="tensor", use_mask=True),
-    dict(name="vocab-start-given", reduction="mean", label_smoothing=0.1, pass_start=True),
+    dict(
+        name="vocab-start-given", reduction="mean", label_smoothing=0.1, pass_start=True, stats=True
+    ),
     dict(name="ignore-valid-class", reduction="mean", ignore_index=0),
     dict(name="ignore-none", reduction="sum", ignore_index=None, label_smoothing=0.1),
-    dict(name="all-ignored", reduction="mean", all_ignored=True, label_smoothing=0.1),
-    dict(name="extreme-logits", reduction="mean", scale=1e4, label_smoothing=0.1),
-    dict(name="unbatched", reduction="sum", shape=(), label_smoothing=0.1, z_loss=0.1),
+    dict(name="all-ignored", reduction="mean", all_ignored=True, label_smoothing=0.1, stats=True),
+    dict(name="extreme-logits", reduction="mean", scale=1e4, label_smoothing=0.1, stats=True),
+    dict(name="unbatched", reduction="sum", shape=(), label_smoothing=0.1, z_loss=0.1, stats=True),
+    dict(name="stats-ties", reduction="none", ties=True, stats=True),
     dict(name="fp32", reduction="mean", dtype=torch.float32, label_smoothing=0.1, z_loss=1e-3),
-    dict(name="bf16", reduction="none", dtype=torch.bfloat16, label_smoothing=0.1),
+    dict(name="bf16", reduction="none", dtype=torch.bfloat16, label_smoothing=0.1, stats=True),
 ]
 
 
@@ -61,6 +70,14 @@ def ce_data(case, index):
         target[0, ::2] = ignore_index
     if case.get("all_ignored"):
         target.fill_(-100)
+    if case.get("ties"):
+        # row maxima shared by two classes: within a slice and across ranks' slices, for
+        # every split in SPLITS (the first index must win, as torch.argmax); a -inf slice
+        for row, classes in enumerate([(2, 9), (5, 8), (0, 3), (6, 7), (1, 10)]):
+            logits[0, row, list(classes)] = logits[0, row].max() + 1.0
+        logits[1, 0, 4:] = float("-inf")  # all of rank 1's slice when world = 2
+        target[1, 0] = 3
+        logits[1, 1, :] = 7.0  # all equal: class 0
     mask = torch.rand(shape, generator=gen) > 0.3 if case.get("use_mask") else None
     upstream = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
     dtype = case.get("dtype", torch.float64)
@@ -83,13 +100,32 @@ def ce_kwargs(case, mask):
 
 LINEAR_CASES = [
     dict(
-        name="lin-mean-bias-smooth", reduction="mean", bias=True, label_smoothing=0.1, z_loss=0.01
+        name="lin-mean-bias-smooth",
+        reduction="mean",
+        bias=True,
+        label_smoothing=0.1,
+        z_loss=0.01,
+        stats=True,
     ),
     dict(name="lin-sum", reduction="sum", bias=False),
-    dict(name="lin-none-bias", reduction="none", bias=True, label_smoothing=0.2, use_mask=True),
+    dict(
+        name="lin-none-bias",
+        reduction="none",
+        bias=True,
+        label_smoothing=0.2,
+        use_mask=True,
+        stats=True,
+    ),
     dict(name="lin-sample-z", reduction="sample", bias=False, z_loss=0.05),
     dict(name="lin-normalizer-mask", reduction="sum", normalizer=4.0, bias=True, use_mask=True),
-    dict(name="lin-fp32", reduction="mean", bias=True, dtype=torch.float32, label_smoothing=0.1),
+    dict(
+        name="lin-fp32",
+        reduction="mean",
+        bias=True,
+        dtype=torch.float32,
+        label_smoothing=0.1,
+        stats=True,
+    ),
     dict(name="lin-one-chunk", reduction="mean", bias=False, chunk_size=None),
 ]
 
@@ -142,9 +178,22 @@ def _run_ce_case(case, index, rank, world):
     start = sum(sizes[:rank])
     local = logits[..., start : start + sizes[rank]].clone().requires_grad_(True)
     extra = dict(vocab_start=start) if case.get("pass_start") else {}
+    if case.get("stats"):
+        extra["return_stats"] = True
     out = vocab_parallel_cross_entropy(local, target, **ce_kwargs(case, mask), **extra)
+    stats = _stats_of(out)
+    out = out.loss if stats else out
     out.backward(grad_upstream(out, upstream.to(out.dtype), case["reduction"]))
-    return dict(loss=out.detach().double(), grad=local.grad.double())
+    return dict(loss=out.detach().double(), grad=local.grad.double(), **stats)
+
+
+def _stats_of(out):
+    """The side outputs of a return_stats=True result, or {}."""
+    if isinstance(out, torch.Tensor):
+        return {}
+    assert isinstance(out, xloss.CrossEntropyStats)
+    assert not any(t.requires_grad for t in out[1:])
+    return dict(lse=out.lse, entropy=out.entropy, predicted=out.predicted, accuracy=out.accuracy)
 
 
 def _run_linear_case(case, index, rank, world):
@@ -166,9 +215,13 @@ def _run_linear_case(case, index, rank, world):
         mask=mask,
         normalizer=case.get("normalizer"),
         chunk_size=case.get("chunk_size", 3),
+        return_stats=case.get("stats", False),
     )
+    stats = _stats_of(out)
+    out = out.loss if stats else out
     out.backward(grad_upstream(out, upstream.to(out.dtype), case["reduction"]))
     return dict(
+        **stats,
         loss=out.detach().double(),
         grad_input=hidden.grad.double(),
         grad_weight=local_weight.grad.double(),
@@ -231,6 +284,14 @@ def _count_collectives(rank, world):
         measure(
             "ce",
             lambda: vocab_parallel_cross_entropy(local, target, label_smoothing=0.1, z_loss=0.1),
+        )
+        measure(
+            "ce-stats",
+            lambda: (
+                vocab_parallel_cross_entropy(
+                    local, target, label_smoothing=0.1, return_stats=True
+                ).loss
+            ),
         )
         for reduction in ("mean", "none"):
             measure(

@@ -49,9 +49,40 @@ def reference_rows(logits, target, keep, label_smoothing, z_loss):
     safe = torch.where(keep, target, 0)
     target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     loss = (1 - label_smoothing) * (lse - target_logit)
-    loss = loss + label_smoothing / num_classes * (num_classes * lse - logits.sum(-1))
+    if label_smoothing > 0:  # (else 0 * inf = nan for a row with -inf logits)
+        loss = loss + label_smoothing / num_classes * (num_classes * lse - logits.sum(-1))
     loss = loss + z_loss * lse**2
     return torch.where(keep, loss, torch.zeros_like(loss))
+
+
+def reference_stats(logits, target, keep):
+    """float64 (lse, entropy, argmax, accuracy) of the full logits; 0, 0, -1 where dropped."""
+    logits = logits.detach().double()
+    lse = torch.logsumexp(logits, -1)
+    log_p = torch.log_softmax(logits, -1)
+    entropy = -(log_p.exp() * torch.where(log_p.isinf(), 0.0, log_p)).sum(-1)
+    predicted = torch.where(keep, logits.argmax(-1), -1)
+    hits = ((predicted == target) & keep).sum().double()
+    accuracy = hits / keep.sum() if keep.any() else torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64)
+    return dict(
+        lse=torch.where(keep, lse, zero),
+        entropy=torch.where(keep, entropy, zero),
+        predicted=predicted,
+        accuracy=accuracy,
+    )
+
+
+def check_stats(label, result, logits, target, keep, tol, failures):
+    """The side outputs of one rank against the float64 reference (exact argmax)."""
+    expected = reference_stats(logits, target, keep)
+    if set(expected) - set(result):
+        failures.append(f"{label}: no side outputs in {sorted(result)}")
+        return
+    for name in ("lse", "entropy", "accuracy"):
+        close(f"{label} {name}", result[name].double(), expected[name], tol, failures)
+    if not torch.equal(result["predicted"], expected["predicted"]):
+        failures.append(f"{label} predicted {result['predicted']} != {expected['predicted']}")
 
 
 def reference_reduce(loss, keep, reduction, normalizer=None):
@@ -108,6 +139,8 @@ def check_ce_case(case, index, results, world, failures):
         start = sum(sizes[:rank])
         local_grad = logits.grad[..., start : start + sizes[rank]]
         close(f"{label} grad", result["grad"], local_grad, tol, failures)
+        if case.get("stats"):
+            check_stats(label, result, logits, target, keep, tol * scale, failures)
 
 
 def check_linear_case(case, index, results, world, failures):
@@ -137,6 +170,8 @@ def check_linear_case(case, index, results, world, failures):
         close(f"{label} grad_weight", result["grad_weight"], weight.grad[part], tol, failures)
         expected_bias = None if bias is None else bias.grad[part]
         close(f"{label} grad_bias", result["grad_bias"], expected_bias, tol, failures)
+        if case.get("stats"):
+            check_stats(label, result, logits, target, keep, tol, failures)
 
 
 def check_dp_case(results, world, failures):
@@ -179,6 +214,8 @@ def test_multi_process_matches_single_process_reference(world, tmp_path):
     expected_counts = {
         "ce-forward": 2,  # one MAX, one packed SUM; the slice start rides on the MAX
         "ce-backward": 0,
+        "ce-stats-forward": 3,  # and one MIN for the argmax
+        "ce-stats-backward": 0,
         "linear-mean-forward": 2 * math.ceil(10 / 4) + 1,  # 2 per chunk + grad_input
         "linear-mean-backward": 0,
         "linear-none-forward": 2 * math.ceil(10 / 4),
@@ -219,6 +256,7 @@ TARGET = torch.tensor([0, 1, 2, 3])
         (dict(input=LOGITS.long()), TypeError, "floating-point tensor of logits"),
         (dict(input=torch.zeros(4, 0)), ValueError, "has no classes"),
         (dict(mask=torch.ones(4)), TypeError, "`mask` must be a bool tensor"),
+        (dict(return_stats=1), TypeError, "`return_stats` must be a bool"),
     ],
 )
 def test_vocab_parallel_errors_before_communication(kwargs, error, match):
@@ -246,6 +284,7 @@ WEIGHT = torch.zeros(5, 3)
         (dict(chunk_size=0), ValueError, "`chunk_size` must be >= 1"),
         (dict(chunk_size=2.0), TypeError, "`chunk_size` must be an int"),
         (dict(reduction="avg"), ValueError, "`reduction` must be one of"),
+        (dict(return_stats="yes"), TypeError, "`return_stats` must be a bool"),
     ],
 )
 def test_linear_errors_before_communication(kwargs, error, match):
@@ -454,3 +493,28 @@ def test_local_partials_match_float64(dtype, sum_logits, entropy):
     for g, e in zip(got, expected, strict=True):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol)
+
+
+def test_stats_one_process_fp16_nan_and_no_grad(one_process_group):
+    gen = torch.Generator().manual_seed(6)
+    logits = (torch.randn(4, 9, generator=gen) * 4).half()
+    logits[2, 6] = float("nan")  # torch.argmax takes a NaN as the max
+    target = torch.tensor([1, -100, 3, 8])
+    keep = target != -100
+    out = vocab_parallel_cross_entropy(logits.requires_grad_(), target, return_stats=True)
+    assert out.lse.dtype == torch.float32 and out.loss.dtype == torch.float16
+    assert torch.equal(out.predicted, torch.where(keep, logits.double().argmax(-1), -1))
+    finite = torch.tensor([True, True, False, True])
+    expected = reference_stats(logits[finite], target[finite], keep[finite])
+    for name in ("lse", "entropy"):
+        torch.testing.assert_close(getattr(out, name)[finite].double(), expected[name],
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    hidden, weight = torch.randn(5, 3, generator=gen), torch.randn(9, 3, generator=gen)
+    target = torch.tensor([0, 8, 4, -100, 2])
+    with torch.no_grad():
+        out = vocab_parallel_linear_cross_entropy(hidden, weight, target, return_stats=True,
+                                                  reduction="none", chunk_size=2)  # fmt: skip
+    expected = reference_stats(hidden @ weight.T, target, target != -100)
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(out, name).double(), value.double(), rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip

@@ -194,3 +194,86 @@ def test_cross_entropy_stats_under_torch_compile_fullgraph():
     out = compiled(logits.clone().requires_grad_(), target)
     assert_stats(out, reference_stats(logits, target, keep), tol=2e-5)
     torch.testing.assert_close(out.loss, xloss.cross_entropy(logits, target))
+
+
+def reference_grad(logits, target, keep):
+    """float64 gradient of the mean cross-entropy over kept positions (0 when none)."""
+    x = logits.detach().double().requires_grad_()
+    rows = torch.nn.functional.cross_entropy(
+        x.reshape(-1, x.shape[-1]), torch.where(keep, target, 0).reshape(-1), reduction="none"
+    )
+    (rows * keep.reshape(-1)).sum().div(max(int(keep.sum()), 1)).backward()
+    return x.grad
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every numba launch of the row kernel, with whether it filled statistics."""
+    calls = []
+    launch = kernel._launch
+
+    def counted(*args, stats=None, **kwargs):
+        calls.append(stats is not None)
+        return launch(*args, stats=stats, **kwargs)
+
+    monkeypatch.setattr(kernel, "_launch", counted)
+    return calls
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_fills_stats_in_the_loss_pass(launches, dtype, inplace):
+    """One kernel launch gives loss, gradient and stats (no read-only stats pass first),
+    in place too (the stats are read before the row is overwritten)."""
+    logits, target = make_logits((2, 3), 1100, dtype=dtype)
+    keep = target != -100
+    leaf = logits.clone().requires_grad_()
+    out = xloss.cross_entropy(leaf * 1.0, target, class_dim=-1, inplace_backward=inplace,
+                              return_stats=True)  # fmt: skip
+    assert launches == [True]
+    out.loss.backward()
+    assert launches == [True]  # backward only scales the stored gradient
+    assert_stats(out, reference_stats(logits, target, keep), tol=2e-5)
+    rows = torch.nn.functional.cross_entropy(logits.double().reshape(-1, 1100),
+                                             target.reshape(-1), reduction="none")  # fmt: skip
+    want_loss = rows.sum() / keep.sum()  # ignore_index rows give 0
+    loss_tol = 2e-5 if dtype == torch.float32 else 1e-2  # a bf16 loss is rounded to bf16
+    torch.testing.assert_close(out.loss.double(), want_loss, rtol=loss_tol, atol=0)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(leaf.grad.double(), reference_grad(logits, target, keep),
+                               rtol=0, atol=tol)  # fmt: skip
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("rows", [0, 4])
+def test_kernel_stats_no_rows_and_all_ignored(rows, inplace):
+    logits = torch.randn(rows, 7)
+    target = torch.full((rows,), -100)
+    leaf = logits.clone().requires_grad_()
+    out = xloss.cross_entropy(leaf * 1.0, target, inplace_backward=inplace, return_stats=True)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.accuracy.item() == 0.0
+    assert torch.equal(out.predicted, torch.full((rows,), -1))
+    assert torch.equal(out.lse, torch.zeros(rows)) and torch.equal(out.entropy, torch.zeros(rows))
+    assert torch.equal(leaf.grad, torch.zeros(rows, 7))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_kernel_stats_under_torch_compile_fullgraph_with_backward(inplace):
+    """The ops' fake implementations give the stats' shapes: no graph break, in place too."""
+    logits, target = make_logits((6,), 50)
+    keep = target != -100
+
+    def step(x, y):
+        out = xloss.cross_entropy(x * 1.0, y, return_stats=True, validate_args=False,
+                                  inplace_backward=inplace, reduction="sum")  # fmt: skip
+        return out.loss, out.lse, out.entropy, out.predicted, out.accuracy
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    leaf = logits.clone().requires_grad_()
+    loss, *stats = compiled(leaf, target)
+    loss.backward()
+    assert_stats(xloss.CrossEntropyStats(loss, *stats), reference_stats(logits, target, keep),
+                 tol=2e-5)  # fmt: skip
+    want = reference_grad(logits, target, keep) * keep.sum()  # reduction="sum"
+    torch.testing.assert_close(leaf.grad.double(), want, rtol=0, atol=1e-6)

@@ -89,3 +89,17 @@ def all_reduce_sum(*stats: Tensor, group) -> tuple[Tensor, ...]:
     packed = torch.stack(stats)  # len(stats) x R
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     return packed.unbind(0)
+
+
+def all_reduce_argmax(local_max: Tensor, local_argmax: Tensor, row_max: Tensor, group) -> Tensor:
+    """Collective 3 (MIN, side outputs only): the global argmax of each row.
+
+    ``local_argmax`` (R,) holds global class indices (first index of the local max). The
+    answer is the smallest of them among the ranks whose local max equals the global max
+    ``row_max``, so ties resolve to the first index as ``torch.argmax`` does. A rank whose
+    local max is NaN is a candidate too (``torch.argmax`` takes a NaN as the max).
+    """
+    is_max = (local_max == row_max) | local_max.isnan()
+    candidate = torch.where(is_max, local_argmax, torch.iinfo(torch.int64).max)  # R
+    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+    return candidate

@@ -9,6 +9,12 @@ lse = m + log S; eps the label smoothing and z the z-loss coefficient.
     d loss / d x_c = (1 + 2 z lse) p_c - (1-eps) [c = y] - eps/C,   p = softmax(x)
 
 The gradient of the local slice needs only the local logits, lse and C: no communication.
+
+Side outputs (``with_stats``): the softmax entropy
+H = lse - sum_c p_c x_c = log S - sum_c e^(x_c - m) (x_c - m) / S, its numerator one more
+partial in the same SUM; the argmax, the smallest global index among the ranks whose
+local max equals the global max (one MIN all-reduce; the first index on ties, as
+``torch.argmax``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ import torch
 from torch import Tensor
 
 from xloss import backends
-from xloss.distributed._comm import all_reduce_max_and_sizes, all_reduce_sum, check_slices_tile
+from xloss.distributed._comm import (
+    all_reduce_argmax,
+    all_reduce_max_and_sizes,
+    all_reduce_sum,
+    check_slices_tile,
+)
 
 
 class RowStats(NamedTuple):
@@ -29,6 +40,8 @@ class RowStats(NamedTuple):
     num_classes: Tensor  # 0-dim global vocabulary size C
     local_target: Tensor  # (R,) target column in this slice (0 where not in the slice)
     in_slice: Tensor  # (R,) bool: the target is a class of this slice
+    entropy: Tensor | None = None  # (R,) softmax entropy (with_stats)
+    predicted: Tensor | None = None  # (R,) int64 global argmax (with_stats)
 
 
 def global_row_stats(
@@ -41,6 +54,7 @@ def global_row_stats(
     group,
     exp_in_place: bool = False,
     check_slices: bool = False,
+    with_stats: bool = False,
 ) -> RowStats:
     """Steps 1-3 on a block of local logits (R, V_local) in the compute dtype (or, when
     the Triton backend serves them, in their own fp16/bf16: its kernel widens each block).
@@ -48,11 +62,16 @@ def global_row_stats(
     ``target`` (R,) holds global class indices, negative for dropped rows. With
     ``exp_in_place`` the block is overwritten with exp(x - m) (for a fused gradient). With
     ``check_slices`` and a given ``vocab_start``, the slices must tile [0, C) (synchronises).
+    ``with_stats`` also gives the entropy and the argmax (one more all-reduce, MIN).
     """
     local_size = logits.shape[-1]
     # 1. All-reduce the row max (MAX), packed with the slice sizes and given starts -> C
     #    and the slice start.
-    local_max = logits.detach().amax(-1).to(torch.promote_types(logits.dtype, torch.float32))
+    if with_stats:
+        local_max, local_argmax = logits.detach().max(-1)  # first index on ties
+    else:
+        local_max = logits.detach().amax(-1)
+    local_max = local_max.to(torch.promote_types(logits.dtype, torch.float32))
     global_max = all_reduce_max_and_sizes(local_max, local_size, group, vocab_start)
     if check_slices and vocab_start is not None:
         check_slices_tile(global_max)
@@ -62,19 +81,20 @@ def global_row_stats(
     in_slice = (target >= 0) & (local_target >= 0) & (local_target < local_size)
     local_target = torch.where(in_slice, local_target, 0)
     # 2. Local partial sums: the target logit (only the rank that holds the target
-    #    contributes it), exp and, with smoothing, the sum of logits; ONE packed
-    #    all-reduce (SUM).
+    #    contributes it), exp, with smoothing the sum of logits and with stats the
+    #    entropy's numerator; ONE packed all-reduce (SUM).
     sum_logits = label_smoothing > 0.0
     if exp_in_place:  # the fused linear gradient starts from e^(x - M): keep it in the block
         head = _logit_partials(logits, local_target, in_slice, sum_logits=sum_logits)
         shifted_exp = logits.sub_(row_max.unsqueeze(-1)).exp_()  # R x V_local, in place
-        partials = head + _exp_partials(shifted_exp, entropy=False)
+        partials = head + _exp_partials(shifted_exp, entropy=with_stats)
     else:
         partials = local_partials(
-            logits, row_max, local_target, in_slice, sum_logits=sum_logits, entropy=False
+            logits, row_max, local_target, in_slice, sum_logits=sum_logits, entropy=with_stats
         )
     summed = all_reduce_sum(*partials, group=group)
-    target_logit, sum_exp = summed[0], summed[2 if label_smoothing > 0.0 else 1]
+    sum_exp_at = 2 if sum_logits else 1
+    target_logit, sum_exp = summed[0], summed[sum_exp_at]
     # 3. lse = m + log S; C is the GLOBAL vocabulary size (not this rank's slice).
     num_classes = global_max.num_classes
     row_logsumexp = row_max + torch.log(sum_exp)
@@ -83,7 +103,13 @@ def global_row_stats(
         loss = loss + label_smoothing * (row_logsumexp - summed[1] / num_classes)
     if z_loss > 0.0:
         loss = loss + z_loss * row_logsumexp.square()
-    return RowStats(row_logsumexp, sum_exp, loss, num_classes, local_target, in_slice)
+    if not with_stats:
+        return RowStats(row_logsumexp, sum_exp, loss, num_classes, local_target, in_slice)
+    # Side outputs: H = log S - sum e (x - m) / S; the argmax (collective 3, MIN).
+    entropy = torch.log(sum_exp) - summed[sum_exp_at + 1] / sum_exp
+    predicted = all_reduce_argmax(local_max, local_argmax + start, row_max, group)
+    return RowStats(row_logsumexp, sum_exp, loss, num_classes, local_target, in_slice,
+                    entropy, predicted)  # fmt: skip
 
 
 def local_partials(

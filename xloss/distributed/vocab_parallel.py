@@ -28,9 +28,13 @@ from xloss._core.validation import (
 from xloss.distributed._comm import resolve_group
 from xloss.distributed._rows import RowStats, global_row_stats, local_gradient_
 from xloss.functional.cross_entropy import (
+    CrossEntropyStats,
     check_cross_entropy_settings,
+    check_return_stats,
     compute_dtype,
     loss_dtype,
+    masked_stats,
+    stats_result,
 )
 from xloss.ops.second_order import KernelFunction, first_order_only, grad_anchor
 
@@ -43,6 +47,7 @@ class VocabParallelSettings(NamedTuple):
     z_loss: float
     group: object
     validate_args: bool = True  # a given vocab_start: check that the slices tile [0, C)
+    with_stats: bool = False  # also the entropy and the argmax (return_stats=True)
 
 
 def check_vocab_start(vocab_start) -> None:
@@ -69,11 +74,30 @@ def _dropped_as_negative(target: Tensor, keep: Tensor | None) -> Tensor:
     return index if keep is None else torch.where(keep, index, -1)
 
 
+def _side_outputs(stats: RowStats, settings: VocabParallelSettings) -> tuple[Tensor, Tensor]:
+    """(entropy, predicted) of ``stats``; empty tensors without ``with_stats``."""
+    if settings.with_stats:
+        return stats.entropy, stats.predicted
+    return stats.loss.new_empty(0), stats.local_target.new_empty(0)
+
+
+def _stats_or_loss(loss: Tensor, rows: tuple[Tensor, ...] | None, target, keep, shape):
+    """The loss, or with per-row (lse, entropy, predicted) the :class:`CrossEntropyStats`
+    (0, 0 and -1 where ``keep`` drops the position)."""
+    if rows is None:
+        return loss
+    lse, entropy, predicted = rows
+    values, predicted = masked_stats(torch.stack((lse, entropy), -1), predicted, keep)
+    return stats_result(loss, values, predicted, target, keep, shape)
+
+
 class _VocabParallelCrossEntropy(KernelFunction):
     """Per-row loss of local logits (R, V_local); see ``vocab_parallel_cross_entropy``.
 
-    Forward: steps 1-3 (two all-reduces). Saves the local logits as given (no copy for
-    fp32), lse, C and where the target lies in this slice. Backward: step 4, the local
+    Forward: steps 1-3 (two all-reduces; a third with ``with_stats``). Saves the local
+    logits as given (no copy for fp32), lse, C and where the target lies in this slice.
+    Also returns (non-differentiable) C, lse, the target's place, and the entropy and
+    argmax (empty without ``with_stats``). Backward: step 4, the local
     gradient grad_loss * [(1 + 2 z lse) softmax - (1-eps) onehot - eps/C] with the softmax
     recomputed as exp(x - lse); no communication.
     """
@@ -90,17 +114,18 @@ class _VocabParallelCrossEntropy(KernelFunction):
             z_loss=settings.z_loss,
             group=settings.group,
             check_slices=settings.validate_args,
+            with_stats=settings.with_stats,
         )
         return (
             stats.loss, stats.num_classes, stats.row_logsumexp, stats.local_target,
-            stats.in_slice,
+            stats.in_slice, *_side_outputs(stats, settings),
         )  # fmt: skip
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        loss, num_classes, row_logsumexp, local_target, in_slice = output
+        loss, num_classes, row_logsumexp, local_target, in_slice, *_ = output
         ctx.settings = inputs[2]
-        ctx.mark_non_differentiable(num_classes, row_logsumexp, local_target, in_slice)
+        ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(inputs[0], row_logsumexp, num_classes, local_target, in_slice)
 
@@ -145,7 +170,8 @@ def vocab_parallel_cross_entropy(
     mask: Tensor | None = None,
     normalizer: float | Tensor | None = None,
     validate_args: bool = True,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | CrossEntropyStats:
     r"""Cross-entropy of logits whose vocabulary is split across the ranks of ``group``.
 
     Rank r holds the contiguous slice ``[start_r, start_r + V_r)`` of the C classes
@@ -170,11 +196,16 @@ def vocab_parallel_cross_entropy(
        (only the rank whose slice holds the target contributes it) and, with smoothing,
        the sum of the logits.
     3. lse = m + log S and the loss above, on every rank.
+       With ``return_stats``: the entropy H = log S - sum_c e^(x_c - m) (x_c - m) / S
+       (its numerator rides in step 2's SUM) and the argmax: each rank offers the global
+       index of its first local max where that equals m, and ONE all-reduce (MIN) keeps
+       the smallest, the first index on ties as ``torch.argmax``.
     4. Backward: grad = g [(1 + 2 z lse) softmax(x) - (1-eps) onehot_y - eps/C] on the
        local slice, the softmax recomputed as exp(x - lse) from the saved local logits;
        no communication.
 
-    So a call costs 2 collectives, each moving O(rows) numbers, never the logits. Nothing
+    So a call costs 2 collectives (3 with ``return_stats``), each moving O(rows) numbers,
+    never the logits. Nothing
     synchronises with the host (no ``.item()``) unless ``validate_args`` is true: the
     target range check, the slice-tiling check of a given ``vocab_start`` and a tensor
     ``normalizer`` check read values on the host.
@@ -207,11 +238,18 @@ def vocab_parallel_cross_entropy(
         normalizer: divide the summed loss by this number or one-element tensor.
         validate_args: check the target range and that given ``vocab_start`` slices tile
             [0, C) (after the collectives; synchronises).
+        return_stats: return a :class:`xloss.CrossEntropyStats` ``(loss, lse, entropy,
+            predicted, accuracy)`` as :func:`xloss.cross_entropy` does, computed from the
+            local slices (no gather of the logits): lse and entropy of the whole row, the
+            global argmax, and the accuracy over kept positions; 0, 0 and -1 at dropped
+            positions. The same on every rank. No gradient flows through them.
 
     Shape:
         - local_logits: (V_r), (N, V_r) or (N, d_1, ..., d_K, V_r), e.g. (B, T, V_r).
         - target: (), (N) or (N, d_1, ..., d_K).
         - output: a scalar; the target's shape for ``"none"``; (N) for ``"sample"``.
+        - lse, entropy, predicted (``return_stats``): the target's shape; accuracy: a
+          scalar.
 
     Here V_r is the size of this rank's slice of the vocabulary.
 
@@ -224,6 +262,10 @@ def vocab_parallel_cross_entropy(
         tensor(0.3455)
         >>> xloss.cross_entropy(logits, target, label_smoothing=0.1)
         tensor(0.3455)
+        >>> out = xloss.distributed.vocab_parallel_cross_entropy(logits, target,
+        ...                                                      return_stats=True)
+        >>> out.predicted, out.accuracy, out.lse
+        (tensor([0, 2]), tensor(1.), tensor([2.2413, 3.1096]))
         >>> dist.destroy_process_group()
     """
     # Settings and shapes are checked before any communication.
@@ -237,6 +279,7 @@ def vocab_parallel_cross_entropy(
         validate_args=validate_args,
     )
     check_vocab_start(vocab_start)
+    check_return_stats(return_stats)
     check_floating_input(local_logits)
     check_index_target(target)
     layout = class_layout(local_logits, target, -1)
@@ -248,8 +291,12 @@ def vocab_parallel_cross_entropy(
     group = resolve_group(group)
     index = _dropped_as_negative(target, keep).reshape(-1)
     rows = layout.logits.reshape(-1, layout.num_classes)  # R x V_local
-    settings = VocabParallelSettings(vocab_start, label_smoothing, z_loss, group, validate_args)
-    row_loss, num_classes, *_ = _VocabParallelCrossEntropy.apply(rows, index, settings)
+    settings = VocabParallelSettings(
+        vocab_start, label_smoothing, z_loss, group, validate_args, return_stats
+    )
+    row_loss, num_classes, row_logsumexp, _, _, *side = _VocabParallelCrossEntropy.apply(
+        rows, index, settings
+    )
     if validate_args:
         check_index_target_range(target, int(num_classes), ignore_index, keep)
 
@@ -257,7 +304,10 @@ def vocab_parallel_cross_entropy(
     if keep is not None:
         loss = torch.where(keep, loss, 0.0)
     reduced = reduce_loss(loss, reduction, keep=keep, normalizer=normalizer, batched=layout.batched)
-    return reduced.to(loss_dtype(local_logits))
+    side_rows = (row_logsumexp, *side) if return_stats else None
+    return _stats_or_loss(
+        reduced.to(loss_dtype(local_logits)), side_rows, target, keep, layout.target_shape
+    )
 
 
 class LinearSettings(NamedTuple):
@@ -322,8 +372,9 @@ class _VocabParallelLinearCrossEntropy(KernelFunction):
       grad_hidden (SUM) once, its only communication.
 
     Also returns C (non-differentiable) for the target range check, and, for
-    ``setup_context``, the per-row statistics and the stored gradients (empty when not
-    computed). The gradients are first order only: a second backward through them raises
+    ``setup_context``, the per-row statistics (the entropy and argmax empty without
+    ``with_stats``) and the stored gradients (empty when not computed). The gradients
+    are first order only: a second backward through them raises
     (``xloss.ops.second_order``).
     """
 
@@ -339,6 +390,8 @@ class _VocabParallelLinearCrossEntropy(KernelFunction):
             grads = _GradBuffers(hidden, weight, bias, settings.needs_grad, dtype)
         row_loss = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
         row_logsumexp = torch.zeros_like(row_loss)
+        row_entropy = torch.zeros_like(row_loss) if vocab.with_stats else row_loss.new_empty(0)
+        predicted = torch.zeros_like(target) if vocab.with_stats else target.new_empty(0)
         local_target = torch.zeros_like(target)
         in_slice = torch.zeros_like(target, dtype=torch.bool)
         num_classes = torch.zeros((), dtype=dtype, device=hidden.device)
@@ -355,8 +408,12 @@ class _VocabParallelLinearCrossEntropy(KernelFunction):
                 group=vocab.group,
                 exp_in_place=True,
                 check_slices=vocab.validate_args,
+                with_stats=vocab.with_stats,
             )
             row_loss[part] = stats.loss
+            if vocab.with_stats:
+                row_entropy[part] = stats.entropy
+                predicted[part] = stats.predicted
             row_logsumexp[part] = stats.row_logsumexp
             local_target[part] = stats.local_target
             in_slice[part] = stats.in_slice
@@ -383,12 +440,14 @@ class _VocabParallelLinearCrossEntropy(KernelFunction):
             result = row_loss
         stored = [empty] * 3 if grads is None else [grads.hidden, grads.weight, grads.bias]
         stored = [empty if g is None else g for g in stored]
-        return (result, num_classes, kept_loss, row_logsumexp, local_target, in_slice, *stored)
+        return (result, num_classes, kept_loss, row_logsumexp, local_target, in_slice,
+                row_entropy, predicted, *stored)  # fmt: skip
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         hidden, weight, bias, _, grad_scale, settings, anchor = inputs
-        result, num_classes, kept_loss, row_logsumexp, local_target, in_slice, *stored = output
+        result, num_classes, kept_loss, row_logsumexp, local_target, in_slice = output[:6]
+        stored = output[8:]
         ctx.settings = settings
         ctx.fused = grad_scale is not None
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -504,7 +563,8 @@ def vocab_parallel_linear_cross_entropy(
     normalizer: float | Tensor | None = None,
     chunk_size: int | None = None,
     validate_args: bool = True,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | CrossEntropyStats:
     r"""Cross-entropy of ``input @ local_weight.T + bias`` with the vocabulary split over ranks.
 
     The output layer of a tensor-parallel model: ``input`` (the hidden states) is
@@ -532,7 +592,8 @@ def vocab_parallel_linear_cross_entropy(
     keeps lse only; the backward recomputes the logits chunk by chunk (one more GEMM) and
     its one communication is the grad_h all-reduce of step 5.
 
-    A call costs 2 small all-reduces per chunk (O(chunk) numbers each) and one of N x H.
+    A call costs 2 small all-reduces per chunk (O(chunk) numbers each; 3 with
+    ``return_stats``) and one of N x H.
     Nothing synchronises with the host unless ``validate_args`` is true (target range).
     Class weights, soft targets and softcap are not supported. ``input``, ``target``,
     ``mask`` and the options must be identical on every rank.
@@ -546,12 +607,16 @@ def vocab_parallel_linear_cross_entropy(
         group, vocab_start, label_smoothing, ignore_index, reduction, z_loss, mask,
         normalizer, validate_args: as in :func:`vocab_parallel_cross_entropy`.
         chunk_size: rows per chunk; None picks about 16 MiB of fp32 logits per chunk.
+        return_stats: return a :class:`xloss.CrossEntropyStats` as
+            :func:`vocab_parallel_cross_entropy` does, from each chunk's local logits.
 
     Shape:
         - input: (H), (N, H) or (N, d_1, ..., d_K, H).
         - local_weight: (V_r, H); bias: (V_r).
         - target: (), (N) or (N, d_1, ..., d_K).
         - output: a scalar; the target's shape for ``"none"``; (N) for ``"sample"``.
+        - lse, entropy, predicted (``return_stats``): the target's shape; accuracy: a
+          scalar.
 
     Example (a 1-process group):
         >>> import torch, torch.distributed as dist, xloss
@@ -565,6 +630,9 @@ def vocab_parallel_linear_cross_entropy(
         tensor(0.4813)
         >>> xloss.cross_entropy(hidden @ weight.T, target).detach()
         tensor(0.4813)
+        >>> out = vocab_parallel_linear_cross_entropy(hidden, weight, target, return_stats=True)
+        >>> out.predicted, out.accuracy
+        (tensor([ 0,  2, -1]), tensor(1.))
         >>> dist.destroy_process_group()
     """
     # Settings and shapes are checked before any communication.
@@ -579,6 +647,7 @@ def vocab_parallel_linear_cross_entropy(
     )
     check_vocab_start(vocab_start)
     check_chunk_size(chunk_size)
+    check_return_stats(return_stats)
     check_floating_input(input)
     check_index_target(target)
     if input.dim() == 0:
@@ -599,7 +668,9 @@ def vocab_parallel_linear_cross_entropy(
     hidden = input.reshape(-1, input.shape[-1])  # R x H
     rows, local_size = hidden.shape[0], local_weight.shape[0]
     settings = LinearSettings(
-        vocab=VocabParallelSettings(vocab_start, label_smoothing, z_loss, group, validate_args),
+        vocab=VocabParallelSettings(
+            vocab_start, label_smoothing, z_loss, group, validate_args, return_stats
+        ),
         chunk_size=chunk_size or default_chunk_size(rows, local_size),
         needs_grad=tuple(
             torch.is_grad_enabled() and t is not None and t.requires_grad
@@ -620,17 +691,18 @@ def vocab_parallel_linear_cross_entropy(
             grad_scale = safe_divide(counts, counts.sum())
         else:
             grad_scale = counts
-        loss, num_classes, *_ = _VocabParallelLinearCrossEntropy.apply(
-            hidden, local_weight, bias, index, grad_scale, settings, anchor
-        )
     else:
-        row_loss, num_classes, *_ = _VocabParallelLinearCrossEntropy.apply(
-            hidden, local_weight, bias, index, None, settings, anchor
-        )
-        loss = row_loss.reshape(target.shape)
+        grad_scale = None
+    outputs = _VocabParallelLinearCrossEntropy.apply(
+        hidden, local_weight, bias, index, grad_scale, settings, anchor
+    )
+    loss, num_classes, row_logsumexp, side_rows = outputs[0], outputs[1], outputs[3], outputs[6:8]
+    if grad_scale is None:
+        loss = loss.reshape(target.shape)
         if keep is not None:
             loss = torch.where(keep, loss, 0.0)
         loss = reduce_loss(loss, reduction, keep=keep, batched=input.dim() > 1)
     if validate_args and rows > 0:
         check_index_target_range(target, int(num_classes), ignore_index, keep)
-    return loss.to(loss_dtype(input))
+    side_rows = (row_logsumexp, *side_rows) if return_stats else None
+    return _stats_or_loss(loss.to(loss_dtype(input)), side_rows, target, keep, target.shape)

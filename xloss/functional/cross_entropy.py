@@ -7,7 +7,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from xloss import backends
 from xloss._core.layout import class_layout
 from xloss._core.masking import build_mask
 from xloss._core.reduction import reduce_loss, safe_divide
@@ -24,8 +23,11 @@ from xloss._core.validation import (
     check_tensor,
     check_unit_interval,
 )
-from xloss.ops import kernel as numba_kernel
-from xloss.ops.fused_cross_entropy import fused_cross_entropy, fused_kernel_applies
+from xloss.ops.fused_cross_entropy import (
+    fused_cross_entropy,
+    fused_kernel_applies,
+    kernel_fills_stats,
+)
 from xloss.ops.rows import cross_entropy_rows, row_stats, soft_cross_entropy_rows
 
 
@@ -193,9 +195,9 @@ def cross_entropy(
             grad (an ``nn.Parameter``) or a view of one.
         return_stats: return a :class:`CrossEntropyStats` ``(loss, lse, entropy,
             predicted, accuracy)`` instead of the loss (class-index targets only). On the
-            CPU kernel path they come from one more kernel pass over the logits (before
-            the gradient may overwrite them), elsewhere from torch ops on the logits. No
-            gradient flows through the side outputs.
+            CPU kernel path the loss pass itself computes them (the logits are read once,
+            before the gradient may overwrite them), elsewhere torch ops on the logits
+            do. No gradient flows through the side outputs.
 
     Shape:
         - input: (C), (N, C) or (N, C, d_1, ..., d_K) with ``class_dim=1``; the class
@@ -260,21 +262,23 @@ def cross_entropy(
     options = dict(
         class_weight=class_weight, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
     )
-    stats = None
-    if return_stats:  # before the loss: inplace_backward may overwrite the logits
-        if layout.soft:
-            raise ValueError(
-                "`return_stats=True` needs class-index targets, got probability targets of "
-                f"shape {tuple(target.shape)}"
-            )
-        stats = _logits_stats(layout.logits, target, keep, softcap, dtype)
+    if return_stats and layout.soft:
+        raise ValueError(
+            "`return_stats=True` needs class-index targets, got probability targets of "
+            f"shape {tuple(target.shape)}"
+        )
     # The kernel differentiates the logits only; learnable weights and normalizers take
     # the portable path, which differentiates them too (F.cross_entropy does).
     side_grad = torch.is_grad_enabled() and any(
         isinstance(t, Tensor) and t.requires_grad for t in (weight, normalizer)
     )
-    if not side_grad and fused_kernel_applies(input, layout.soft):
-        reduced = fused_cross_entropy(
+    on_kernel = not side_grad and fused_kernel_applies(input, layout.soft)
+    stats = None
+    if return_stats and not (on_kernel and kernel_fills_stats(input)):
+        # torch ops, before the loss: inplace_backward may overwrite the logits
+        stats = _logits_stats(layout.logits, keep, softcap, dtype)
+    if on_kernel:
+        reduced, kernel_stats = fused_cross_entropy(
             layout.logits,
             target,
             keep=keep,
@@ -282,8 +286,10 @@ def cross_entropy(
             normalizer=normalizer,
             batched=layout.batched,
             inplace_backward=inplace_backward,
+            return_stats=return_stats and stats is None,
             **options,
         )
+        stats = stats if kernel_stats is None else kernel_stats
         return _with_stats(reduced.to(loss_dtype(input)), stats, target, keep)
     rows = layout.logits.reshape(-1, num_classes).to(dtype)  # R x C
     if layout.soft:
@@ -318,23 +324,19 @@ def _with_stats(loss: Tensor, stats, target: Tensor, keep: Tensor | None):
     return stats_result(loss, values, predicted, target, keep, target.shape)
 
 
-def _logits_stats(logits: Tensor, target: Tensor, keep, softcap, dtype):
-    """Per-position (lse, entropy) and argmax of class-last ``logits`` (..., C), detached."""
-    num_classes = logits.shape[-1]
-    rows = logits.detach().reshape(-1, num_classes)  # R x C
-    keep_rows = None if keep is None else keep.reshape(-1)
-    # Under torch.compile the torch ops below are traced instead (numba is not traceable).
-    on_kernel = backends.select(rows.device.type, rows.dtype) == "numba"
-    if on_kernel and not torch.compiler.is_compiling():
-        index = target.reshape(-1).long()
-        if keep_rows is not None:
-            index = torch.where(keep_rows, index, -1)  # the kernel drops negative rows
-        values, predicted = stats_buffers(rows.shape[0], torch.float32, rows.device)
-        numba_kernel._launch(rows.contiguous(), index, None, softcap=softcap,
-                             stats=(values, predicted))  # fmt: skip
-        return values, predicted
+def _logits_stats(logits: Tensor, keep, softcap, dtype):
+    """Per-position (lse, entropy) and argmax of class-last ``logits`` (..., C) from torch
+    ops, detached; 0, 0 and -1 where ``keep`` is False."""
+    rows = logits.detach().reshape(-1, logits.shape[-1])  # R x C
     values, predicted = row_stats(rows.to(dtype), softcap)
-    if keep_rows is not None:
-        values = values.masked_fill(~keep_rows.unsqueeze(1), 0.0)
-        predicted = predicted.masked_fill(~keep_rows, -1)
-    return values, predicted
+    return masked_stats(values, predicted, keep)
+
+
+def masked_stats(values: Tensor, predicted: Tensor, keep: Tensor | None):
+    """Per-row ((R, 2) (lse, entropy), (R,) argmax) with 0, 0 and -1 where ``keep``
+    (any shape of R elements) drops the position."""
+    if keep is None:
+        return values, predicted
+    keep_rows = keep.reshape(-1)
+    values = values.masked_fill(~keep_rows.unsqueeze(1), 0.0)
+    return values, predicted.masked_fill(~keep_rows, -1)

@@ -3,7 +3,8 @@
 Two ops in the ``xloss`` namespace, each with a fake (meta) implementation, so
 ``torch.compile(fullgraph=True)`` traces through them:
 
-- ``xloss::fused_cross_entropy`` returns ``(output, grad)`` with ``grad`` a new buffer;
+- ``xloss::fused_cross_entropy`` returns ``(output, grad, values, predicted)`` with
+  ``grad`` a new buffer;
   :class:`FusedCrossEntropy` (an ``autograd.Function`` in ``setup_context`` form, which
   ``torch.func.grad`` needs; ``register_autograd`` generates one without it) carries its
   autograd formula.
@@ -11,7 +12,14 @@ Two ops in the ``xloss`` namespace, each with a fake (meta) implementation, so
   (``inplace_backward=True``). PyTorch allows no autograd formula on a mutating op, so
   :class:`InplaceFusedCrossEntropy` (an ``autograd.Function``) carries it. Declaring the
   mutation makes the dispatcher bump the version counter of ``logits``, so autograd
-  raises instead of silently using a tensor that another op saved.
+  raises instead of silently using a tensor that another op saved. It returns
+  ``(output, values, predicted)``.
+
+With ``with_stats`` the same kernel pass also fills the side outputs of
+``return_stats=True``: ``values`` (R, 2) float32 (lse, entropy) and ``predicted`` (R,)
+int64, the argmax (0, 0 and -1 at dropped rows); without, they are empty ((0, 2), (0,)).
+They are read before the row is overwritten, so in place gives them too. Not
+differentiable.
 
 Forward, step by step:
 
@@ -20,7 +28,7 @@ Forward, step by step:
 2. ``output`` is ``grad_scale * sum(loss)`` (a scalar) or, with ``per_row``, the (R,)
    losses, which the caller reduces with ``reduce_loss`` ("none", "sample");
 3. without a gradient to compute (grad mode off, logits not requiring grad) the kernel
-   writes nothing.
+   writes no gradient (the side outputs still).
 
 Backward multiplies the stored gradient by ``grad_output`` (one factor per row with
 ``per_row``); on CPU (numba) it skips the multiply when every factor is exactly 1, on a
@@ -61,8 +69,25 @@ def _launcher(logits: Tensor):
     return kernel._launch
 
 
+def kernel_fills_stats(input: Tensor) -> bool:
+    """The row kernel serving ``input`` fills the ``return_stats`` side outputs in its loss
+    pass (numba); on other backends the caller takes them from torch ops before the loss."""
+    return backends.select(input.device.type, input.dtype) == "numba"
+
+
+def _stats_outputs(logits: Tensor, with_stats: bool) -> tuple[Tensor, Tensor]:
+    """((R, 2) float32 (lse, entropy), (R,) int64 argmax) to fill, or empty ones."""
+    rows = logits.shape[0] if with_stats else 0
+    values = logits.new_empty((rows, 2), dtype=torch.float32)  # R x 2
+    return values, logits.new_empty((rows,), dtype=torch.int64)
+
+
 def _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap,
-             per_row, write_grad, grad):  # fmt: skip
+             per_row, grad, with_stats):  # fmt: skip
+    """Launch the kernel; returns (output, values, predicted), the last two empty unless
+    ``with_stats`` (a launch without them runs the kernel compiled without them)."""
+    stats = _stats_outputs(logits, with_stats)
+    extra = {"stats": stats} if with_stats else {}
     loss = _launcher(logits)(
         logits,
         target,
@@ -72,8 +97,10 @@ def _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss, 
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap if softcap > 0 else None,
+        **extra,
     )
-    return loss if per_row else (loss.double().sum() * grad_scale).float()
+    output = loss if per_row else (loss.double().sum() * grad_scale).float()
+    return output, *stats
 
 
 @torch.library.custom_op("xloss::fused_cross_entropy", mutates_args=(), device_types=_DEVICES)
@@ -86,17 +113,19 @@ def _fused_op(
     z_loss: float,
     softcap: float,
     per_row: bool,
+    with_stats: bool,
     write_grad: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if write_grad and logits.device.type != "cpu":
         grad = torch.empty_like(logits)  # R x C
     elif write_grad:
         grad = kernel.gradient_buffer(logits.shape, logits.dtype)  # R x C, reused
     else:
         grad = logits.new_empty(0)
-    output = _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss,
-                      softcap, per_row, write_grad, grad if write_grad else None)  # fmt: skip
-    return output, grad
+    output, *stats = _forward(logits, target, class_weight, grad_scale, label_smoothing,
+                              z_loss, softcap, per_row, grad if write_grad else None,
+                              with_stats)  # fmt: skip
+    return output, grad, *stats
 
 
 @torch.library.custom_op(
@@ -111,9 +140,10 @@ def _fused_inplace_op(
     z_loss: float,
     softcap: float,
     per_row: bool,
-) -> Tensor:
+    with_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     return _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss,
-                    softcap, per_row, True, logits)  # fmt: skip
+                    softcap, per_row, logits, with_stats)  # fmt: skip
 
 
 kernel.dynamo_disable_when_imported(_fused_op, _fused_inplace_op)
@@ -126,14 +156,15 @@ def _output_like(logits: Tensor, per_row: bool) -> Tensor:
 
 @_fused_op.register_fake
 def _(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap, per_row,
-      write_grad):  # fmt: skip
+      with_stats, write_grad):  # fmt: skip
     grad = torch.empty_like(logits) if write_grad else logits.new_empty(0)
-    return _output_like(logits, per_row), grad
+    return _output_like(logits, per_row), grad, *_stats_outputs(logits, with_stats)
 
 
 @_fused_inplace_op.register_fake
-def _(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap, per_row):
-    return _output_like(logits, per_row)
+def _(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap, per_row,
+      with_stats):  # fmt: skip
+    return _output_like(logits, per_row), *_stats_outputs(logits, with_stats)
 
 
 def _host_kernel(logits: Tensor) -> bool:
@@ -178,12 +209,12 @@ class FusedCrossEntropy(KernelFunction):
     def setup_context(ctx, inputs, output):
         ctx.per_row = inputs[3].per_row
         ctx.host = _host_kernel(inputs[0])
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(*output[1:])  # the gradient and the side outputs
         ctx.set_materialize_grads(False)  # else backward gets an R x C zero tensor for `grad`
         ctx.save_for_backward(output[1], inputs[4])  # the gradient, the second-order anchor
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_of_grad):
+    def backward(ctx, grad_output, *_grads_of_other_outputs):
         grad, anchor = ctx.saved_tensors
         if grad_output is None:  # grads are not materialised
             return None, None, None, None, None
@@ -219,11 +250,15 @@ class InplaceFusedCrossEntropy(KernelFunction):
         logits, _, _, settings, anchor = inputs
         ctx.per_row = settings.per_row
         ctx.host = _host_kernel(logits)
+        ctx.mark_non_differentiable(*output[1:])  # the side outputs
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, anchor)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_grads_of_stats):
         grad, anchor = ctx.saved_tensors
+        if grad_output is None:  # grads are not materialised
+            return None, None, None, None, None
         grad_logits = _scale_grad(grad, grad_output, ctx.per_row, True, ctx.host)
         grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
         return grad_logits, None, None, None, None
@@ -237,6 +272,7 @@ class KernelSettings(NamedTuple):
     z_loss: float
     softcap: float  # 0 for none
     per_row: bool
+    with_stats: bool  # also return the side outputs of return_stats=True
 
 
 def _scalar_scale(reduction, keep, denominator, normalizer, like: Tensor) -> Tensor:
@@ -269,8 +305,13 @@ def fused_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     inplace_backward: bool = False,
-) -> Tensor:
+    return_stats: bool = False,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Reduced cross-entropy of ``logits`` (..., C), class axis last, through the kernel.
+
+    Returns the loss and, with ``return_stats`` (for a backend where
+    :func:`kernel_fills_stats`), the per-row ((R, 2) float32 (lse, entropy), (R,) int64
+    argmax) from the same kernel pass, 0, 0 and -1 at dropped rows; else None.
 
     ``target`` holds class indices of shape ``logits.shape[:-1]``; ``keep`` marks the
     kept positions (None: all). With ``inplace_backward`` the gradient is written into
@@ -292,26 +333,28 @@ def fused_cross_entropy(
     else:
         scale = _scalar_scale(reduction, keep, denominator, normalizer, rows)
     settings = KernelSettings(
-        scale, label_smoothing, z_loss, 0.0 if softcap is None else softcap, per_row
-    )
+        scale, label_smoothing, z_loss, 0.0 if softcap is None else softcap, per_row,
+        return_stats,
+    )  # fmt: skip
     write_grad = torch.is_grad_enabled() and rows.requires_grad
     if write_grad and inplace_backward:
         anchor = grad_anchor(rows)  # made before the op overwrites the rows
-        output = InplaceFusedCrossEntropy.apply(rows, index, class_weight, settings, anchor)
+        output, *stats = InplaceFusedCrossEntropy.apply(rows, index, class_weight, settings, anchor)
     elif write_grad:
         anchor = grad_anchor(rows)
-        output, _ = FusedCrossEntropy.apply(rows, index, class_weight, settings, anchor)
+        output, _, *stats = FusedCrossEntropy.apply(rows, index, class_weight, settings, anchor)
     else:
-        output, _ = _fused_op(rows, index, class_weight, *settings, False)
+        output, _, *stats = _fused_op(rows, index, class_weight, *settings, False)
+    stats = tuple(stats) if return_stats else None
     if not per_row:
-        return output
+        return output, stats
     return reduce_loss(
         output.reshape(target_shape),
         reduction,
         keep=keep,
         denominator=denominator,
         batched=batched,
-    )
+    ), stats
 
 
 def _denominator(class_weight, target, keep):
