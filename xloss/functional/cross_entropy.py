@@ -195,9 +195,9 @@ def cross_entropy(
             grad (an ``nn.Parameter``) or a view of one.
         return_stats: return a :class:`CrossEntropyStats` ``(loss, lse, entropy,
             predicted, accuracy)`` instead of the loss (class-index targets only). On the
-            CPU kernel path the loss pass itself computes them (the logits are read once,
-            before the gradient may overwrite them), elsewhere torch ops on the logits
-            do. No gradient flows through the side outputs.
+            kernel paths (numba, Triton) the loss pass itself computes them (the logits
+            are read once, before the gradient may overwrite them), on the portable path
+            torch ops on the logits do. No gradient flows through the side outputs.
 
     Shape:
         - input: (C), (N, C) or (N, C, d_1, ..., d_K) with ``class_dim=1``; the class

@@ -71,8 +71,9 @@ def _launcher(logits: Tensor):
 
 def kernel_fills_stats(input: Tensor) -> bool:
     """The row kernel serving ``input`` fills the ``return_stats`` side outputs in its loss
-    pass (numba); on other backends the caller takes them from torch ops before the loss."""
-    return backends.select(input.device.type, input.dtype) == "numba"
+    pass (numba and Triton: ``stats=`` of their launch); elsewhere the caller takes them
+    from torch ops before the loss."""
+    return backends.select(input.device.type, input.dtype) in _KERNEL_BACKENDS
 
 
 def _stats_outputs(logits: Tensor, with_stats: bool) -> tuple[Tensor, Tensor]:
