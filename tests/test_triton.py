@@ -752,3 +752,22 @@ def test_vocab_parallel_local_partials_match_float64_and_torch(sum_logits, entro
                                         sum_logits=sum_logits, entropy=entropy)  # fmt: skip
     for g, p in zip(got, portable, strict=True):
         torch.testing.assert_close(g, p, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_rows_skips_the_rows_whose_factor_is_one(dtype, block_path):
+    """The in-place backward's scaling on the device: factor 1 rows untouched (a NaN
+    there would survive, so the kernel did not even read them), others rounded once
+    (within one unit in the last place: the interpreter's bf16 cast truncates)."""
+    x, _ = case(3, 37, dtype, seed=5)
+    x[0, 3] = float("nan")
+    grad = x.clone()
+    triton_ce.scale_rows_(grad, torch.tensor([1.0, 0.3, 1.0]))
+    assert torch.equal(grad[2], x[2]) and grad[0, 3].isnan()
+    ulp = dict(rtol=2e-7 if dtype == torch.float32 else 8e-3, atol=0.0)
+    torch.testing.assert_close(grad[1].float(), x[1].float() * 0.3, **ulp)
+    triton_ce.scale_rows_(grad, torch.tensor(2.0))
+    assert torch.equal(grad[2], x[2] * 2)  # exact
+    unchanged = x.clone()
+    triton_ce.scale_rows_(unchanged, torch.tensor(1.0))
+    assert torch.equal(unchanged[1:], x[1:])

@@ -1,9 +1,11 @@
-"""Ahead-of-time compilation of every Triton kernel specialisation for sm_80 and sm_90.
+"""Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90, no spills.
 
-Runs ``benchmarks/triton_resources.py`` in a subprocess without TRITON_INTERPRET (the
-interpreter replaces the compiler), so no GPU is needed: ptxas and cuobjdump come with the
-triton wheel. The first run compiles a few hundred kernels (minutes on 2 cores); Triton
-caches them, and later runs take seconds.
+Runs ``benchmarks/triton_resources.py --quick`` in a subprocess without TRITON_INTERPRET
+(the interpreter replaces the compiler), so no GPU is needed: ptxas and cuobjdump come
+with the triton wheel. ``--quick`` compiles every kernel at every dtype with all options
+off and on at its largest and smallest blocks (64 specialisations per architecture, about
+a seventh of the script's default list, which ``python benchmarks/triton_resources.py``
+compiles in full); Triton caches them, and later runs take seconds.
 """
 
 import json
@@ -24,7 +26,8 @@ def test_every_launched_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_pat
     report = tmp_path / "resources.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "triton_resources.py"), "--json", str(report)],
+        [sys.executable, str(ROOT / "benchmarks" / "triton_resources.py"), "--quick",
+         "--json", str(report)],  # fmt: skip
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -34,7 +37,10 @@ def test_every_launched_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_pat
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(report.read_text())
     rows, expected = report["rows"], set(report["specialisations"])
-    assert len(expected) > 200  # dtypes x options x block shapes
+    kernels = ("fp32 ", "fp16 ", "bf16 ", "vocab-parallel gradient", "vocab-parallel partials",
+               "scale rows")  # fmt: skip
+    assert all(any(name.startswith(k) for name in expected) for k in kernels)
+    assert len(expected) >= 50  # dtypes x options x block shapes
     for arch in (80, 90):
         assert {row["kernel"] for row in rows if row["arch"] == arch} == expected
     spilling = [row for row in rows if row["local"] or row["stack"]]

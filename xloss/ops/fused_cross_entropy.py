@@ -180,11 +180,18 @@ def _scale_grad(grad: Tensor, grad_output: Tensor, per_row: bool, in_place: bool
 
     ``host`` (the numba kernel, eager only): no multiply when every factor is exactly 1,
     which saves a pass over R x C (and, out of place, a fresh buffer). On a GPU that test
-    would make the host wait for the device at every step, so there the multiply always
-    runs: no ``bool()``, ``.item()`` or other read of a device value.
+    would make the host wait for the device at every step, so no value is read there:
+    in place, a Triton kernel tests each row's factor on the device and skips the rows
+    whose factor is 1 (no bytes moved for the usual ``loss.backward()``); out of place,
+    the multiply always runs (one more read and write of R x C, and a second buffer).
     """
-    if host and not torch.compiler.is_compiling() and bool((grad_output == 1).all()):
+    compiling = torch.compiler.is_compiling()
+    if host and not compiling and bool((grad_output == 1).all()):
         return grad
+    if in_place and not host and not compiling:
+        from xloss.ops.triton.cross_entropy import scale_rows_
+
+        return scale_rows_(grad, grad_output)
     factor = grad_output.unsqueeze(-1) if per_row else grad_output
     if in_place:
         return grad.mul_(factor)

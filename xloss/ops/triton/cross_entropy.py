@@ -256,6 +256,49 @@ def cross_entropy_rows_kernel(
                     tl.store(out_ptr + offs, g.to(out_ty), mask=mask)
 
 
+@triton.jit
+def scale_rows_kernel(
+    grad_ptr,  # (R, C) contiguous, scaled in place
+    factor_ptr,  # (1,) or (R,) fp32 grad_output
+    num_classes,
+    ROW_FACTOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """grad[r] *= factor (factor[r] with ROW_FACTOR); a row whose factor is exactly 1 is
+    neither read nor written. The test runs on the device: no host synchronisation."""
+    row = tl.program_id(0).to(tl.int64)
+    if ROW_FACTOR:
+        factor = tl.load(factor_ptr + row)
+    else:
+        factor = tl.load(factor_ptr)
+    if factor != 1.0:
+        row_ptr = grad_ptr + row * num_classes
+        for start in range(0, num_classes, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < num_classes
+            g = tl.load(row_ptr + offs, mask=mask, other=0.0)
+            tl.store(row_ptr + offs, (g.to(tl.float32) * factor).to(g.dtype), mask=mask)
+
+
+def scale_rows_(grad: Tensor, factor: Tensor) -> Tensor:
+    """``grad`` (R, C) contiguous times ``factor`` (one value, or (R,) per row), in place
+    and rounded once; rows whose factor is exactly 1 cost nothing (tested on the device).
+
+    The write bypasses the version counter, like the row kernel's own: only for a tensor
+    that the in-place op has already marked as mutated.
+    """
+    num_rows, num_classes = grad.shape
+    if num_rows == 0 or num_classes == 0:
+        return grad
+    factor = factor.detach().to(device=grad.device, dtype=torch.float32).reshape(-1)
+    block = min(LOOP_BLOCK, triton.next_power_of_2(num_classes))
+    scale_rows_kernel[(num_rows,)](
+        grad, factor.contiguous(), num_classes,
+        ROW_FACTOR=factor.numel() > 1, BLOCK=block, **launch_options(block),
+    )  # fmt: skip
+    return grad
+
+
 def kernel_constants(
     num_classes: int,
     *,
