@@ -771,3 +771,42 @@ def test_scale_rows_skips_the_rows_whose_factor_is_one(dtype, block_path):
     unchanged = x.clone()
     triton_ce.scale_rows_(unchanged, torch.tensor(1.0))
     assert torch.equal(unchanged[1:], x[1:])
+
+
+@pytest.mark.parametrize("call", ["out of place", "in place", "linear"])
+def test_second_backward_through_the_same_graph_raises(call):
+    """The stored gradient is scaled in place on the device and handed over: a second
+    backward (retain_graph=True) raises instead of scaling it twice."""
+    x, target = case(3, 7, seed=6)
+    logits = x.clone().requires_grad_()
+    if call == "linear":
+        weight = torch.randn(7, 7, requires_grad=True)
+        loss = xloss.linear_cross_entropy(logits, weight, target)
+    else:
+        work = logits * 1 if call == "in place" else logits
+        loss = xloss.cross_entropy(work, target, inplace_backward=call == "in place")
+    (2 * loss).backward(retain_graph=True)
+    first = logits.grad.clone()
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        loss.backward()
+    x64 = x.double().requires_grad_()
+    if call == "linear":
+        reference = reference_cross_entropy(x64 @ weight.detach().double().T, target)
+    else:
+        reference = reference_cross_entropy(x64, target)
+    (2 * reference).backward()
+    torch.testing.assert_close(first.double(), x64.grad, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_func_grad_on_triton(inplace):
+    x, target = case(4, 7, seed=2)
+    target[3] = -100
+
+    def loss_fn(z):
+        return xloss.cross_entropy(z * 1, target, label_smoothing=0.1, inplace_backward=inplace)
+
+    grad = torch.func.grad(loss_fn)(x)
+    x64 = x.double().requires_grad_()
+    reference_cross_entropy(x64, target, eps=0.1, keep=target != -100).backward()
+    torch.testing.assert_close(grad.double(), x64.grad, rtol=2e-5, atol=2e-6)

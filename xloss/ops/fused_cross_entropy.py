@@ -31,8 +31,10 @@ Forward, step by step:
    writes no gradient (the side outputs still).
 
 Backward multiplies the stored gradient by ``grad_output`` (one factor per row with
-``per_row``); on CPU (numba) it skips the multiply when every factor is exactly 1, on a
-GPU it never reads a device value (no host synchronisation). That gradient is
+``per_row``); on CPU (numba) it skips the multiply when every factor is exactly 1; on a
+GPU it never reads a device value (no host synchronisation): a kernel scales the stored
+gradient in place, skipping rows whose factor is 1 on the device, and hands it over, so
+a second backward through the same graph raises there. That gradient is
 not differentiable again: under ``create_graph=True`` it raises at the second backward
 (``xloss.ops.second_order``); ``vmap`` and forward-mode AD raise too.
 """
@@ -47,7 +49,13 @@ from torch import Tensor
 from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss.ops import kernel
-from xloss.ops.second_order import KernelFunction, first_order_only, grad_anchor
+from xloss.ops.second_order import (
+    KernelFunction,
+    first_order_only,
+    grad_anchor,
+    hand_over,
+    is_functorch_wrapped,
+)
 
 _KERNEL_BACKENDS = ("numba", "triton")  # backends these ops launch
 _DEVICES = ("cpu", "cuda")  # numba; Triton (also CPU under its interpreter)
@@ -174,29 +182,30 @@ def _host_kernel(logits: Tensor) -> bool:
     return backends.select(logits.device.type, logits.dtype) == "numba"
 
 
-def _scale_grad(grad: Tensor, grad_output: Tensor, per_row: bool, in_place: bool,
-                host: bool) -> Tensor:  # fmt: skip
+def _scale_grad(ctx, grad: Tensor, grad_output: Tensor, in_place: bool) -> Tensor:
     """grad * grad_output, rounded once to grad's dtype.
 
-    ``host`` (the numba kernel, eager only): no multiply when every factor is exactly 1,
-    which saves a pass over R x C (and, out of place, a fresh buffer). On a GPU that test
-    would make the host wait for the device at every step, so no value is read there:
-    in place, a Triton kernel tests each row's factor on the device and skips the rows
-    whose factor is 1 (no bytes moved for the usual ``loss.backward()``); out of place,
-    the multiply always runs (one more read and write of R x C, and a second buffer).
+    On CPU (numba, eager): no multiply when every factor is exactly 1, which saves a pass
+    over R x C (and, out of place, a fresh buffer). On a GPU that test would make the
+    host wait for the device at every step, so no value is read there: a Triton kernel
+    tests each row's factor on the device, scales the stored gradient in place and skips
+    the rows whose factor is 1 (no bytes moved for the usual ``loss.backward()``), and
+    the stored gradient is handed over: a second backward through the same graph raises
+    (see :func:`xloss.ops.second_order.hand_over`).
     """
-    compiling = torch.compiler.is_compiling()
-    if host and not compiling and bool((grad_output == 1).all()):
+    # traced (torch.compile) or transformed (torch.func): torch ops only
+    traced = torch.compiler.is_compiling() or is_functorch_wrapped(grad_output)
+    if ctx.host and not traced and bool((grad_output == 1).all()):
         return grad
-    if in_place and not host and not compiling:
+    if not ctx.host and not traced:
+        hand_over(ctx, "xloss.cross_entropy")
         from xloss.ops.triton.cross_entropy import scale_rows_
 
         return scale_rows_(grad, grad_output)
-    factor = grad_output.unsqueeze(-1) if per_row else grad_output
+    factor = grad_output.unsqueeze(-1) if ctx.per_row else grad_output
     if in_place:
         return grad.mul_(factor)
-    # out= in grad's dtype: fp16/bf16 products are rounded once, no fp32 R x C temporary
-    return torch.mul(grad, factor, out=torch.empty_like(grad))  # R x C
+    return (grad * factor).to(grad.dtype)  # R x C
 
 
 class FusedCrossEntropy(KernelFunction):
@@ -226,7 +235,7 @@ class FusedCrossEntropy(KernelFunction):
         grad, anchor = ctx.saved_tensors
         if grad_output is None:  # grads are not materialised
             return None, None, None, None, None
-        grad_logits = _scale_grad(grad, grad_output, ctx.per_row, False, ctx.host)
+        grad_logits = _scale_grad(ctx, grad, grad_output, in_place=False)
         grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
         return grad_logits, None, None, None, None
 
@@ -267,7 +276,7 @@ class InplaceFusedCrossEntropy(KernelFunction):
         grad, anchor = ctx.saved_tensors
         if grad_output is None:  # grads are not materialised
             return None, None, None, None, None
-        grad_logits = _scale_grad(grad, grad_output, ctx.per_row, True, ctx.host)
+        grad_logits = _scale_grad(ctx, grad, grad_output, in_place=True)
         grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
         return grad_logits, None, None, None, None
 

@@ -15,7 +15,13 @@ from torch import Tensor
 from xloss import backends
 from xloss.ops.row_grad import row_loss_and_grad_ as portable_row_loss_and_grad_
 from xloss.ops.rows import cross_entropy_rows, row_stats
-from xloss.ops.second_order import KernelFunction, first_order_only, grad_anchor
+from xloss.ops.second_order import (
+    KernelFunction,
+    first_order_only,
+    grad_anchor,
+    hand_over,
+    is_functorch_wrapped,
+)
 
 # Rows per chunk (see `_run_chunks` for the profile behind these numbers): enough rows
 # that the forward GEMM runs at its full-matrix rate, with the chunk's logits kept within a
@@ -153,7 +159,8 @@ class LinearCrossEntropyFunction(KernelFunction):
         input, weight, bias, target, class_weight, scale, config, needs_grad, anchor = inputs
         ctx.config = config._replace(stats=None)  # the forward filled them already
         ctx.scale = scale
-        ctx.host = input.device.type == "cpu" and not _on_triton(input.device, input.dtype)
+        ctx.on_device = _on_triton(input.device, input.dtype)  # a Triton kernel scales
+        ctx.host = input.device.type == "cpu" and not ctx.on_device
         ctx.needs_grad = needs_grad
         ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(*output[1:])
@@ -183,8 +190,13 @@ class LinearCrossEntropyFunction(KernelFunction):
         else:
             grads = saved[ctx.num_saved + 1 :]  # empty where not needed
             # The common loss.backward() passes 1: on CPU the stored gradients are handed
-            # over as they are; on a GPU that test would synchronise, so they are scaled.
-            if not (ctx.host and bool(grad_output == 1)):
+            # over as they are. On a GPU that test would synchronise: a kernel scales them
+            # in place, doing nothing on the device when grad_output is 1.
+            traced = torch.compiler.is_compiling() or is_functorch_wrapped(grad_output)
+            if ctx.on_device and not traced:
+                hand_over(ctx, "xloss.linear_cross_entropy")
+                grads = tuple(_scale_in_place(g, grad_output) for g in grads)
+            elif not (ctx.host and bool(grad_output == 1)):
                 grads = tuple(g * grad_output.to(g.dtype) for g in grads)
         out = []
         for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_grad, strict=True):
@@ -194,6 +206,18 @@ class LinearCrossEntropyFunction(KernelFunction):
                 grad = None
             out.append(grad)
         return (*out, None, None, None, None, None, None)
+
+
+def _scale_in_place(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``grad`` (any shape, contiguous) times the 0-dim ``grad_output`` in place, on the
+    device, skipped there when it is 1 (``xloss.ops.triton.cross_entropy.scale_rows_``)."""
+    from xloss.ops.triton.cross_entropy import scale_rows_
+
+    if grad.numel() == 0:
+        return grad
+    if not grad.is_contiguous():
+        return grad.mul_(grad_output.to(grad.dtype))
+    return scale_rows_(grad.view(-1, grad.shape[-1]), grad_output).view(grad.shape)
 
 
 def _differentiable_grads(ctx, saved, grad_output):

@@ -85,3 +85,26 @@ class KernelFunction(torch.autograd.Function):
             '`with xloss.backends.use("torch"):` with validate_args=False (plain torch ops, '
             "which vmap batches), or loop over the batch."
         )
+
+
+def hand_over(ctx, what: str) -> None:
+    """Mark ``ctx``'s stored gradients as handed over by this backward; raise if an
+    earlier backward through the same graph (``retain_graph=True``) already did.
+
+    On a GPU the kernels' backward scales the stored gradient in place by
+    ``grad_output`` (a test for 1 on the host would synchronise), so a second backward
+    would scale it twice: it raises instead.
+    """
+    if getattr(ctx, "handed_over", False):
+        raise RuntimeError(
+            f"{what} on the Triton backend scales its stored gradient in place and hands it "
+            "over at the first backward; a second backward through the same graph "
+            "(retain_graph=True) cannot reuse it. Compute the loss again for each backward, "
+            'or run the call under `with xloss.backends.use("torch"):`.'
+        )
+    ctx.handed_over = True
+
+
+def is_functorch_wrapped(tensor: Tensor) -> bool:
+    """True for a tensor of a ``torch.func`` transform (its storage cannot reach a kernel)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
