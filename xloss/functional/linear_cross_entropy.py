@@ -159,9 +159,11 @@ def linear_cross_entropy(
 
     Memory: one chunk of logits (``chunk_size x V`` in the compute dtype; by default
     about 48 MiB), the gradients, when some rows are dropped a copy of the kept rows
-    of ``input``, and for fp16/bf16 a fp32 copy of ``weight``. fp16 and bf16 inputs are
-    computed in fp32 (GEMMs included) and the loss is returned in the input's dtype. On
-    CPU the numba row kernel is used when available. On GPUs with Triton
+    of ``input``, and for fp16 a fp32 copy of ``weight``. fp16 inputs are computed in
+    fp32 (GEMMs included) and the loss is returned in the input's dtype. On CPU the numba
+    row kernel is used when available; with it, bf16 GEMMs and chunks stay in bf16 (bf16
+    GEMMs ran 2.5x faster than fp32 ones on avx512_bf16 here), the kernel computes each
+    row in fp32 and ``grad_weight`` accumulates in fp32. On GPUs with Triton
     (``xloss.backends``) the GEMMs and the chunk of logits stay in the input dtype (bf16
     tensor-core GEMMs, no fp32 copies), the Triton row kernel computes in fp32, and with
     ``validate_args=False`` nothing synchronises with the host. Under
