@@ -608,8 +608,12 @@ SYNC_FREE_CALLS = {
         x, t, reduction="none", z_loss=1e-3, validate_args=False).sum(),
     "cross_entropy in place": lambda x, h, w, t: xloss.cross_entropy(
         x * 1, t, inplace_backward=True, softcap=3.0, validate_args=False),
+    "cross_entropy stats": lambda x, h, w, t: xloss.cross_entropy(
+        x, t, return_stats=True, validate_args=False).loss,
     "linear mean": lambda x, h, w, t: xloss.linear_cross_entropy(
         h, w, t, chunk_size=4, validate_args=False),
+    "linear stats": lambda x, h, w, t: xloss.linear_cross_entropy(
+        h, w, t, chunk_size=4, return_stats=True, validate_args=False).loss,
     "linear none": lambda x, h, w, t: xloss.linear_cross_entropy(
         h, w, t, reduction="none", chunk_size=4, validate_args=False).sum(),
 }  # fmt: skip
@@ -669,7 +673,16 @@ def check_stats_result(out, x, target, keep, cap, want_loss):
 
 @pytest.mark.parametrize("classes", [1, 37])
 @pytest.mark.parametrize("cap", [None, 2.0])
-def test_cross_entropy_return_stats_on_triton(classes, cap, block_path):
+def test_cross_entropy_return_stats_on_triton(classes, cap, block_path, monkeypatch):
+    """One launch of the Triton kernel fills the loss, gradient and statistics (spied)."""
+    launches = []
+    launch = triton_ce.launch
+
+    def spy(*args, **kwargs):
+        launches.append(kwargs.get("stats") is not None and args[2] is not None)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ce, "launch", spy)
     x, target = case(6, classes, seed=21)
     if classes > 1:
         x[0, [3, 8]] = x[0].max() + 1  # a tie: the first index
@@ -682,6 +695,7 @@ def test_cross_entropy_return_stats_on_triton(classes, cap, block_path):
     want = reference_cross_entropy(capped, target, keep=keep)
     check_stats_result(out, x, target, keep, cap, want)
     assert logits.grad.isfinite().all()
+    assert launches == [True]
 
 
 @pytest.mark.parametrize("cap", [None, 2.0])
