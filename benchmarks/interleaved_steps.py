@@ -1,0 +1,68 @@
+"""Training steps with torch's loss and with ``xloss.cross_entropy``, alternated in one process.
+
+The model and data are those of ``xloss bench --tables training_step``. Steps alternate in
+ABBA order (so neither variant always runs second); the script prints the median, the
+quartiles and the range of the per-pair ratios torch / xloss, and the ratio of medians.
+``part`` = ``step`` times the whole step (forward, backward, AdamW); ``head`` only the
+output layer and the loss (forward and backward), on random hidden states.
+
+    python benchmarks/interleaved_steps.py V PAIRS [step|head]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from xloss.bench import training_step
+
+VARIANTS = {"torch": training_step._torch_loss, "xloss": training_step._xloss_cross_entropy}
+
+
+def head_step(loss_fn, v: int):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(training_step.DIM, v, bias=False)
+    rows = training_step.BATCH * training_step.STEPS_PER_SAMPLE
+    hidden = torch.randn(rows, training_step.DIM, requires_grad=True)
+    target = torch.randint(0, v, (rows,))
+    target[::10] = -100
+
+    def step():
+        head.weight.grad = None
+        hidden.grad = None
+        loss_fn(hidden, head, target).backward()
+
+    return step
+
+
+def main() -> None:
+    v, pairs = int(sys.argv[1]), int(sys.argv[2])
+    part = sys.argv[3] if len(sys.argv) > 3 else "step"
+    if part == "step":
+        steps = {k: training_step._setup(f)(dict(v=v)) for k, f in VARIANTS.items()}
+    else:
+        steps = {k: head_step(f, v) for k, f in VARIANTS.items()}
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times = {name: [] for name in steps}
+    for i in range(pairs):
+        for name in ("torch", "xloss") if i % 2 == 0 else ("xloss", "torch"):
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times["torch"], times["xloss"], strict=True)]
+    low, _, high = statistics.quantiles(ratios, n=4)
+    torch_ms, xloss_ms = (1e3 * statistics.median(times[k]) for k in ("torch", "xloss"))
+    print(
+        f"V={v} {part} pairs={pairs}: torch {torch_ms:.1f} ms, xloss {xloss_ms:.1f} ms; "
+        f"torch/xloss median {statistics.median(ratios):.2f}x (quartiles {low:.2f}-{high:.2f}, "
+        f"range {min(ratios):.2f}-{max(ratios):.2f}); ratio of medians {torch_ms / xloss_ms:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
