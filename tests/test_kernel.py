@@ -71,9 +71,17 @@ def check_rows(x, target, atol=2e-6, rtol=2e-5, **options):
     return loss, grad
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def launch_path(request, monkeypatch):
+    """Run an fp32 test through the serial kernel (small problems) or the parallel one."""
+    limit = 2**62 if request.param == "serial" else -1
+    monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", limit)
+    return request.param
+
+
 @pytest.mark.parametrize("classes", [1, 2, 3, 1023, 32001])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_rows_match_float64_across_sizes(classes, eps):
+def test_rows_match_float64_across_sizes(classes, eps, launch_path):
     x, target = random_case(3, classes, seed=classes)
     check_rows(x, target, eps=eps)
 
@@ -92,7 +100,7 @@ def test_rows_match_float64_across_sizes(classes, eps):
     ids=lambda options: "-".join(sorted(options)),
 )
 @pytest.mark.parametrize("classes", [3, 1023])
-def test_rows_every_option(options, classes):
+def test_rows_every_option(options, classes, launch_path):
     x, target = random_case(6, classes, seed=1)
     target[2] = -1  # a dropped row
     options = dict(options)
@@ -197,6 +205,61 @@ def test_half_conversion_round_trips_special_values():
         loss = row_loss(rounded, torch.ones(3, dtype=torch.long))
         expected = torch.nn.functional.softplus(rounded.double()[:, 0])
         torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_small_problems_run_serially_and_match_the_parallel_kernel(monkeypatch):
+    """fp32 problems of at most SERIAL_ELEMENTS logits, or with torch at one thread, skip
+    numba's pool (its launch costs more than the work there); both kernels give the same
+    bits, with and without a gradient, out of place and in place, with statistics."""
+    kernels = kernel._kernels()
+    calls = []
+    for name in ("rows_f32", "rows_f32_serial"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
+        )
+    x, target = random_case(64, 4096, seed=3)  # exactly SERIAL_ELEMENTS logits
+    target[5] = -1
+    weight = torch.rand(4096, generator=torch.Generator().manual_seed(4)) + 0.5
+    options = dict(label_smoothing=0.1, z_loss=1e-3, class_weight=weight)
+
+    def every_call():
+        stats = (torch.empty(64, 2), torch.empty(64, dtype=torch.long))
+        in_place = x.clone()
+        loss, grad = row_loss_and_grad(x, target, grad_scale=0.5, **options)
+        grad = grad.clone()  # the pooled buffer is reused by the next call
+        return (
+            loss, grad, row_loss(x, target, **options),
+            row_loss_and_grad_(in_place, target, grad_scale=0.5, stats=stats, **options),
+            in_place, *stats,
+        )  # fmt: skip
+
+    serial = every_call()
+    assert calls == ["rows_f32_serial"] * 3
+    calls.clear()
+    monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", 64 * 4096 - 1)
+    parallel = every_call()
+    assert calls == ["rows_f32"] * 3
+    for got, want in zip(parallel, serial, strict=True):
+        assert torch.equal(got, want)
+    calls.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(every_call(), serial, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["rows_f32_serial"] * 3
+    loss_ref, grad_ref = reference_rows(
+        x, target, scale=0.5, eps=0.1, z=1e-3, weight=weight
+    )
+    torch.testing.assert_close(serial[1].double(), grad_ref, atol=2e-7, rtol=1e-4)
+    bad = target.clone()
+    bad[7] = 4096
+    for limit in (0, 2**62):  # an out-of-range target is reported by both kernels
+        monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", limit)
+        with pytest.raises(ValueError, match=r"found 4096 \(row 7 "):
+            row_loss_and_grad(x, bad, grad_scale=1.0)
 
 
 def test_out_of_place_and_forward_only_leave_logits_untouched():

@@ -233,7 +233,8 @@ BLOCK = 1024  # elements per block: 4 KiB, stays in L1 between the block's two l
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, predicted):
+def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, predicted,
+                           partials, partial_arg):  # fmt: skip
     """Uncapped rows, in blocks so the exp overlaps the stream from memory.
 
     Pass 1, per block b of the row (the block is read from memory once, then reused
@@ -252,19 +253,22 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
     with them lse = m + log S, entropy = log S - E / S where
     E = sum_b exp(m_b - m) (E_b + (m_b - m) S_b), and the argmax is the first block's
     index of m.
+
+    ``partials`` (5, >= blocks) float32 and ``partial_arg`` (>= blocks,) int64 hold the
+    per-block values: scratch from :func:`_block_scratch`, allocated once per run of rows
+    (an allocation per row cost about 0.4 us, a third of a 256-class row's time).
     """
     num = row.shape[0]
     has_weight = weight.shape[0] > 0
     smooth = eps / np.float32(num)
     x_target = source[y] if source.shape[0] > 0 else row[y]
     num_blocks = (num + BLOCK - 1) // BLOCK
-    block_peak = np.empty(num_blocks, dtype=np.float32)
-    block_sum = np.empty(num_blocks, dtype=np.float32)
-    block_t = np.empty(num_blocks, dtype=np.float32)
-    block_weight = np.empty(num_blocks, dtype=np.float32)
-    if stats is not None:
-        block_et = np.empty(num_blocks, dtype=np.float32)
-        block_arg = np.empty(num_blocks, dtype=np.int64)
+    block_peak = partials[0]
+    block_sum = partials[1]
+    block_t = partials[2]
+    block_weight = partials[3]
+    block_et = partials[4]
+    block_arg = partial_arg
     for b in range(num_blocks):
         block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
         block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)] if has_weight else weight
@@ -371,8 +375,16 @@ def _first_index_of(row, value):
     return 0
 
 
+@njit(inline="always", cache=True)
+def _block_scratch(num):
+    """Scratch for :func:`_row_loss_grad_blocked`'s per-block values of a row of ``num``."""
+    num_blocks = (num + BLOCK - 1) // BLOCK
+    return np.empty((5, num_blocks), dtype=np.float32), np.empty(num_blocks, dtype=np.int64)
+
+
 @njit(fastmath=FASTMATH, cache=True)
-def _row_loss_grad(row, source, y, scale, weight, eps, z, cap, write, stats, predicted):
+def _row_loss_grad(row, source, y, scale, weight, eps, z, cap, write, stats, predicted,
+                   partials, partial_arg):  # fmt: skip
     """Loss of one float32 row with target y >= 0; overwrite the row with its gradient.
 
     ``source``: empty, or the logits row to read (out of place: ``row`` is then only
@@ -381,12 +393,14 @@ def _row_loss_grad(row, source, y, scale, weight, eps, z, cap, write, stats, pre
     ``weight`` is (C,) float32 or empty (unweighted); ``cap`` <= 0 means no softcap.
     ``stats``/``predicted``: None, or (2,) float32 and (1,) int64 views receiving
     (lse, entropy) and the argmax (a separate compiled specialisation).
+    ``partials``/``partial_arg``: scratch from :func:`_block_scratch` for a row of this size.
     """
     if cap > np.float32(0.0):
         if source.shape[0] > 0:
             row[:] = source
         return _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predicted)
-    return _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, predicted)
+    return _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats,
+                                  predicted, partials, partial_arg)  # fmt: skip
 
 
 @njit(cache=True)
@@ -398,22 +412,15 @@ def _dropped_row_stats(stats, predicted, i):
         predicted[i] = -1
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write, loss,
-             bad_row, stats=None, predicted=None):  # fmt: skip
-    """fp32 rows. write: gradient into ``dest`` (after copying ``source`` there if
-    ``copy_rows``; in place when ``dest`` is the logits). Not write: read ``source`` only.
-    ``stats`` (R, 2) float32 and ``predicted`` (R,) int64, or None (the plain loss is then
-    compiled without them): per row (lse, entropy) and the argmax.
-
-    A target >= C is never read: its row gets loss NaN and gradient 0 and its index goes
-    to ``bad_row[0]`` (any one of them when several race), for the caller to raise.
-    """
-    num_rows = target.shape[0]
+@njit(fastmath=FASTMATH, cache=True)
+def _rows_f32_range(first, stop, source, dest, target, scale, weight, eps, z, cap, copy_rows,
+                    write, loss, bad_row, stats, predicted):  # fmt: skip
+    """Rows ``first`` to ``stop`` - 1 of :func:`rows_f32`, one after the other."""
     num = dest.shape[1] if write else source.shape[1]
     per_row_scale = scale.shape[0] > 1
     no_source = np.empty(0, dtype=np.float32)
-    for i in prange(num_rows):
+    partials, partial_arg = _block_scratch(num)
+    for i in range(first, stop):
         s = scale[i] if per_row_scale else scale[0]
         y = target[i]
         if y >= num:
@@ -430,10 +437,11 @@ def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write,
                 loss[i] = np.float32(0.0)
             elif stats is None:
                 loss[i] = _row_loss_grad(source[i], no_source, y, s, weight, eps, z, cap, False,
-                                         None, None)  # fmt: skip
+                                         None, None, partials, partial_arg)  # fmt: skip
             else:
                 loss[i] = _row_loss_grad(source[i], no_source, y, s, weight, eps, z, cap, False,
-                                         stats[i], predicted[i : i + 1])  # fmt: skip
+                                         stats[i], predicted[i : i + 1], partials,
+                                         partial_arg)  # fmt: skip
             continue
         row = dest[i]
         if y < 0:
@@ -442,10 +450,55 @@ def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write,
             continue
         row_source = source[i] if copy_rows else no_source  # copied by the kernel's first pass
         if stats is None:
-            loss[i] = _row_loss_grad(row, row_source, y, s, weight, eps, z, cap, True, None, None)
+            loss[i] = _row_loss_grad(row, row_source, y, s, weight, eps, z, cap, True, None, None,
+                                     partials, partial_arg)  # fmt: skip
         else:
             loss[i] = _row_loss_grad(row, row_source, y, s, weight, eps, z, cap, True,
-                                     stats[i], predicted[i : i + 1])  # fmt: skip
+                                     stats[i], predicted[i : i + 1], partials,
+                                     partial_arg)  # fmt: skip
+
+
+MAX_RUNS = 256  # rows_f32 splits the rows into at most this many contiguous runs
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write, loss,
+             bad_row, stats=None, predicted=None):  # fmt: skip
+    """fp32 rows. write: gradient into ``dest`` (after copying ``source`` there if
+    ``copy_rows``; in place when ``dest`` is the logits). Not write: read ``source`` only.
+    ``stats`` (R, 2) float32 and ``predicted`` (R,) int64, or None (the plain loss is then
+    compiled without them): per row (lse, entropy) and the argmax.
+
+    A target >= C is never read: its row gets loss NaN and gradient 0 and its index goes
+    to ``bad_row[0]`` (any one of them when several race), for the caller to raise.
+
+    The threads take contiguous runs of rows, each with its own block scratch.
+    """
+    num_rows = target.shape[0]
+    runs = min(num_rows, MAX_RUNS)
+    for run in prange(runs):
+        first = run * num_rows // runs
+        stop = (run + 1) * num_rows // runs
+        if stats is None:
+            _rows_f32_range(first, stop, source, dest, target, scale, weight, eps, z, cap,
+                            copy_rows, write, loss, bad_row, None, None)  # fmt: skip
+        else:
+            _rows_f32_range(first, stop, source, dest, target, scale, weight, eps, z, cap,
+                            copy_rows, write, loss, bad_row, stats, predicted)  # fmt: skip
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def rows_f32_serial(source, dest, target, scale, weight, eps, z, cap, copy_rows, write, loss,
+                    bad_row, stats=None, predicted=None):  # fmt: skip
+    """:func:`rows_f32` in the calling thread, for problems too small to share out: a
+    parallel launch hands the work to numba's pool and waits for it, a fixed cost larger
+    than the whole kernel there (see ``SERIAL_ELEMENTS`` in ``xloss.ops.kernel``)."""
+    if stats is None:
+        _rows_f32_range(0, target.shape[0], source, dest, target, scale, weight, eps, z, cap,
+                        copy_rows, write, loss, bad_row, None, None)  # fmt: skip
+    else:
+        _rows_f32_range(0, target.shape[0], source, dest, target, scale, weight, eps, z, cap,
+                        copy_rows, write, loss, bad_row, stats, predicted)  # fmt: skip
 
 
 @njit(inline="always", cache=True)
@@ -500,6 +553,7 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
     no_source = np.empty(0, dtype=np.float32)
     for block in prange(num_blocks):
         scratch = np.empty(num, dtype=np.float32)  # one widened row per block
+        partials, partial_arg = _block_scratch(num)
         for i in range(block, num_rows, num_blocks):
             y = target[i]
             if y < 0 or y >= num:
@@ -520,10 +574,11 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
             s = scale[i] if per_row_scale else scale[0]
             if stats is None:
                 loss[i] = _row_loss_grad(scratch, no_source, y, s, weight, eps, z, cap, write,
-                                         None, None)  # fmt: skip
+                                         None, None, partials, partial_arg)  # fmt: skip
             else:
                 loss[i] = _row_loss_grad(scratch, no_source, y, s, weight, eps, z, cap, write,
-                                         stats[i], predicted[i : i + 1])  # fmt: skip
+                                         stats[i], predicted[i : i + 1], partials,
+                                         partial_arg)  # fmt: skip
             if write:
                 out = dest[i]
                 if is_bf16:
@@ -568,5 +623,5 @@ def _load_cache_without_refresh(dispatcher) -> None:
     cache.load_overload = load_overload
 
 
-for _kernel in (rows_f32, rows_half):
+for _kernel in (rows_f32, rows_f32_serial, rows_half):
     _load_cache_without_refresh(_kernel)

@@ -293,11 +293,15 @@ def _launch(
         # In place passes one array: aliased source/dest arrays would defeat vectorisation.
         rows_source = np.empty((0, 0), np.float32) if in_place else source
         rows_dest = _as_array(dest) if write else np.empty((0, 0), np.float32)
-        with parallel_region():
-            kernels.rows_f32(
-                rows_source, rows_dest, target_array, scale, *settings,
-                write and not in_place, write, loss.numpy(), bad_row, *stats_arrays,
-            )  # fmt: skip
+        arguments = (
+            rows_source, rows_dest, target_array, scale, *settings,
+            write and not in_place, write, loss.numpy(), bad_row, *stats_arrays,
+        )  # fmt: skip
+        if _serial(logits):
+            kernels.rows_f32_serial(*arguments)
+        else:
+            with parallel_region():
+                kernels.rows_f32(*arguments)
     else:
         rows_dest = _as_array(dest) if write else np.empty((0, 0), np.uint16)
         with parallel_region():
@@ -308,6 +312,17 @@ def _launch(
     if bad_row[0] >= 0:
         _raise_out_of_range(int(bad_row[0]), int(target_array[bad_row[0]]), logits.shape[1])
     return loss
+
+
+# Below this many logits an fp32 launch runs in the calling thread. A parallel launch hands
+# the rows to numba's pool and waits for them: about 0.1-0.3 ms of fixed cost here, more
+# than the whole 2**18-element problem takes on one thread (SERIAL_ELEMENTS in the README).
+SERIAL_ELEMENTS = 2**18
+
+
+def _serial(logits: Tensor) -> bool:
+    """Run the fp32 kernel in the calling thread: a small problem, or one thread anyway."""
+    return logits.numel() <= SERIAL_ELEMENTS or torch.get_num_threads() == 1
 
 
 def _stats_arrays(stats: tuple[Tensor, Tensor], num_rows: int):
