@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import xloss
 from xloss.ops import kernel
@@ -554,3 +555,113 @@ def test_cross_entropy_with_no_rows(dtype):
 def test_inplace_backward_must_be_a_bool():
     with pytest.raises(TypeError, match="`inplace_backward` must be a bool, got str"):
         xloss.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), inplace_backward="yes")
+
+
+class _PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing: under it the custom op path runs."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(reduction="sum", label_smoothing=0.1),
+        dict(weight=True, z_loss=1e-3),
+        dict(normalizer=7.0),
+        dict(reduction="none", softcap=3.0),
+        dict(reduction="sample", mask=True),
+        dict(all_ignored=True),
+        dict(return_stats=True, weight=True),
+    ],
+    ids=str,
+)
+def test_eager_host_calls_match_the_custom_op_path(options):
+    """Eager calls on plain CPU tensors skip the custom op (HostFusedCrossEntropy, the
+    mean's factor as a float, numpy index checks); under a dispatch mode, as under
+    tracing, the op runs. Both give the same bits, forward and backward."""
+    options = dict(options)
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 5, 37, generator=generator)
+    target = torch.randint(0, 37, (4, 5), generator=generator)
+    target[1, 2] = -100
+    if options.pop("all_ignored", False):
+        target[:] = -100
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(37, generator=generator) + 0.5
+    if options.pop("mask", False):
+        options["mask"] = torch.rand(4, 5, generator=generator) > 0.3
+
+    def run():
+        logits = x.clone().requires_grad_()
+        out = xloss.cross_entropy(logits, target, class_dim=-1, **options)
+        loss = out.loss if isinstance(out, tuple) else out
+        (loss * torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)).sum().backward()
+        name = type(loss.grad_fn).__name__ if loss.grad_fn is not None else ""
+        return tuple(out) if isinstance(out, tuple) else (out,), logits.grad, name
+
+    eager, eager_grad, eager_node = run()
+    with _PassThrough():
+        traced, traced_grad, traced_node = run()
+    assert "HostFusedCrossEntropy" in eager_node or options.get("reduction") in ("none", "sample")
+    assert "HostFusedCrossEntropy" not in traced_node
+    for got, want in zip(eager, traced, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(eager_grad, traced_grad)
+    reference = reference_cross_entropy(
+        x, target, keep=target != -100 if "mask" not in options else (target != -100)
+        & options["mask"], reduction=options.get("reduction", "mean"),
+        weight=options.get("weight"), eps=options.get("label_smoothing", 0.0),
+        z=options.get("z_loss", 0.0), cap=options.get("softcap"),
+    ) if "normalizer" not in options else None  # fmt: skip
+    if reference is not None:  # an empty mean is 0 in xloss (0/0 in the reference)
+        reference = torch.nan_to_num(reference, nan=0.0)
+        torch.testing.assert_close(eager[0].double(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_host_call_with_a_tensor_subclass_takes_the_op():
+    """A tensor subclass never reaches numpy: it goes through the custom op."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(6, 9).as_subclass(Tagged).requires_grad_()
+    target = torch.tensor([0, 1, 2, -100, 4, 8])
+    loss = xloss.cross_entropy(x, target)
+    loss.backward()
+    want = F.cross_entropy(x.detach().as_subclass(torch.Tensor).double().requires_grad_(),
+                           target)  # fmt: skip
+    torch.testing.assert_close(loss.double().as_subclass(torch.Tensor), want)
+
+
+def test_four_threads_on_the_serial_kernel():
+    """Small problems run in the calling thread without the launch lock: four Python
+    threads at once each get their own numbers."""
+    import threading
+
+    errors = []
+
+    def work(seed):
+        try:
+            x, target = random_case(64, 100, seed=seed)
+            target[::7] = -100
+            want = F.cross_entropy(x.double(), target)
+            for _ in range(30):
+                logits = x.clone().requires_grad_()
+                loss = xloss.cross_entropy(logits, target, label_smoothing=0.0)
+                loss.backward()
+                torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-6)
+                ref = x.double().requires_grad_()
+                F.cross_entropy(ref, target).backward()
+                torch.testing.assert_close(logits.grad.double(), ref.grad, atol=1e-7, rtol=1e-5)
+        except BaseException as error:  # report, do not die silently
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(30 + i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors

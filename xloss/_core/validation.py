@@ -157,17 +157,40 @@ def any_violation(bad: Tensor, message: str) -> bool:
         ) from error
 
 
+def eager_host(*tensors: Tensor | None) -> bool:
+    """True when every tensor given (None skipped) is a plain CPU tensor in eager mode: no
+    ``torch.compile`` tracing, no ``torch.func`` transform, no dispatch mode (FakeTensor, a
+    tracer) and no subclass. Their values can then be read through numpy, where a few
+    operations on a small tensor cost microseconds instead of a torch op's dispatch each."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and all(t is None or (type(t) is Tensor and t.device.type == "cpu") for t in tensors)
+    )
+
+
 def check_index_target_range(
     target: Tensor, num_classes: int, ignore_index: int | None, valid: Tensor | None
 ) -> None:
     """Class indices at kept positions must lie in [0, num_classes). Synchronises."""
+    hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+    expected = f"`target` class indices must lie in [0, {num_classes - 1}]{hint}"
+    if eager_host(target, valid) and not target.requires_grad:
+        values = target.numpy()  # the same test as below, without the per-op dispatch
+        bad = (values < 0) | (values >= num_classes)
+        if ignore_index is not None:
+            bad &= values != ignore_index
+        if valid is not None:
+            bad &= valid.numpy()
+        if bad.any():
+            raise ValueError(f"{expected}, found {int(values[bad].flat[0])}")
+        return
     bad = (target < 0) | (target >= num_classes)
     if ignore_index is not None:
         bad &= target != ignore_index
     if valid is not None:
         bad &= valid
-    hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-    expected = f"`target` class indices must lie in [0, {num_classes - 1}]{hint}"
     if any_violation(bad, expected):
         value = int(target[bad].flatten()[0])
         raise ValueError(f"{expected}, found {value}")

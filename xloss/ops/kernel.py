@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import shutil
 import sys
@@ -53,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xloss._core.validation import eager_host
 from xloss.ops.row_grad import check_rows, check_stats
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -282,7 +284,7 @@ def _launch(
     source = _as_array(logits)
     stats_arrays = (None, None) if stats is None else _stats_arrays(stats, num_rows)
     target_array = target.detach().numpy()
-    bad_row = np.full(1, -1, dtype=np.int64)  # the kernel's out-of-range report
+    bad_row = np.array([-1], dtype=np.int64)  # the kernel's out-of-range report
     write = dest is not None
     if write and (dest.shape != logits.shape or dest.dtype != logits.dtype):
         raise ValueError("the gradient buffer must have the logits' shape and dtype")
@@ -338,6 +340,10 @@ NEGATIVE_TARGET_SHIFT = 2**62
 def kernel_target(index: Tensor, keep: Tensor | None) -> Tensor:
     """int64 targets for the row kernels: -1 where ``keep`` drops the row, and a kept
     negative index y as y + 2**62, which the kernel rejects instead of dropping the row."""
+    if eager_host(index, keep):  # numpy: a few microseconds where each torch op costs more
+        values = index.numpy()
+        values = np.where(values < 0, values + NEGATIVE_TARGET_SHIFT, values)
+        return torch.from_numpy(values if keep is None else np.where(keep.numpy(), values, -1))
     index = torch.where(index < 0, index + NEGATIVE_TARGET_SHIFT, index)
     return index if keep is None else torch.where(keep, index, -1)
 
@@ -412,7 +418,7 @@ def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     The tensor wraps a numpy array whose reference count tells whether any tensor still
     uses it; a buffer of another size, or one still in use, is replaced in the pool.
     """
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     if _buffer_pool:
