@@ -310,8 +310,22 @@ def test_target_range_checked_after_the_collectives(one_process_group):
         vocab_parallel_cross_entropy(LOGITS, torch.tensor([0, 1, 5, -100]))
     with pytest.raises(ValueError, match=r"must lie in \[0, 4\]"):
         vocab_parallel_linear_cross_entropy(HIDDEN, WEIGHT, torch.tensor([0, 1, 5, 2]))
-    # validate_args=False skips the check (and the host sync): no error.
-    vocab_parallel_cross_entropy(LOGITS, torch.tensor([0, 1, 5, -100]), validate_args=False)
+    # validate_args=False skips the check (and the host sync): no error, and the row of
+    # the bad target gets a NaN loss and gradient (not a finite loss missing x_y).
+    logits = LOGITS.clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(
+        logits, torch.tensor([0, 1, 5, -100]), validate_args=False, reduction="none"
+    )
+    loss.sum().backward()
+    assert loss[2].isnan() and bool(loss[[0, 1, 3]].isfinite().all()) and loss[3] == 0
+    assert bool(logits.grad[2].isnan().all()) and bool(logits.grad[[0, 1, 3]].isfinite().all())
+    hidden = HIDDEN.clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(
+        hidden, WEIGHT, torch.tensor([0, 1, 5, 2]), validate_args=False, reduction="none"
+    )
+    loss.sum().backward()
+    assert loss[2].isnan() and bool(loss[[0, 1, 3]].isfinite().all())
+    assert bool(hidden.grad[2].isnan().all()) and bool(hidden.grad[[0, 1, 3]].isfinite().all())
 
 
 def test_vocab_start_must_tile_the_vocabulary_one_process(one_process_group):

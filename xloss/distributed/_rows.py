@@ -98,6 +98,11 @@ def global_row_stats(
     # 3. lse = m + log S; C is the GLOBAL vocabulary size (not this rank's slice).
     num_classes = global_max.num_classes
     row_logsumexp = row_max + torch.log(sum_exp)
+    # A kept target >= C (validate_args=False skips the check) lies in no rank's slice:
+    # its lse is NaN, so its loss and gradient are NaN on every rank, as they are on the
+    # Triton kernels, not a finite number missing the target's logit. No communication:
+    # every rank holds the same targets and C.
+    row_logsumexp = torch.where(target >= num_classes, torch.nan, row_logsumexp)
     loss = (1.0 - label_smoothing) * (row_logsumexp - target_logit)
     if label_smoothing > 0.0:
         loss = loss + label_smoothing * (row_logsumexp - summed[1] / num_classes)
