@@ -4,9 +4,10 @@ The model and data are those of ``xloss bench --tables training_step``. Steps al
 ABBA order (so neither variant always runs second); the script prints the median, the
 quartiles and the range of the per-pair ratios torch / xloss, and the ratio of medians.
 ``part`` = ``step`` times the whole step (forward, backward, AdamW); ``head`` only the
-output layer and the loss (forward and backward), on random hidden states.
+output layer and the loss (forward and backward), on random hidden states; ``loss`` only
+the loss (forward and backward) on random logits of the step's shape.
 
-    python benchmarks/interleaved_steps.py V PAIRS [step|head]
+    python benchmarks/interleaved_steps.py V PAIRS [step|head|loss]
 """
 
 from __future__ import annotations
@@ -38,13 +39,29 @@ def head_step(loss_fn, v: int):
     return step
 
 
+def loss_step(loss_fn, v: int):
+    torch.manual_seed(0)
+    rows = training_step.BATCH * training_step.STEPS_PER_SAMPLE
+    logits = torch.randn(rows, v, requires_grad=True)
+    target = torch.randint(0, v, (rows,))
+    target[::10] = -100
+    identity = torch.nn.Identity()
+
+    def step():
+        logits.grad = None
+        loss_fn(logits, identity, target).backward()
+
+    return step
+
+
 def main() -> None:
     v, pairs = int(sys.argv[1]), int(sys.argv[2])
     part = sys.argv[3] if len(sys.argv) > 3 else "step"
     if part == "step":
         steps = {k: training_step._setup(f)(dict(v=v)) for k, f in VARIANTS.items()}
     else:
-        steps = {k: head_step(f, v) for k, f in VARIANTS.items()}
+        make = head_step if part == "head" else loss_step
+        steps = {k: make(f, v) for k, f in VARIANTS.items()}
     for step in steps.values():
         for _ in range(3):
             step()

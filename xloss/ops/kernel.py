@@ -24,8 +24,12 @@ the whole step 1.09x (per-pair median of 30, quartiles 0.95-1.39); at V = 256 th
 loss part 1.57x (quartiles 0.89-1.86 over 40 pairs), the whole step within noise (per-pair
 median 1.11x, quartiles 0.56-1.42). A 0.77x at V = 8192 from separate processes was noise
 between processes. A small launch costs about 0.3 ms more on ``workqueue`` than on ``omp``
-(the queue wakes its sleeping workers), under 1% of that step at V = 256; a serial twin of
-each kernel for small problems would double the cold compile, so there is none.
+(the queue wakes its sleeping workers): at 1024 x 256 logits that is more than the work
+itself (0.25 ms on one thread), so fp32 problems of at most ``SERIAL_ELEMENTS`` logits, and
+every fp32 problem when torch runs one thread, take ``rows_f32_serial`` in the calling
+thread, without the pool and without the launch lock. It shares the row loop
+(``_rows_f32_range``) with the parallel kernel; its own cold compile is about 7 s of CPU,
+once (fp16/bf16 rows keep the parallel kernel only).
 
 The ``workqueue`` layer is not thread-safe, so every launch holds one process-wide lock:
 calls from several Python threads take turns (each kernel uses all the pool's threads
@@ -318,7 +322,7 @@ def _launch(
 
 # Below this many logits an fp32 launch runs in the calling thread. A parallel launch hands
 # the rows to numba's pool and waits for them: about 0.1-0.3 ms of fixed cost here, more
-# than the whole 2**18-element problem takes on one thread (SERIAL_ELEMENTS in the README).
+# than the whole 2**18-element problem takes on one thread (see the module docstring).
 SERIAL_ELEMENTS = 2**18
 
 
