@@ -667,3 +667,20 @@ def test_four_threads_on_the_serial_kernel():
     for thread in threads:
         thread.join(120)
     assert not errors, errors
+
+
+def test_jit_trace_and_inference_mode_take_the_traceable_path():
+    """Under torch.jit.trace the numpy reads of the eager host path would be recorded as
+    constants: the traced function must follow new targets; inference mode works."""
+    x = torch.randn(6, 9)
+    target = torch.tensor([0, 1, 2, -100, 4, 8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jit.trace's deprecation and bool-conversion notes
+        traced = torch.jit.trace(lambda a, b: xloss.cross_entropy(a, b), (x, target),
+                                 check_trace=False)  # fmt: skip
+    other_x, other_target = torch.randn(6, 9), torch.tensor([3, -100, 0, 5, -100, 1])
+    want = F.cross_entropy(other_x.double(), other_target)
+    torch.testing.assert_close(traced(other_x, other_target).double(), want)
+    with torch.inference_mode():
+        torch.testing.assert_close(xloss.cross_entropy(x, target).double(),
+                                   F.cross_entropy(x.double(), target))  # fmt: skip

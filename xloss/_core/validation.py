@@ -159,11 +159,13 @@ def any_violation(bad: Tensor, message: str) -> bool:
 
 def eager_host(*tensors: Tensor | None) -> bool:
     """True when every tensor given (None skipped) is a plain CPU tensor in eager mode: no
-    ``torch.compile`` tracing, no ``torch.func`` transform, no dispatch mode (FakeTensor, a
-    tracer) and no subclass. Their values can then be read through numpy, where a few
-    operations on a small tensor cost microseconds instead of a torch op's dispatch each."""
+    ``torch.compile`` or ``torch.jit.trace`` tracing, no ``torch.func`` transform, no
+    dispatch mode (FakeTensor, a tracer) and no subclass. Their values can then be read
+    through numpy, where a few operations on a small tensor cost microseconds instead of
+    a torch op's dispatch each (a tracer would record such reads as constants)."""
     return (
         not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
         and all(t is None or (type(t) is Tensor and t.device.type == "cpu") for t in tensors)
