@@ -213,6 +213,20 @@ def test_half_precision_inputs(dtype, reduction):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_chunk_writes_the_gradient_buffers(monkeypatch, dtype):
+    # grad_weight and grad_bias start uninitialised (no zero fill): the first chunk must
+    # overwrite them, never add onto them. NaN-filled "uninitialised" memory proves it.
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(torch.nan))
+    hidden, weight, bias, target = make_inputs((13,), dtype=dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for reduction in ("mean", "none"):
+        assert_matches_reference(
+            hidden, weight, bias, target, tol=tol, reduction=reduction, chunk_size=4
+        )
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none", "sample"])
 def test_float64_gradcheck(reduction):
     hidden, weight, bias, target = make_inputs((2, 4), dtype=torch.float64)
@@ -318,9 +332,9 @@ def test_default_chunk_is_bounded_by_the_memory_budget():
         rows = linear_ops.default_chunk_size(10**6, vocab, torch.float32, hidden)
         assert linear_ops.CHUNK_BYTES // (vocab * 4) < rows <= linear_ops.TARGET_ROWS
         assert rows * vocab <= linear_ops.WEIGHT_SHARE * vocab * hidden
-    # chunks are evened out: 1843 rows in chunks of at most 768 -> 3 chunks of 615
-    assert linear_ops.default_chunk_size(1843, 128256, torch.float32, 1024) == 615
-    assert linear_ops.default_chunk_size(1843, 128256, torch.bfloat16, 1024) == 615
+    # chunks are evened out: 1843 rows in chunks of at most 1024 -> 2 chunks of 922
+    assert linear_ops.default_chunk_size(1843, 128256, torch.float32, 1024) == 922
+    assert linear_ops.default_chunk_size(1843, 128256, torch.bfloat16, 1024) == 922
 
 
 def test_row_kernel_dispatch(monkeypatch):

@@ -157,9 +157,10 @@ def linear_cross_entropy(
     recomputes each chunk's logits with ``grad_output`` folded in, so per-token weights
     applied to the returned loss get exact gradients.
 
-    Memory: one chunk of logits (``chunk_size x V`` in the compute dtype; by default
-    about 48 MiB), the gradients, when some rows are dropped a copy of the kept rows
-    of ``input``, and for fp16 a fp32 copy of ``weight``. fp16 inputs are computed in
+    Memory: one chunk of logits (``chunk_size x V`` in the compute dtype; by default at
+    most 2048 rows and the size of the weight gradient, at least 48 MiB), the gradients,
+    when some rows are dropped a copy of the kept rows of ``input``, and for fp16 a fp32
+    copy of ``weight``. fp16 inputs are computed in
     fp32 (GEMMs included) and the loss is returned in the input's dtype. On CPU the numba
     row kernel is used when available; with it, bf16 GEMMs and chunks stay in bf16 (bf16
     GEMMs ran 2.5x faster than fp32 ones on avx512_bf16 here), the kernel computes each
@@ -184,7 +185,7 @@ def linear_cross_entropy(
         lengths: (B,) valid lengths along axis 1 (T) for (B, T, ..., H) input: integers,
             or floats in (0, 1] as relative lengths.
         normalizer: divide the summed loss by this number or one-element tensor.
-        chunk_size: rows per chunk; None picks about 48 MiB of logits per chunk.
+        chunk_size: rows per chunk; None: from a memory budget (see Memory above).
         validate_args: check target ranges and lengths (these synchronise with the
             device).
         accum_dtype: dtype of the ``weight`` and ``bias`` gradients while they are summed

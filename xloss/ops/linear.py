@@ -23,12 +23,13 @@ from xloss.ops.second_order import (
     is_functorch_wrapped,
 )
 
-# Rows per chunk (see `_run_chunks` for the profile behind these numbers): enough rows
-# that the forward GEMM runs at its full-matrix rate, with the chunk's logits kept within a
-# share of the V x H weight gradient that must exist anyway, and never below CHUNK_BYTES.
+# Rows per chunk (see `_run_chunks` for the profile behind these numbers): as many rows as
+# the memory budget allows, because the forward GEMM repacks the whole weight once per chunk;
+# the chunk's logits are kept within a share of the V x H weight gradient that must exist
+# anyway (torch 2.13's chunked op holds about one more weight's worth), never below CHUNK_BYTES.
 CHUNK_BYTES = 48 * 2**20  # the budget's floor: 393 rows at V = 32000 in fp32
-TARGET_ROWS = 1024  # the forward GEMM's rate at 98 rows is 0.62x, at 512 0.9x, at 1024 1x
-WEIGHT_SHARE = 0.75  # logits chunk <= 3/4 of the weight gradient's bytes
+TARGET_ROWS = 2048  # beyond this the forward GEMM's per-chunk repacking is under ~3%
+WEIGHT_SHARE = 1.0  # logits chunk <= the weight gradient's bytes
 
 
 class LinearCrossEntropyConfig(NamedTuple):
@@ -73,16 +74,25 @@ def select_row_kernel_and_dtype(device: torch.device, input_dtype: torch.dtype):
 PRODUCT_SLICE_BYTES = 64 * 2**20  # temporary of a mixed-dtype accumulation
 
 
-def _add_product(total: Tensor, a: Tensor, b: Tensor) -> None:
-    """total += a @ b in total's dtype. A bf16/fp16 product (GEMM in the operands' dtype,
-    rounded once per chunk) is added in slices of rows of ``total``, so the temporary
-    stays near ``PRODUCT_SLICE_BYTES`` instead of a whole V x H copy."""
+def _add_product(total: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """total += a @ b in total's dtype; ``first``: total = a @ b, so that ``total`` need
+    not be zero-filled (and read back) before the first chunk. A bf16/fp16 product (GEMM
+    in the operands' dtype, rounded once per chunk) is added in slices of rows of
+    ``total``, so the temporary stays near ``PRODUCT_SLICE_BYTES`` instead of a whole
+    V x H copy."""
     if a.dtype == total.dtype:
-        total.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=total)
+        else:
+            total.addmm_(a, b)
         return
     step = max(1, PRODUCT_SLICE_BYTES // max(1, total.shape[1] * a.element_size()))
     for start in range(0, total.shape[0], step):
-        total[start : start + step].add_(torch.mm(a[start : start + step], b))
+        part = torch.mm(a[start : start + step], b)
+        if first:
+            total[start : start + step].copy_(part)
+        else:
+            total[start : start + step].add_(part)
 
 
 def select_row_kernel(logits_device: torch.device, dtype: torch.dtype):
@@ -105,9 +115,10 @@ def default_chunk_size(
     take more than ``WEIGHT_SHARE`` of the (num_classes x hidden_size) weight gradient; at
     least ``CHUNK_BYTES`` of logits; then evened out so that no chunk is a small remainder.
 
-    At (V, H) = (32000, 512) this gives 393 rows (48 MiB), at (32000, 2048) 1024 rows
-    (125 MiB) and at (128256, 1024) 768 rows (376 MiB of logits next to the 501 MiB
-    weight gradient).
+    At (V, H) = (32000, 512) this allows 512 rows (62.5 MiB; 461 per chunk for 3686 rows),
+    at (32000, 2048) 2048 rows (250 MiB; 2 chunks of 1843 for 3686 rows) and
+    at (128256, 1024) 1024 rows (501 MiB of logits next to the 501 MiB weight gradient;
+    2 chunks of 922 for 1843 rows).
     """
     item_bytes = torch.finfo(dtype).bits // 8
     row_bytes = max(num_classes, 1) * item_bytes
@@ -304,21 +315,38 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
     ``grad_scale`` is a float, a 0-dim tensor or a (K,) tensor (per-row backward).
     Returns (loss (K,), (grad_input, grad_weight, grad_bias)), None where not needed.
 
-    Where the time goes (profiled 2026-12-03, 2 cores, fp32, torch 2.13's CPU GEMMs): at
-    (N, H, V) = (2048, 1024, 128256) the old fixed 48 MiB chunk held 98 rows, and the
-    chunk's three GEMMs ran at 106 GFLOP/s against 145 for the same GEMMs on 1024 rows.
-    Per GEMM (1024 rows in all, seconds): forward rows x W^T 3.27 at 98 rows per chunk,
-    2.62 at 256, 2.25-2.60 at 512, 2.03-2.07 at 1024; grad_input G W 2.25 / 1.90 / 1.87 /
-    1.75; grad_weight += G^T rows 2.05 / 1.98 / 2.01 / 1.77. Each GEMM streams the whole
-    V x H weight (or its gradient) once per chunk, and few rows leave that unamortised; the
-    forward GEMM suffers most. The rest is small: the row kernel passes over the logits
-    once in place (~0.1 s of 1 GB here, under 1%), fp32 inputs are never copied, and the
-    fp32 accumulation of grad_weight is the GEMM's own output (bf16/fp16 inputs cost an
-    fp32 copy of W and of each chunk's rows). So the chunk size depends on rows, not bytes:
-    ``default_chunk_size`` takes up to ``TARGET_ROWS`` rows when the weight is large
-    enough that their logits stay within ``WEIGHT_SHARE`` of the weight gradient (peak
-    memory below torch 2.13's chunked path, which measured 1036 MiB at that shape), and
-    evens out the chunks so that none is a small remainder.
+    Where the time goes (profiled 2026-12-03 on 2 shared cores, fp32, MKL GEMMs of torch
+    2.13; each step timed alone over all kept rows, chunked against one GEMM, interleaved,
+    median (range) of the per-round ratios, and the ratio of the fastest rounds):
+    - The forward GEMM ``rows @ W.T`` repacks the whole transposed V x H weight on every
+      call, so its cost per row falls with the rows per chunk. At (H, V) = (512, 32000)
+      over 3686 rows: chunks of 369 rows 1.23x (0.82-1.69; fastest 1.23x) one GEMM, 738
+      rows 1.13x (0.94-1.47; 1.07x), 1229 rows 1.07x (0.97-1.33; 1.03x); at (1024, 128256)
+      over 1843 rows: 615 rows 1.26x (fastest rounds), 922 rows 1.01x. It is a third of
+      the floor, so it was the largest excess. The other layout (``W @ rows.T`` into a
+      V x rows buffer) was worse (1.46x at 369 rows); oneDNN
+      (``torch.ops.mkldnn._linear_pointwise``) was 1.07x at 461 rows but has no ``out=``
+      (a fresh, page-faulted chunk per call) and is a private op: not used.
+    - ``grad_input = G @ W`` and ``grad_weight += G.T @ rows`` do not depend on the chunk
+      size (0.91-1.03x one GEMM at 369-527 rows): accumulating grad_weight chunk by chunk
+      costs no more than one GEMM over all rows (which also passes over its V x H output
+      once per block of the reduction axis). Zero-filling grad_weight first cost 0.7% of
+      the floor: the first chunk now writes it (and grad_bias) instead.
+    - The row kernel: 1.4-2% of the floor's CPU time (one read and write of the logits).
+      Page faults of the fresh grad_weight, chunk buffer, grad_input and gathered rows:
+      about 30k per call at (4096, 512, 32000), 0.06-0.09 s of system time, 1-2% of the
+      floor (the floor's GEMMs write into outputs allocated once). The gather of kept rows
+      and its backward take 1-18 ms; backward hands the stored gradients to autograd
+      without a copy; numba runs its "workqueue" layer (threads block, do not spin), and
+      no handoff cost between torch's and numba's pools showed.
+    So the chunk size depends on rows, and memory caps it: ``default_chunk_size`` takes up
+    to ``TARGET_ROWS`` rows while their logits fit in ``WEIGHT_SHARE`` (1.0) of the weight
+    gradient's bytes, and evens out the chunks so that none is a small remainder. Peak
+    extra memory stays below torch 2.13's chunked path (peak RSS of one step in a fresh
+    process, xloss / torch chunked): 147 / 154 MiB at (4096, 512, 32000), 166 / 170 at
+    (8192, 512, 32000), 547 / 578 at (4096, 2048, 32000), 981 / 1030 at
+    (2048, 1024, 128256). At H = 512 that budget still leaves 461-492 rows per chunk
+    and the forward GEMM about 1.1x its single-GEMM cost.
     """
     num_rows, hidden_size = input.shape
     num_classes = weight.shape[0]
@@ -347,8 +375,10 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
 
     loss = torch.empty(num_rows, dtype=loss_dtype, device=device)  # K
     grad_input = torch.empty_like(input, dtype=dtype) if want_input else None  # K x H
-    grad_weight = torch.zeros_like(weight, dtype=accum_dtype) if want_weight else None  # V x H
-    grad_bias = torch.zeros(num_classes, dtype=accum_dtype, device=device) if want_bias else None
+    # the first chunk writes grad_weight and grad_bias (no zero fill) unless there is none
+    new_like = torch.empty_like if num_rows > 0 else torch.zeros_like
+    grad_weight = new_like(weight, dtype=accum_dtype) if want_weight else None  # V x H
+    grad_bias = new_like(bias, dtype=accum_dtype) if want_bias else None  # V
     buffer = torch.empty(chunk, num_classes, dtype=dtype, device=device)  # chunk x V
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
@@ -380,7 +410,9 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
             torch.mm(logits, weight_c, out=grad_input[start:stop])  # rows x H
         # 4. grad_weight += g.T @ h, grad_bias += sum of g over rows
         if want_weight:
-            _add_product(grad_weight, logits.T, rows)  # V x H
-        if want_bias:
+            _add_product(grad_weight, logits.T, rows, first=start == 0)  # V x H
+        if want_bias and start == 0:
+            torch.sum(logits, 0, dtype=accum_dtype, out=grad_bias)  # V
+        elif want_bias:
             grad_bias.add_(logits.sum(0, dtype=accum_dtype))  # V
     return loss, (grad_input, grad_weight, grad_bias)
