@@ -7,6 +7,7 @@ learnable weights, empty input, validation, torch.func and torch.compile.
 """
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -420,3 +421,94 @@ def test_short_rows_with_extreme_logits_stay_finite(kernel_calls):
         torch.testing.assert_close(actual, portable, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x32.grad, portable_x.grad, rtol=1e-4, atol=1e-5)
     assert len(kernel_calls) == 3
+
+
+def test_a_sweep_of_logits_matches_float64_within_a_few_ulp(kernel_calls):
+    """The kernel's exp, log1p and reciprocal are short polynomials: over a dense sweep of
+    logits (both signs, past the flush to 0 at |x| = 86) the element loss softplus(-+x)
+    and the gradient s - y stay within 1e-6 relative of float64 (fp32 is 6e-8)."""
+    x = torch.cat([torch.linspace(-100.0, 100.0, 40001), torch.logspace(-30, 0, 301)])
+    x = torch.cat([x, -x])
+    softplus = torch.nn.functional.softplus  # float64
+    x64 = x.double()
+    for target in [0.0, 1.0]:
+        y = torch.full_like(x, target)
+        logits = x.clone().requires_grad_()
+        loss = bce(logits, y, reduction="none")
+        loss.sum().backward()
+        expected = target * softplus(-x64) + (1 - target) * softplus(x64)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-37)
+        # s - y without float64's own cancellation: 1 - s(x) = s(-x)
+        expected_grad = torch.sigmoid(x64) if target == 0 else -torch.sigmoid(-x64)
+        torch.testing.assert_close(logits.grad.double(), expected_grad, rtol=1e-6, atol=1e-37)
+    assert len(kernel_calls) == 2
+
+
+@pytest.mark.parametrize("validate_args", [True, False])
+def test_in_place_with_a_bad_target_far_into_the_input(validate_args, kernel_calls):
+    """In place, the targets are checked in the same kernel launch before any logit is
+    overwritten: a bad target in the last of many items (several threads' runs) raises
+    and leaves every logit and the version counter as they were. Without validation the
+    pass runs and writes the gradient."""
+    from xloss.ops._numba_binary import TILE
+
+    shape = (9, 2 * TILE + 3)  # 27 items
+    x, y = make_data(shape, seed=37)
+    y = y.float()
+    y[-1, -1] = 1.5
+    base = x.float().requires_grad_()
+    logits = base * 1.0
+    before, version = logits.detach().clone(), logits._version
+    if validate_args:
+        with pytest.raises(ValueError, match=r"`target` must lie in \[0, 1\], found 1.5"):
+            bce(logits, y, inplace_backward=True)
+        assert torch.equal(logits.detach(), before) and logits._version == version
+    else:
+        loss = bce(logits, y, inplace_backward=True, validate_args=False)
+        assert logits._version > version and not torch.equal(logits.detach(), before)
+        loss.backward()
+        expected = torch.sigmoid(before.double()) - y.double()
+        torch.testing.assert_close(base.grad.double(), expected / y.numel(), rtol=1e-5,
+                                   atol=1e-12)  # fmt: skip
+    assert len(kernel_calls) == 1
+
+
+def test_under_a_dispatch_mode_the_custom_ops_are_called():
+    """In plain eager the Functions call the implementation directly; a dispatch mode (a
+    FLOP counter, FakeTensorMode, a logger) must still see xloss's ops, in and out of place."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, y = make_data((4, 6), seed=41)
+    for inplace_backward, name in [(False, "xloss.fused_binary."), (True, "xloss.fused_binary_.")]:
+        base = x.float().requires_grad_()
+        logits = base * 1.0
+        version = logits._version
+        with Log() as log:
+            loss = bce(logits, y.float(), inplace_backward=inplace_backward)
+        assert any(op.startswith(name) for op in log.ops), log.ops
+        assert inplace_backward == (logits._version > version)
+        loss.backward()
+        expected = (torch.sigmoid(x.float().double()) - y) / y.numel()
+        torch.testing.assert_close(base.grad.double(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_a_jit_traced_call_follows_new_inputs():
+    """Under torch.jit.trace the op is recorded (eager runs it directly, reading numpy,
+    which a tracer would freeze into constants): the traced function follows new data."""
+    x, y = make_data((4, 6), seed=43)
+    x, y = x.float(), y.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python-level branches
+        traced = torch.jit.trace(lambda a, b: bce(a, b), (x, y), check_trace=False)
+    y2 = 1.0 - y
+    torch.testing.assert_close(traced(x, y2), bce(x, y2), rtol=0, atol=0)
+    assert not torch.equal(traced(x, y2), traced(x, y))

@@ -382,7 +382,11 @@ def binary_cross_entropy_with_logits(
             the CPU kernel path when ``input`` is contiguous; otherwise the logits are
             copied first and ``input`` is left untouched. Like PyTorch's in-place ops it
             raises a RuntimeError, on every path, when ``input`` is a leaf that requires
-            grad (an ``nn.Parameter``) or a view of one.
+            grad (an ``nn.Parameter``) or a view of one. A target outside [0, 1] raises
+            before anything is written, so ``input`` keeps its logits: with
+            ``validate_args=True`` the kernel first reads every target (one more read of
+            the targets, in the same launch), then makes its one pass over the logits;
+            ``validate_args=False`` skips that read.
 
     Shape:
         - input: (*), any shape: (), (C), (N, C), (N, C, d_1, ...) or (B, T, C).

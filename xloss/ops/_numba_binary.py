@@ -8,16 +8,24 @@ sum, and per element for ``reduction="none"``). Bytes per element: 4 + 4 read an
 written for fp32 logits and targets (2 + 2 + 2 for fp16/bf16), plus 1 for a mask and 4
 for a full element weight when given.
 
-Per element, with e = exp(-|x|) (a polynomial exp: no SVML here, so ``math.exp`` would
-not vectorise) and l1 = log1p(e) (an atanh series, vectorised too):
+Per element, with e = exp(-|x|) and l1 = log1p(e):
 
 - softplus(x) = max(x, 0) + l1 = -log(1 - s(x)), softplus(-x) = max(-x, 0) + l1 = -log s(x),
   so no log of a rounded probability is ever taken (finite at x = +-1e4);
 - s(x) = 1/(1+e) or e/(1+e) by the sign of x, and 1 - s(x) the other one, both without
   cancellation.
 
+At a few dozen vector operations per element this loop is bound by arithmetic rather
+than memory bandwidth on 2 cores, so every piece is a short polynomial of fused
+multiply-adds and nothing divides (no SVML here, so ``math.exp`` would not vectorise;
+the vector division of 1/(1+e) was the largest single cost measured): e from a degree-5
+polynomial with 2^n added to its exponent bits; l1 = e P(e), P of degree 7 on [0, 1];
+1/(1+e) from a quadratic and two Newton steps. Each is within a few ulp (tested over a
+sweep of logits against float64).
+
 Options that are absent are passed as ones (weight, pos_weight, keep), so the element
-loop has no branch; the loss kind picks one of four kernels, each compiling one copy of
+loop has no branch; the weight carries the reduction's scale (1/count of a mean), one
+multiply fewer per element; the loss kind picks one of four kernels, each compiling one copy of
 the loop (``reduction="none"`` runs it a second time to write the element losses, rather
 than compiling a second loop). Short rows are processed in blocks of whole rows (see
 :func:`_items`). fp16 and bf16 both arrive as uint16 bit patterns with a runtime flag,
@@ -111,6 +119,49 @@ def _log1p_moderate(t):
     return np.float32(2.0) * z * p
 
 
+# log1p(e)/e on [0, 1]: a degree-7 fit of the relative error (Chebyshev nodes, weighted
+# least squares); e * P(e) in fp32 is within 6 ulp (3.7e-7) of log1p(e), in relative
+# terms down to e -> 0.
+_L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7 = (
+    np.float32(c)
+    for c in (
+        0.9999998211860657, -0.4999740421772003, 0.3327547609806061, -0.24495434761047363,
+        0.17745161056518555, -0.10768052935600281, 0.04408876970410347,
+        -0.008538962341845036,
+    )
+)  # fmt: skip
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _log1p_unit(e):
+    """log(1 + e) for e in [0, 1], a polynomial e P(e): no division, so it vectorises
+    at the cost of a few fused multiply-adds."""
+    p = _L7 * e + _L6
+    p = p * e + _L5
+    p = p * e + _L4
+    p = p * e + _L3
+    p = p * e + _L2
+    p = p * e + _L1
+    p = p * e + _L0
+    return p * e
+
+
+# 1/d on [1, 2]: a quadratic (relative error 1.0e-2) refined by two Newton steps
+# r <- r + r (1 - d r), within 1.6 ulp; a vector division costs more than these six
+# fused multiply-adds here (measured).
+_RECIP_C0 = np.float32(2.1212105751037598)
+_RECIP_C1 = np.float32(-1.4545432329177856)
+_RECIP_C2 = np.float32(0.32323160767555237)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _reciprocal_1_2(d):
+    """1/d for d in [1, 2], without a division."""
+    r = (_RECIP_C2 * d + _RECIP_C1) * d + _RECIP_C0
+    r = r + r * (_ONE - d * r)
+    return r + r * (_ONE - d * r)
+
+
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def _log_positive(v):
     """log(v) for finite v > 0 (subnormals included): v = m 2^k, m in [sqrt(1/2), sqrt(2))."""
@@ -134,12 +185,47 @@ def _power(base, log_base, exponent):
     return _ONE if exponent == _ZERO else _ZERO
 
 
+# e^r on [-ln2/2, ln2/2]: a degree-5 fit of the relative error; with the Cody-Waite
+# split below, exp(-a) is within 3.3 ulp over a in [0, 86].
+_E0, _E1, _E2, _E3, _E4, _E5 = (
+    np.float32(c)
+    for c in (
+        1.0000001192092896, 0.9999997019767761, 0.49998894333839417, 0.16667574644088745,
+        0.04191538318991661, 0.008297654800117016,
+    )
+)  # fmt: skip
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_MIN = np.float32(-86.0)  # exp(-86) = 4.5e-38: still normal after the exponent add
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _exp_negative(a):
+    """exp(-a) for a >= 0, flushed to 0 for a > 86 (below 4.5e-38).
+
+    2^n is added to the polynomial's exponent bits (an integer add, no multiply), which
+    is exact while the result stays a normal number: hence the clamp, and the flush
+    (a confidently right logit of 1e4 gets exactly 0 loss and gradient, as in torch).
+    """
+    t = max(-a, _EXP_MIN)
+    n = np.floor(t * _LOG2E + np.float32(0.5))
+    r = t - n * _LN2_HI - n * _LN2_LO
+    p = _E5 * r + _E4
+    p = p * r + _E3
+    p = p * r + _E2
+    p = p * r + _E1
+    p = p * r + _E0
+    value = _int_as_float(_float_as_int(p) + (np.int32(n) << np.int32(23)))
+    return _ZERO if t <= _EXP_MIN else value
+
+
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def _sigmoid_parts(x):
     """(softplus(x), softplus(-x), s(x), 1 - s(x)), each without cancellation."""
-    e = _exp_nonpositive(-abs(x))
-    l1 = _log1p_moderate(e)
-    inv = _ONE / (_ONE + e)
+    e = _exp_negative(abs(x))
+    l1 = _log1p_unit(e)
+    inv = _reciprocal_1_2(_ONE + e)
     positive = x >= _ZERO
     s = inv if positive else e * inv
     q = e * inv if positive else inv
@@ -226,7 +312,7 @@ def _make_row(element):
 
     @njit(inline="always", fastmath=FASTMATH)
     def row(src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale, smooth_shift,
-            scale, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
+            write_loss, is_bf16, p1, p2, p3):  # fmt: skip
         total = _ZERO
         bad = np.int32(0)
         for c in range(src.shape[0]):
@@ -235,7 +321,7 @@ def _make_row(element):
             y = raw * smooth_scale + smooth_shift
             loss, grad = element(_widen(src[c], is_bf16), y, pos_col[c] * pos_scalar, p1, p2, p3)
             w = weight[c]
-            value = (loss if write_loss else grad * scale) * w
+            value = (loss if write_loss else grad) * w
             out[c] = _narrow(out, value if kept else _ZERO, is_bf16)
             total += loss * w if kept else _ZERO
             bad += np.int32(kept & _outside_unit(raw))
@@ -248,7 +334,7 @@ _ROWS = (_make_row(_bce), _make_row(_focal), _make_row(_asl_clip), _make_row(_as
 
 
 def _row(kind, src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale,
-         smooth_shift, scale, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
+         smooth_shift, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
     """The tile loop of loss ``kind`` (a compile-time constant)."""
 
 
@@ -256,15 +342,15 @@ def _row(kind, src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale
 # call with literal types when the overload returns None for the plain int.
 @overload(_row, inline="always")
 def _row_impl(kind, src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale,
-              smooth_shift, scale, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
+              smooth_shift, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
     if not isinstance(kind, types.IntegerLiteral):
         return None
     row = _ROWS[kind.literal_value]
 
     def impl(kind, src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale,
-             smooth_shift, scale, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
+             smooth_shift, write_loss, is_bf16, p1, p2, p3):  # fmt: skip
         return row(src, target, out, weight, keep, pos_col, pos_scalar, smooth_scale,
-                   smooth_shift, scale, write_loss, is_bf16, p1, p2, p3)  # fmt: skip
+                   smooth_shift, write_loss, is_bf16, p1, p2, p3)  # fmt: skip
 
     return impl
 
@@ -273,10 +359,30 @@ TILE = 2048  # elements handled at once: 8 KiB of fp32, stays in L1
 CHUNKS = 256  # work is split into at most this many contiguous runs of items
 
 
+@njit(inline="always")
+def _item_bounds(i, width, rows_per_item, tiles_per_row, num_rows):
+    """(begin, end) of item ``i`` in the flat arrays, (start, stop) in the row pattern."""
+    block = i // tiles_per_row
+    row = block * rows_per_item
+    start = (i - block * tiles_per_row) * TILE
+    stop = min(start + TILE, width) if rows_per_item == 1 else (
+        min(rows_per_item, num_rows - row) * width)  # fmt: skip
+    return row * width + start, row * width + stop, start, stop
+
+
 @njit(inline="always", fastmath=FASTMATH)
-def _items(kind, source, target, dest, element_loss, in_place, weight, keep, pattern,
-           pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
-           scale, p1, p2, p3, item_loss, item_bad):  # fmt: skip
+def _count_bad(target, keep, is_bf16):
+    """How many kept targets lie outside [0, 1] (NaN included)."""
+    bad = np.int32(0)
+    for c in range(target.shape[0]):
+        bad += np.int32(keep[c] & _outside_unit(_widen(target[c], is_bf16)))
+    return bad
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _items(kind, source, target, dest, element_loss, in_place, check_first, weight, keep,
+           pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale,
+           smooth_shift, p1, p2, p3, item_loss, item_bad):  # fmt: skip
     """The whole pass over the R x L elements (flat, row-major), in items of <= TILE.
 
     An item is a piece of one row (``rows_per_item`` = 1, ``tiles_per_row`` pieces of
@@ -291,16 +397,23 @@ def _items(kind, source, target, dest, element_loss, in_place, weight, keep, pat
         target: (R*L,) targets, float32 or uint16 (then the logits' half type).
         dest: (R*L,) gradient in the logits' type; (0,) computes no gradient.
         element_loss: (R*L,) per-element loss in the logits' type, or (0,).
-        weight, keep: (R*L,) float32 / bool, or the pattern of one item (see ``pattern``).
+        weight, keep: (R*L,) float32 / bool, or the pattern of one item (see ``pattern``);
+            the weight carries the reduction's scale (1/count for a mean), so the
+            gradient and the loss sums come out scaled.
         pattern: (rows_per_item * L,) positive weight per column, repeated for the rows of
             a block; pos_row: (P,) per row r, read at r % P (P = 1 when rows_per_item > 1).
         smooth_scale, smooth_shift: y' = y * smooth_scale + smooth_shift.
-        scale: the gradient's factor (1/count for a mean).
         p1, p2, p3: (alpha_pos, alpha_neg, gamma) for focal, (gamma_pos, gamma_neg, clip)
             for ASL, unused for BCE.
         item_loss: (I,) float32 loss sum of each item; item_bad: (I,) int32 count of kept
             targets outside [0, 1]; items are numbered row-major (I = R * tiles_per_row
             when rows_per_item = 1).
+        check_first: count the kept targets outside [0, 1] in a read-only sweep over the
+            targets before anything is written, and write nothing when there is one (in
+            place with validation: the logits stay as they were when the op raises).
+
+    Returns (the loss sum over the items in float64, the number of kept targets outside
+    [0, 1]), so that the caller reads two numbers instead of reducing the item arrays.
 
     With ``in_place`` an item of logits is first copied to a per-thread scratch (from L1):
     reading and writing one array through two names would fail LLVM's alias check and
@@ -315,17 +428,23 @@ def _items(kind, source, target, dest, element_loss, in_place, weight, keep, pat
     num_pos_rows = pos_row.shape[0]
     span = min(width, TILE) if rows_per_item == 1 else rows_per_item * width
     num_chunks = min(num_items, CHUNKS)
+    if check_first:
+        for chunk in prange(num_chunks):
+            for i in range(chunk * num_items // num_chunks, (chunk + 1) * num_items // num_chunks):
+                begin, end, start, stop = _item_bounds(i, width, rows_per_item, tiles_per_row,
+                                                       num_rows)  # fmt: skip
+                k = keep[begin:end] if full_keep else keep[start:stop]
+                item_bad[i] = _count_bad(target[begin:end], k, is_bf16)
+        bad = item_bad.sum()
+        if bad > 0:
+            return 0.0, bad
     for chunk in prange(num_chunks):
         src_scratch = np.empty(span if in_place else 0, dtype=dest.dtype)
         dst_scratch = np.empty(0 if write or store else span, dtype=dest.dtype)
         for i in range(chunk * num_items // num_chunks, (chunk + 1) * num_items // num_chunks):
-            block = i // tiles_per_row
-            row = block * rows_per_item
-            start = (i - block * tiles_per_row) * TILE  # within the pattern
-            stop = min(start + TILE, width) if rows_per_item == 1 else (
-                min(rows_per_item, num_rows - row) * width)  # fmt: skip
-            begin = row * width + start  # within the flat arrays
-            end = row * width + stop
+            begin, end, start, stop = _item_bounds(i, width, rows_per_item, tiles_per_row,
+                                                   num_rows)  # fmt: skip
+            row = (i // tiles_per_row) * rows_per_item
             if in_place:
                 src = src_scratch[: stop - start]
                 src[:] = dest[begin:end]
@@ -343,74 +462,56 @@ def _items(kind, source, target, dest, element_loss, in_place, weight, keep, pat
             else:
                 out = dst_scratch[: stop - start]
             total, bad = _row(kind, src, y, out, w, k, pw, pos_scalar, smooth_scale,
-                              smooth_shift, scale, store, is_bf16, p1, p2, p3)  # fmt: skip
+                              smooth_shift, store, is_bf16, p1, p2, p3)  # fmt: skip
             item_loss[i] = total
             item_bad[i] = bad
+    total = 0.0  # float64, in item order: the same sum at any thread count
+    for i in range(num_items):
+        total += item_loss[i]
+    return total, item_bad.sum()
 
 
 # One kernel per loss kind, so that a call compiles (and caches) only its own loop.
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def bce(source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row, width,
-        rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale, p1, p2, p3,
-        item_loss, item_bad):  # fmt: skip
+def bce(source, target, dest, element_loss, in_place, check_first, weight, keep, pattern,
+        pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
+        p1, p2, p3, item_loss, item_bad):  # fmt: skip
     """The bce kernel: :func:`_items` with kind=BCE."""
-    _items(BCE, source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row,
-           width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale,
-           p1, p2, p3, item_loss, item_bad)  # fmt: skip
+    return _items(BCE, source, target, dest, element_loss, in_place, check_first, weight,
+                  keep, pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16,
+                  smooth_scale, smooth_shift, p1, p2, p3, item_loss, item_bad)  # fmt: skip
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def focal(source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row, width,
-          rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale, p1, p2, p3,
-          item_loss, item_bad):  # fmt: skip
+def focal(source, target, dest, element_loss, in_place, check_first, weight, keep, pattern,
+          pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
+          p1, p2, p3, item_loss, item_bad):  # fmt: skip
     """The focal kernel: :func:`_items` with kind=FOCAL."""
-    _items(FOCAL, source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row,
-           width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale,
-           p1, p2, p3, item_loss, item_bad)  # fmt: skip
+    return _items(FOCAL, source, target, dest, element_loss, in_place, check_first, weight,
+                  keep, pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16,
+                  smooth_scale, smooth_shift, p1, p2, p3, item_loss, item_bad)  # fmt: skip
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def asl_clip(source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row,
-             width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift, scale,
+def asl_clip(source, target, dest, element_loss, in_place, check_first, weight, keep, pattern,
+             pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
              p1, p2, p3, item_loss, item_bad):  # fmt: skip
     """The asl_clip kernel: :func:`_items` with kind=ASL_CLIP."""
-    _items(ASL_CLIP, source, target, dest, element_loss, in_place, weight, keep, pattern,
-           pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
-           scale, p1, p2, p3, item_loss, item_bad)  # fmt: skip
+    return _items(ASL_CLIP, source, target, dest, element_loss, in_place, check_first, weight,
+                  keep, pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16,
+                  smooth_scale, smooth_shift, p1, p2, p3, item_loss, item_bad)  # fmt: skip
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def asl_no_clip(source, target, dest, element_loss, in_place, weight, keep, pattern, pos_row,
-                width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
-                scale, p1, p2, p3, item_loss, item_bad):  # fmt: skip
+def asl_no_clip(source, target, dest, element_loss, in_place, check_first, weight, keep, pattern,
+                pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
+                p1, p2, p3, item_loss, item_bad):  # fmt: skip
     """The asl_no_clip kernel: :func:`_items` with kind=ASL_NO_CLIP."""
-    _items(ASL_NO_CLIP, source, target, dest, element_loss, in_place, weight, keep, pattern,
-           pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale, smooth_shift,
-           scale, p1, p2, p3, item_loss, item_bad)  # fmt: skip
+    return _items(ASL_NO_CLIP, source, target, dest, element_loss, in_place, check_first, weight,
+                  keep, pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16,
+                  smooth_scale, smooth_shift, p1, p2, p3, item_loss, item_bad)  # fmt: skip
 
 
 KERNELS = (bce, focal, asl_clip, asl_no_clip)  # indexed by kind
-
-
-@njit(parallel=True, cache=True)
-def count_bad_targets(target, keep, width, is_bf16):
-    """How many kept targets lie outside [0, 1] (NaN included), for in-place validation.
-
-    target: (R*L,) float32 or uint16 (fp16/bf16 bits); keep: (R*L,) bool, or (L,) for
-    every row alike.
-    """
-    num_rows = target.shape[0] // width
-    full_keep = keep.shape[0] == target.shape[0]
-    num_chunks = min(num_rows, CHUNKS)
-    bad_chunks = np.zeros(max(num_chunks, 1), dtype=np.int64)
-    for chunk in prange(num_chunks):
-        bad = np.int64(0)
-        for r in range(chunk * num_rows // num_chunks, (chunk + 1) * num_rows // num_chunks):
-            row = target[r * width : (r + 1) * width]
-            kept = keep[r * width : (r + 1) * width] if full_keep else keep
-            for c in range(width):
-                bad += np.int64(kept[c] & _outside_unit(_widen(row[c], is_bf16)))
-        bad_chunks[chunk] = bad
-    return int(bad_chunks.sum())

@@ -19,15 +19,21 @@ Two ops in the ``xloss`` namespace, each with a fake implementation, so
   of using a tensor that another op saved.
 
 Both autograd formulas are ``autograd.Function`` s with ``setup_context``, so
-``torch.func.grad`` works as well as ``torch.compile``.
+``torch.func.grad`` works as well as ``torch.compile``. In eager mode with plain CPU
+tensors they run the ops' bodies directly (:func:`fused_op`, :func:`fused_inplace_op`):
+the custom op's Python dispatch costs a tenth of a millisecond, more with the caches cold
+after a pass over tens of MB, a few percent of the whole call at 4096 x 1000.
 
 Forward, step by step:
 
 1. the kernel reads each element once (logit, target, and the weight, mask and positive
    weight when given), and writes the gradient already multiplied by ``grad_scale``
-   (1/count of a mean, 1/normalizer, or 1); with ``validate`` it also counts the kept
-   targets outside [0, 1], and the op raises when there is one (in place, a separate
-   read-only pass checks them first, so the logits are untouched when it raises);
+   (1/count of a mean, 1/normalizer, or 1); it also counts the kept targets outside
+   [0, 1], and with ``validate`` the op raises when there is one. In place, that check
+   is a read-only sweep over the targets at the start of the same kernel launch, before
+   anything is written, so the logits are untouched when the op raises (the one extra
+   read of the targets costs about what the out-of-place buffer's first read costs);
+   ``validate_args=False`` skips it;
 2. ``output`` is ``grad_scale * sum(loss)`` (a scalar), the (R,) row sums (for
    ``"sample"``) or the (R, L) element losses (for ``"none"``);
 3. without a gradient to compute (grad mode off, or logits not requiring grad) the
@@ -52,6 +58,7 @@ from torch import Tensor
 
 from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
+from xloss._core.validation import eager_host
 from xloss.ops import kernel
 from xloss.ops.second_order import KernelFunction, first_order_only
 
@@ -124,6 +131,23 @@ def _raise_bad_target(target: Tensor, keep: Tensor | None, ignore_index: int | N
     raise ValueError(f"`target` must lie in [0, 1]{hint}, found {value}")
 
 
+_filled: dict = {}  # (dtype, length) -> a numpy array of ones / Trues, reused across calls
+
+
+def _filled_array(fill, length: int):
+    """A numpy array of ``length`` ones (float32) or Trues (bool), cached (the kernels
+    only read it; a read-only flag would make numba compile another specialisation)."""
+    dtype = np.bool_ if fill is True else np.float32
+    key = (dtype, length)  # not (fill, length): True == 1.0 as a dict key
+    array = _filled.get(key)
+    if array is None:
+        if len(_filled) > 16:
+            _filled.clear()
+        array = np.full(length, fill, dtype=dtype)
+        _filled[key] = array
+    return array
+
+
 def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params, out_mode,
          validate, ignore_index, dest, in_place):  # fmt: skip
     """Launch the kernel over (R, L); returns the op's output. ``dest`` None: no gradient."""
@@ -132,13 +156,6 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
         raise RuntimeError("the numba binary kernel is unavailable; check kernel_available()")
     num_rows, width = target.shape
     is_bf16 = logits.dtype == torch.bfloat16
-    target_array = _array(target)
-    if validate and in_place:
-        keep_flat = torch.ones(width, dtype=torch.bool) if keep is None else keep
-        with kernel.parallel_region():  # threads, fork and the thread-safety of numba's pool
-            bad = kernels.count_bad_targets(target_array, _array(keep_flat), width, is_bf16)
-        if bad:
-            _raise_bad_target(target, keep, ignore_index)
     # Work items (see _numba_binary._items): blocks of whole short rows when no per-row
     # result or per-row positive weight needs them apart, else tiles of one row.
     rows_per_item = 1
@@ -146,58 +163,81 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
         rows_per_item = min(kernels.TILE // width, num_rows)
     tiles_per_row = -(-width // kernels.TILE) if rows_per_item == 1 else 1
     num_items = -(-num_rows // rows_per_item) * tiles_per_row
-    item_loss = torch.empty(num_items, dtype=torch.float32)
-    item_bad = torch.empty(num_items, dtype=torch.int32)
+    item_loss = np.empty(num_items, dtype=np.float32)
+    item_bad = np.empty(num_items, dtype=np.int32)
 
-    def pattern(values: Tensor | None, fill, dtype: torch.dtype) -> Tensor:
+    def pattern(values: Tensor | None, fill):
         """(R, L) values as they are, or one row repeated for the rows of a block."""
         if values is None:
-            return torch.full((rows_per_item * width,), fill, dtype=dtype)
+            return _filled_array(fill, rows_per_item * width)
         if values.shape[0] == num_rows and num_rows > 1:
-            return values
-        return values.reshape(-1).repeat(rows_per_item)
+            return _array(values)
+        return np.tile(_array(values), rows_per_item)
 
-    empty = logits.new_empty(0)
-    scale = float(grad_scale)
+    def scaled_weight():
+        """The element weight times grad_scale (the kernel writes weight * dl/dx and sums
+        weight * loss): no multiply by the scale per element. fp32 like the kernel."""
+        scale = np.float32(grad_scale)
+        if weight is None:
+            if scale == 1:
+                return _filled_array(1.0, rows_per_item * width)
+            return np.full(rows_per_item * width, scale, dtype=np.float32)
+        return pattern(weight, 1.0) * scale if scale != 1 else pattern(weight, 1.0)
 
-    def launch(dest: Tensor, element_loss: Tensor) -> None:
-        overwrite = dest is logits  # in place: the kernel reads the logits from `dest`
-        with kernel.parallel_region():
-            kernels.KERNELS[kind](
-                _array(empty if overwrite else logits),
-                target_array,
-                _array(dest),
-                _array(element_loss),
-                overwrite,
-                _array(pattern(weight, 1.0, torch.float32)),
-                _array(pattern(keep, True, torch.bool)),
-                _array(pos_col.repeat(rows_per_item)),
-                _array(pos_row),
-                width,
-                rows_per_item,
-                tiles_per_row,
-                is_bf16,
-                *(np.float32(value) for value in params[:2]),
-                np.float32(scale),
-                *(np.float32(value) for value in params[2:]),
-                _array(item_loss),
-                _array(item_bad),
-            )
+    empty = _array(logits.new_empty(0))
+    # the arguments after `check_first`, the same for every launch
+    shared = (
+        scaled_weight(),
+        pattern(keep, True),
+        np.tile(_array(pos_col), rows_per_item),
+        _array(pos_row),
+        width,
+        rows_per_item,
+        tiles_per_row,
+        is_bf16,
+        *(np.float32(value) for value in params),
+        item_loss,
+        item_bad,
+    )
+    source = _array(logits)
+    target_array = _array(target)
+
+    def launch(dest, element_loss, overwrite: bool, check_first: bool) -> float:
+        """One pass; returns the loss sum. With ``overwrite`` the kernel reads the logits
+        from ``dest``; ``check_first`` checks every target before writing anything."""
+        with kernel.parallel_region():  # threads, fork and the thread-safety of numba's pool
+            total, bad = kernels.KERNELS[kind](
+                empty if overwrite else source, target_array, dest, element_loss, overwrite,
+                check_first, *shared,
+            )  # fmt: skip
+        if validate and bad:
+            _raise_bad_target(target, keep, ignore_index)
+        return total
 
     # One launch writes one array: the element losses (first, while the logits are still
-    # there in place), then the gradient; without either, the loss sums only.
+    # there in place, which also checks the targets before the logits are overwritten),
+    # then the gradient; without either, the loss sums only.
     element_loss = logits.new_empty(num_rows * width if out_mode == ELEMENTS else 0)
     if out_mode == ELEMENTS or dest is None:
-        launch(empty, element_loss)
+        total = launch(empty, _array(element_loss), False, False)
     if dest is not None:
-        launch(dest, empty)
-    if validate and not in_place and bool(item_bad.any()):
-        _raise_bad_target(target, keep, ignore_index)
+        checked = out_mode == ELEMENTS  # the first launch raised on a bad target
+        total = launch(_array(dest), empty, in_place, validate and in_place and not checked)
     if out_mode == ELEMENTS:
         return element_loss.reshape(num_rows, width)
     if out_mode == ROWS:  # rows_per_item is 1: items are the row's tiles in order
-        return item_loss.double().reshape(num_rows, tiles_per_row).sum(1).float()
-    return (item_loss.double().sum() * scale).float()
+        rows = item_loss.astype(np.float64).reshape(num_rows, tiles_per_row).sum(1)
+        return torch.from_numpy(rows.astype(np.float32))
+    return torch.tensor(total, dtype=torch.float32)  # the sum of the scaled losses
+
+
+def _fused(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params, out_mode,
+           validate, ignore_index, write_grad):  # fmt: skip
+    """The out-of-place op's implementation: (output, gradient or an empty tensor)."""
+    grad = kernel.gradient_buffer(logits.shape, logits.dtype) if write_grad else None  # R x L
+    output = _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params,
+                  out_mode, validate, ignore_index, grad, False)  # fmt: skip
+    return output, logits.new_empty(0) if grad is None else grad
 
 
 @torch.library.custom_op("xloss::fused_binary", mutates_args=(), device_types="cpu")
@@ -216,10 +256,8 @@ def _fused_op(
     ignore_index: Optional[int],  # noqa: UP045
     write_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    grad = kernel.gradient_buffer(logits.shape, logits.dtype) if write_grad else None  # R x L
-    output = _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params,
-                  out_mode, validate, ignore_index, grad, False)  # fmt: skip
-    return output, logits.new_empty(0) if grad is None else grad
+    return _fused(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params,
+                  out_mode, validate, ignore_index, write_grad)  # fmt: skip
 
 
 @torch.library.custom_op("xloss::fused_binary_", mutates_args=("logits",), device_types="cpu")
@@ -242,6 +280,27 @@ def _fused_inplace_op(
 
 
 kernel.dynamo_disable_when_imported(_fused_op, _fused_inplace_op)
+
+
+def fused_op(*args) -> tuple[Tensor, Tensor]:
+    """``xloss::fused_binary`` (arguments as the op's). An eager call with plain CPU
+    tensors (:func:`xloss._core.validation.eager_host`: not traced, no ``torch.func``
+    transform, no dispatch mode) runs its body directly, which skips the custom op's
+    Python dispatch (about a tenth of a millisecond, more with the caches cold after a
+    pass over tens of MB)."""
+    return _fused(*args) if eager_host(args[0]) else _fused_op(*args)
+
+
+def fused_inplace_op(*args) -> Tensor:
+    """``xloss::fused_binary_`` (arguments as the op's), run directly in eager as
+    :func:`fused_op`; then the logits' version counter is bumped here, as the op's
+    declared mutation does."""
+    if not eager_host(args[0]):
+        return _fused_inplace_op(*args)
+    logits = args[0]
+    output = _run(*args, logits, True)
+    torch.autograd.graph.increment_version(logits)
+    return output
 
 
 def _no_vmap(info, in_dims, *args):
@@ -291,7 +350,7 @@ class FusedBinary(KernelFunction):
 
     @staticmethod
     def forward(logits, target, weight, keep, pos_col, pos_row, settings):
-        return _fused_op(logits, target, weight, keep, pos_col, pos_row, *settings, True)
+        return fused_op(logits, target, weight, keep, pos_col, pos_row, *settings, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -320,7 +379,7 @@ class InplaceFusedBinary(KernelFunction):
 
     @staticmethod
     def forward(logits, target, weight, keep, pos_col, pos_row, settings):
-        return _fused_inplace_op(logits, target, weight, keep, pos_col, pos_row, *settings)
+        return fused_inplace_op(logits, target, weight, keep, pos_col, pos_row, *settings)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -399,29 +458,33 @@ def fused_binary_loss(
         weight.expand(shape), num_rows, width, torch.float32
     )  # fmt: skip
     keep_rows = None if keep is None else _as_rows(keep.expand(shape), num_rows, width, torch.bool)
-    ones_col = torch.ones(width, dtype=torch.float32)
-    pos_col, pos_row = ones_col, torch.ones(1, dtype=torch.float32)
+    pos_col = pos_row = None
     if pos_weight is not None:
         values = pos_weight.detach().to(torch.float32).reshape(-1)
         if dim is None or dim == len(shape) - 1:
             pos_col = values.expand(width).contiguous()
         else:
             pos_row = values.expand(shape[dim]).contiguous()
+    pos_col = torch.ones(width, dtype=torch.float32) if pos_col is None else pos_col
+    pos_row = torch.ones(1, dtype=torch.float32) if pos_row is None else pos_row
 
     if normalizer is not None:
         out_mode = SCALAR
         scale = safe_divide(torch.ones((), dtype=torch.float32), normalizer)
+    elif reduction == "mean" and keep is None and not torch.compiler.is_compiling():
+        out_mode = SCALAR  # numel > 0 here; one fp32 division, as safe_divide's
+        scale = torch.tensor(np.float32(1.0) / np.float32(input.numel()))
     elif reduction in ("sum", "mean"):
         out_mode = SCALAR
-        count = float(input.numel()) if keep is None else keep.sum()
         scale = torch.ones((), dtype=torch.float32)
         if reduction == "mean":
+            count = float(input.numel()) if keep is None else keep.sum()
             scale = safe_divide(scale, torch.as_tensor(count, dtype=torch.float32))
     else:
         out_mode = ELEMENTS if reduction == "none" else ROWS
         scale = torch.ones((), dtype=torch.float32)
     settings = KernelSettings(
-        scale.to(torch.float32).reshape(()),
+        scale if scale.dtype == torch.float32 and scale.dim() == 0 else scale.float().reshape(()),
         kind,
         [float(smoothing[0]), float(smoothing[1]), *map(float, params)],
         out_mode,
@@ -435,7 +498,7 @@ def fused_binary_loss(
     elif write_grad:
         output, _ = FusedBinary.apply(*tensors, settings)
     else:
-        output, _ = _fused_op(*tensors, *settings, False)
+        output, _ = fused_op(*tensors, *settings, False)
     if out_mode == SCALAR:
         return output
     if out_mode == ELEMENTS:
