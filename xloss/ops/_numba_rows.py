@@ -25,6 +25,7 @@ import sys
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 # No `nnan`/`ninf`: rows may hold -inf (a masked vocabulary) and must give the reference's inf.
@@ -47,6 +48,29 @@ def _int_as_float(typingctx, bits):
         return builder.bitcast(low, ir.FloatType())
 
     return types.float32(bits), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Hint the caches to fetch ``array[index]`` (llvm.prefetch: read, into L2)."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(
+            context, builder, array_type, view, [args[1]], wraparound=False
+        )
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]),
+            "llvm.prefetch.p0i8",
+        )
+        builder.call(prefetch, [builder.bitcast(pointer, byte_pointer), i32(0), i32(2), i32(1)])
+        return context.get_dummy_value()
+
+    return types.none(array, types.intp), codegen
 
 
 @intrinsic
@@ -246,7 +270,10 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
     row is in L2): gradient = e * coef_b - eps/C w with coef_b = scale * A / S * exp(m_b - m),
     then the target entry.
     Blocks are sliced so that every loop index starts at 0: numba's negative-index
-    wrap-around check on ``row[start + c]`` would otherwise stop the vectoriser.
+    wrap-around check on ``row[start + c]`` would otherwise stop the vectoriser. Before a
+    block's exp loop the next block is prefetched into L2: the loop computes from L1
+    while no demand miss advances the hardware prefetcher, so without the hint the
+    memory stream would stall there.
 
     Statistics (only when ``stats`` is an array; None compiles them away): pass 1 also
     finds the first index of m_b in the block (the block is in L1) and E_b = sum e t;
@@ -263,12 +290,8 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
     smooth = eps / np.float32(num)
     x_target = source[y] if source.shape[0] > 0 else row[y]
     num_blocks = (num + BLOCK - 1) // BLOCK
-    block_peak = partials[0]
-    block_sum = partials[1]
-    block_t = partials[2]
-    block_weight = partials[3]
-    block_et = partials[4]
-    block_arg = partial_arg
+    # partials[k, b] is indexed in place: a view per row would cost a reference-count
+    # update each (atomic), a noticeable share of a short row's time
     for b in range(num_blocks):
         block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
         block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)] if has_weight else weight
@@ -277,11 +300,15 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
             peak = _copy_max(source[b * BLOCK : min((b + 1) * BLOCK, num)], block)
         else:
             peak = _row_max(block)
+        if b + 1 < num_blocks:  # fetch the next block while this one's exp runs
+            ahead = source if source.shape[0] > 0 else row
+            for c in range((b + 1) * BLOCK, min((b + 2) * BLOCK, num), 16):
+                _prefetch(ahead, c)
         sum_exp = np.float32(0.0)
         sum_t = np.float32(0.0)
         sum_et = np.float32(0.0)
         if stats is not None:
-            block_arg[b] = b * BLOCK + _first_index_of(block, peak)
+            partial_arg[b] = b * BLOCK + _first_index_of(block, peak)
         sum_w = np.float32(size)
         if has_weight:
             sum_w = np.float32(0.0)
@@ -310,26 +337,26 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
                 if stats is not None:
                     sum_et += e * max(t, _EXP_FLOOR)  # e = 0 where t = -inf
         if stats is not None:
-            block_et[b] = sum_et
-        block_peak[b] = peak
-        block_sum[b] = sum_exp
-        block_t[b] = sum_t
-        block_weight[b] = sum_w
+            partials[4, b] = sum_et
+        partials[0, b] = peak
+        partials[1, b] = sum_exp
+        partials[2, b] = sum_t
+        partials[3, b] = sum_w
     peak = _MINUS_INF
     for b in range(num_blocks):
-        peak = max(peak, block_peak[b])
+        peak = max(peak, partials[0, b])
     if peak == _MINUS_INF:
         return _no_finite_logit(row, write, stats, predicted)
     sum_exp = np.float32(0.0)
     sum_t = np.float32(0.0)
     total_weight = np.float32(0.0)
     for b in range(num_blocks):
-        total_weight += block_weight[b]
-        if block_peak[b] == _MINUS_INF:
-            sum_t += block_t[b]
+        total_weight += partials[3, b]
+        if partials[0, b] == _MINUS_INF:
+            sum_t += partials[2, b]
         else:
-            sum_exp += block_sum[b] * _exp_nonpositive(block_peak[b] - peak)
-            sum_t += block_t[b] + block_weight[b] * (block_peak[b] - peak)
+            sum_exp += partials[1, b] * _exp_nonpositive(partials[0, b] - peak)
+            sum_t += partials[2, b] + partials[3, b] * (partials[0, b] - peak)
     target_weight = weight[y] if has_weight else np.float32(1.0)
     loss, lse = _row_loss(
         peak, sum_exp, sum_t, x_target, target_weight, total_weight, smooth, eps, z
@@ -338,12 +365,12 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
         sum_et = np.float32(0.0)
         best = -1
         for b in range(num_blocks):
-            if best < 0 and block_peak[b] == peak:
+            if best < 0 and partials[0, b] == peak:
                 best = b
-            if block_peak[b] != _MINUS_INF:
-                shift = block_peak[b] - peak
-                sum_et += _exp_nonpositive(shift) * (block_et[b] + shift * block_sum[b])
-        predicted[0] = block_arg[max(best, 0)]
+            if partials[0, b] != _MINUS_INF:
+                shift = partials[0, b] - peak
+                sum_et += _exp_nonpositive(shift) * (partials[4, b] + shift * partials[1, b])
+        predicted[0] = partial_arg[max(best, 0)]
         stats[0] = lse
         stats[1] = np.float32(math.log(sum_exp)) - sum_et / sum_exp
     if not write:
@@ -354,7 +381,7 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
     offset = scale * smooth
     for b in range(num_blocks):
         block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
-        block_coef = coef * _exp_nonpositive(block_peak[b] - peak)
+        block_coef = coef * _exp_nonpositive(partials[0, b] - peak)
         if has_weight:
             block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)]
             for c in range(block.shape[0]):
