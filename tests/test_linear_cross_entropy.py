@@ -227,6 +227,17 @@ def test_first_chunk_writes_the_gradient_buffers(monkeypatch, dtype):
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_weight_gets_its_gradient(dtype):
+    # a tied weight is often a transposed view: its gradient (written by the first chunk's
+    # GEMM into a buffer of the weight's strides) must still be right
+    hidden, weight, bias, target = make_inputs((13,), dtype=dtype)
+    weight = weight.T.contiguous().T  # V x H with strides (1, V)
+    assert not weight.is_contiguous()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert_matches_reference(hidden, weight, bias, target, tol=tol, chunk_size=4)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none", "sample"])
 def test_float64_gradcheck(reduction):
     hidden, weight, bias, target = make_inputs((2, 4), dtype=torch.float64)
