@@ -1,6 +1,7 @@
 """The fused numba row kernel and the cross-entropy path through it, against float64."""
 
 import sys
+import time
 import warnings
 
 import pytest
@@ -684,3 +685,43 @@ def test_jit_trace_and_inference_mode_take_the_traceable_path():
     with torch.inference_mode():
         torch.testing.assert_close(xloss.cross_entropy(x, target).double(),
                                    F.cross_entropy(x.double(), target))  # fmt: skip
+
+
+def test_gradient_buffer_is_never_handed_to_two_threads(monkeypatch):
+    """The pooled buffer's free test and its handout happen under one lock: with Python
+    switching threads between them, two threads wrote into one buffer. The free test is
+    slowed down here (a thread switch inside it) so that the race would show."""
+    import threading
+    import types
+
+    def slow_refcount(obj):
+        time.sleep(1e-4)
+        return sys.getrefcount(obj) - 1  # minus this function's own reference
+
+    monkeypatch.setattr(kernel, "sys", types.SimpleNamespace(getrefcount=slow_refcount))
+    errors = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def work(value):
+        try:
+            for _ in range(100):
+                buffer = kernel.gradient_buffer((4, 1024), torch.float32)
+                buffer.fill_(value)
+                time.sleep(0)  # let the others run while this one holds the buffer
+                if not bool((buffer == value).all()):
+                    errors.append(f"thread {value}: another thread wrote into its buffer")
+                    return
+                del buffer
+        except BaseException as error:  # report, do not die silently
+            errors.append(repr(error))
+
+    try:
+        threads = [threading.Thread(target=work, args=(float(i),)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors

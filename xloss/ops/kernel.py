@@ -92,8 +92,9 @@ def _choose_threading_layer() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _launch_lock
+    global _launch_lock, _pool_lock
     _launch_lock = threading.Lock()  # a lock held by another thread at fork() stays held
+    _pool_lock = threading.Lock()
     if _numba_layer() == "omp":
         # GNU OpenMP keeps the parent's thread team, which the child does not have: any
         # parallel region in the child (numba's, or torch's own, which shares the same
@@ -414,6 +415,7 @@ def row_loss_and_grad(logits: Tensor, target: Tensor, **options) -> tuple[Tensor
 # touch (2-4 GB/s here, slower than the kernel itself), so the last buffer is kept and
 # handed out again once nothing references it any more, like a caching allocator.
 _buffer_pool: list[np.ndarray] = []
+_pool_lock = threading.Lock()
 
 
 def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -425,15 +427,18 @@ def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    if _buffer_pool:
-        pooled = _buffer_pool[0]
-        # 3 references: the pool, `pooled` and getrefcount's argument; a live tensor adds one
-        if pooled.nbytes == nbytes and sys.getrefcount(pooled) <= 3:
-            return torch.from_numpy(pooled).view(dtype).view(shape)
-        _buffer_pool.clear()
-    fresh = np.empty(nbytes, dtype=np.uint8)
-    _buffer_pool.append(fresh)
-    return torch.from_numpy(fresh).view(dtype).view(shape)
+    # Under the lock: Python may switch threads between the free test and the handout,
+    # and two threads would then write their gradients into one buffer.
+    with _pool_lock:
+        if _buffer_pool:
+            pooled = _buffer_pool[0]
+            # 3 references: the pool, `pooled` and getrefcount's argument; a tensor adds one
+            if pooled.nbytes == nbytes and sys.getrefcount(pooled) <= 3:
+                return torch.from_numpy(pooled).view(dtype).view(shape)
+            _buffer_pool.clear()
+        fresh = np.empty(nbytes, dtype=np.uint8)
+        _buffer_pool.append(fresh)
+        return torch.from_numpy(fresh).view(dtype).view(shape)
 
 
 def release_buffers() -> None:
