@@ -436,7 +436,9 @@ def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
             if pooled.nbytes == nbytes and sys.getrefcount(pooled) <= 3:
                 return torch.from_numpy(pooled).view(dtype).view(shape)
             _buffer_pool.clear()
-        fresh = np.empty(nbytes, dtype=np.uint8)
+        raw = np.empty(nbytes + 64, dtype=np.uint8)
+        start = -raw.ctypes.data % 64  # on a cache line, as torch's allocator does
+        fresh = raw[start : start + nbytes]
         _buffer_pool.append(fresh)
         return torch.from_numpy(fresh).view(dtype).view(shape)
 
