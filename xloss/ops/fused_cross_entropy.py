@@ -210,6 +210,25 @@ def _eager_host(logits: Tensor) -> bool:
     return eager_host(logits) and _host_kernel(logits)
 
 
+def _all_ones(grad_output: Tensor) -> bool:
+    """Every factor is exactly 1 (host tensors only: reads values). A single factor, the
+    usual ``loss.backward()``, takes one read instead of two torch ops."""
+    if grad_output.numel() == 1:
+        return grad_output.item() == 1.0
+    return bool((grad_output == 1).all())
+
+
+def _kernel_backward(ctx, grad_output: Tensor | None, in_place: bool):
+    """The backward of the three Functions: the saved gradient scaled by ``grad_output``
+    for the logits (tagged under ``create_graph=True``), None for the other inputs."""
+    grad, anchor = ctx.saved_tensors
+    if grad_output is None:  # grads are not materialised
+        return None, None, None, None, None
+    grad_logits = _scale_grad(ctx, grad, grad_output, in_place=in_place)
+    grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
+    return grad_logits, None, None, None, None
+
+
 def _scale_grad(ctx, grad: Tensor, grad_output: Tensor, in_place: bool) -> Tensor:
     """grad * grad_output, rounded once to grad's dtype.
 
@@ -223,7 +242,7 @@ def _scale_grad(ctx, grad: Tensor, grad_output: Tensor, in_place: bool) -> Tenso
     """
     # traced (torch.compile) or transformed (torch.func): torch ops only
     traced = torch.compiler.is_compiling() or is_functorch_wrapped(grad_output)
-    if ctx.host and not traced and bool((grad_output == 1).all()):
+    if ctx.host and not traced and _all_ones(grad_output):
         return grad
     if not ctx.host and not traced:
         hand_over(ctx, "xloss.cross_entropy")
@@ -260,12 +279,7 @@ class FusedCrossEntropy(KernelFunction):
 
     @staticmethod
     def backward(ctx, grad_output, *_grads_of_other_outputs):
-        grad, anchor = ctx.saved_tensors
-        if grad_output is None:  # grads are not materialised
-            return None, None, None, None, None
-        grad_logits = _scale_grad(ctx, grad, grad_output, in_place=False)
-        grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
-        return grad_logits, None, None, None, None
+        return _kernel_backward(ctx, grad_output, in_place=False)
 
 
 class HostFusedCrossEntropy(torch.autograd.Function):
@@ -286,15 +300,7 @@ class HostFusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_grads_of_other_outputs):
-        grad, anchor = ctx.saved_tensors
-        if grad_output is None:  # grads are not materialised
-            return None, None, None, None, None
-        if not ctx.per_row and not grad_output.requires_grad and grad_output.item() == 1.0:
-            grad_logits = grad  # the usual loss.backward(): one host read, no torch op
-        else:
-            grad_logits = _scale_grad(ctx, grad, grad_output, in_place=False)
-        grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
-        return grad_logits, None, None, None, None
+        return _kernel_backward(ctx, grad_output, in_place=False)
 
 
 def _no_vmap(info, in_dims, *args):
@@ -330,12 +336,7 @@ class InplaceFusedCrossEntropy(KernelFunction):
 
     @staticmethod
     def backward(ctx, grad_output, *_grads_of_stats):
-        grad, anchor = ctx.saved_tensors
-        if grad_output is None:  # grads are not materialised
-            return None, None, None, None, None
-        grad_logits = _scale_grad(ctx, grad, grad_output, in_place=True)
-        grad_logits = first_order_only(grad_logits, anchor, "xloss.cross_entropy")
-        return grad_logits, None, None, None, None
+        return _kernel_backward(ctx, grad_output, in_place=True)
 
 
 class KernelSettings(NamedTuple):
