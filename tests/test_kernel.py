@@ -417,14 +417,15 @@ def test_cross_entropy_half_inputs(dtype):
 
 
 def test_no_gradient_is_written_without_grad(monkeypatch):
+    """Every fp32 launch (the eager host path's and _launch's) goes through run_f32."""
     destinations = []
-    launch = kernel._launch
+    run = kernel.run_f32
 
-    def spy(logits, target, dest, **options):
+    def spy(kernels, source, dest, *args, **options):
         destinations.append(dest)
-        return launch(logits, target, dest, **options)
+        return run(kernels, source, dest, *args, **options)
 
-    monkeypatch.setattr(kernel, "_launch", spy)
+    monkeypatch.setattr(kernel, "run_f32", spy)
     x, target = random_case(4, 9, seed=1)
     with torch.no_grad():
         xloss.cross_entropy(x.requires_grad_(), target)
@@ -578,6 +579,15 @@ class _PassThrough(TorchDispatchMode):
         dict(reduction="sample", mask=True),
         dict(all_ignored=True),
         dict(return_stats=True, weight=True),
+        # (N, C) input: the thin host path (host_cross_entropy)
+        dict(rows=True),
+        dict(rows=True, reduction="sum", label_smoothing=0.1, ignore_index=None),
+        dict(rows=True, weight=True, z_loss=1e-3),
+        dict(rows=True, normalizer=7.0, softcap=3.0),
+        dict(rows=True, reduction="none", label_smoothing=0.2),
+        dict(rows=True, all_ignored=True),
+        dict(rows=True, all_ignored=True, weight=True),
+        dict(rows=True, validate_args=False),
     ],
     ids=str,
 )
@@ -596,6 +606,10 @@ def test_eager_host_calls_match_the_custom_op_path(options):
         options["weight"] = torch.rand(37, generator=generator) + 0.5
     if options.pop("mask", False):
         options["mask"] = torch.rand(4, 5, generator=generator) > 0.3
+    if options.pop("rows", False):
+        x, target = x.reshape(20, 37), target.reshape(20)
+    if options.get("ignore_index", -100) is None:
+        target = torch.where(target == -100, 3, target)
 
     def run():
         logits = x.clone().requires_grad_()
@@ -613,15 +627,123 @@ def test_eager_host_calls_match_the_custom_op_path(options):
     for got, want in zip(eager, traced, strict=True):
         assert torch.equal(got, want)
     assert torch.equal(eager_grad, traced_grad)
+    keep = target != -100 if options.get("ignore_index", -100) is not None else None
     reference = reference_cross_entropy(
-        x, target, keep=target != -100 if "mask" not in options else (target != -100)
-        & options["mask"], reduction=options.get("reduction", "mean"),
+        x, target, keep=keep if "mask" not in options else keep & options["mask"],
+        reduction=options.get("reduction", "mean"),
         weight=options.get("weight"), eps=options.get("label_smoothing", 0.0),
         z=options.get("z_loss", 0.0), cap=options.get("softcap"),
     ) if "normalizer" not in options else None  # fmt: skip
     if reference is not None:  # an empty mean is 0 in xloss (0/0 in the reference)
         reference = torch.nan_to_num(reference, nan=0.0)
         torch.testing.assert_close(eager[0].double(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_host_path_serves_plain_rows_and_nothing_else(monkeypatch):
+    """Plain (N, C) fp32 calls take host_cross_entropy; anything it does not handle (a
+    mask, 3-D input, int32 targets, fp16, a learnable weight, ...) takes the general path
+    and still gives the reference's number."""
+    from xloss.ops import fused_cross_entropy
+
+    served = []
+    host = fused_cross_entropy.host_cross_entropy
+    monkeypatch.setattr(
+        sys.modules["xloss.functional.cross_entropy"],
+        "host_cross_entropy",
+        lambda *a, **k: served.append(True) or host(*a, **k),
+    )
+    x, target = random_case(6, 11, seed=5)
+    target[2] = -100
+    weight = torch.rand(11, generator=torch.Generator().manual_seed(6)) + 0.5
+    calls = {
+        "plain": (x, target, {}),
+        "class_dim=-1": (x, target, dict(class_dim=-1)),
+        "weight": (x, target, dict(weight=weight)),
+        "normalizer": (x, target, dict(normalizer=4.0, reduction="sum")),
+        "mask": (x, target, dict(mask=target != 1)),
+        "3-D": (x.reshape(2, 3, 11), target.reshape(2, 3), dict(class_dim=-1)),
+        "int32": (x, target.int(), {}),
+        "fp16": (x.half(), target, {}),
+        "learnable weight": (x, target, dict(weight=weight.clone().requires_grad_())),
+        "tensor normalizer": (x, target, dict(normalizer=torch.tensor(4.0))),
+        "sample": (x, target, dict(reduction="sample")),
+        "strided": (torch.randn(11, 6).T, target, {}),
+    }
+    for name, (logits, labels, options) in calls.items():
+        served.clear()
+        out = xloss.cross_entropy(logits, labels, **options)
+        assert served == ([True] if name in ("plain", "class_dim=-1", "weight", "normalizer")
+                          else []), name  # fmt: skip
+        rows = logits.reshape(-1, 11).double() if name != "strided" else logits.double()
+        want = F.cross_entropy(
+            rows, labels.reshape(-1).long(), reduction=options.get("reduction", "mean")
+            if options.get("reduction") != "sample" else "none",
+            weight=None if "weight" not in options else options["weight"].detach().double(),
+        )  # fmt: skip
+        if name in ("normalizer", "tensor normalizer"):
+            want = F.cross_entropy(rows, labels.long(), reduction="sum") / 4.0
+        if name == "mask":
+            keep = (labels != 1) & (labels != -100)
+            want = F.cross_entropy(rows[keep], labels[keep])
+        # "sample" on (N, C): one position per sample, so each sample's mean is its row
+        tolerance = dict(atol=2e-3, rtol=2e-3) if name == "fp16" else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.double(), want, **tolerance)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_host_path_on_an_empty_batch(reduction):
+    x = torch.randn(0, 7, requires_grad=True)
+    out = xloss.cross_entropy(x, torch.zeros(0, dtype=torch.long), reduction=reduction,
+                              label_smoothing=0.1)  # fmt: skip
+    assert out.shape == ((0,) if reduction == "none" else ())
+    assert torch.all(out == 0)
+    out.sum().backward()
+    assert x.grad.shape == (0, 7)
+
+
+def test_host_path_all_rows_ignored_gives_zero_and_a_zero_gradient():
+    x = torch.randn(4, 7, requires_grad=True)
+    out = xloss.cross_entropy(x, torch.full((4,), -100), weight=torch.rand(7) + 0.5)
+    assert out.item() == 0.0
+    out.backward()
+    assert torch.all(x.grad == 0)
+
+
+def test_host_path_logits_changed_in_place_after_the_loss():
+    """Small logits are the second-order anchor themselves, kept as a plain attribute,
+    not saved: changing them in place after the loss (the gradient is already computed)
+    does not make the backward raise, and the gradient is that of the original logits."""
+    x, target = random_case(5, 9, seed=7)
+    logits = x.clone().requires_grad_()
+    hidden = logits * 1.0
+    loss = xloss.cross_entropy(hidden, target)
+    hidden.mul_(100.0)
+    loss.backward()
+    _, grad_ref = reference_rows(x, target, scale=1 / 5)
+    torch.testing.assert_close(logits.grad.double(), grad_ref, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_host_path_second_backward_raises_and_large_logits_are_not_kept(monkeypatch, small):
+    """Under create_graph=True the gradient raises when differentiated again, with the
+    logits as anchor (small) or grad_anchor's 0-dim tensor (large: the graph then keeps no
+    reference to the logits)."""
+    import weakref
+
+    from xloss.ops import fused_cross_entropy
+
+    if not small:
+        monkeypatch.setattr(fused_cross_entropy, "_SMALL_ANCHOR_ELEMENTS", 0)
+    hidden = torch.randn(6, 4)
+    weight = torch.randn(5, 4, requires_grad=True)
+    logits = hidden @ weight.T
+    alive = weakref.ref(logits)
+    loss = xloss.cross_entropy(logits, torch.tensor([0, 1, 2, 3, 4, 0]))
+    del logits
+    assert (alive() is not None) == small
+    (grad_weight,) = torch.autograd.grad(loss, weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        grad_weight.square().sum().backward()
 
 
 def test_eager_host_call_with_a_tensor_subclass_takes_the_op():

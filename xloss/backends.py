@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -59,11 +60,13 @@ def _check_name(name, source: str) -> str:
 
 
 def _numba_available() -> bool:
-    try:
-        from xloss.ops.kernel import kernel_available
-    except ImportError:
-        return False
-    return kernel_available()
+    kernel = sys.modules.get("xloss.ops.kernel")  # imported already: skip the import
+    if kernel is None:
+        try:
+            from xloss.ops import kernel
+        except ImportError:
+            return False
+    return kernel.kernel_available()
 
 
 def _triton_available() -> bool:

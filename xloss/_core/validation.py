@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -163,12 +164,16 @@ def eager_host(*tensors: Tensor | None) -> bool:
     dispatch mode (FakeTensor, a tracer) and no subclass. Their values can then be read
     through numpy, where a few operations on a small tensor cost microseconds instead of
     a torch op's dispatch each (a tracer would record such reads as constants)."""
+    return eager_mode() and all(t is None or (type(t) is Tensor and t.is_cpu) for t in tensors)
+
+
+def eager_mode() -> bool:
+    """:func:`eager_host` without tensors: no tracing, transform or dispatch mode."""
     return (
         not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
+        and not torch._C._is_tracing()
         and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
-        and all(t is None or (type(t) is Tensor and t.device.type == "cpu") for t in tensors)
     )
 
 
@@ -176,18 +181,12 @@ def check_index_target_range(
     target: Tensor, num_classes: int, ignore_index: int | None, valid: Tensor | None
 ) -> None:
     """Class indices at kept positions must lie in [0, num_classes). Synchronises."""
-    hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-    expected = f"`target` class indices must lie in [0, {num_classes - 1}]{hint}"
     if eager_host(target, valid) and not target.requires_grad:
-        values = target.numpy()  # the same test as below, without the per-op dispatch
-        bad = (values < 0) | (values >= num_classes)
-        if ignore_index is not None:
-            bad &= values != ignore_index
-        if valid is not None:
-            bad &= valid.numpy()
-        if bad.any():
-            raise ValueError(f"{expected}, found {int(values[bad].flat[0])}")
+        # the same test as below, without the per-op dispatch
+        valid = None if valid is None else valid.numpy()
+        check_index_values(target.numpy(), num_classes, ignore_index, valid)
         return
+    expected = _index_range_message(num_classes, ignore_index)
     bad = (target < 0) | (target >= num_classes)
     if ignore_index is not None:
         bad &= target != ignore_index
@@ -196,6 +195,30 @@ def check_index_target_range(
     if any_violation(bad, expected):
         value = int(target[bad].flatten()[0])
         raise ValueError(f"{expected}, found {value}")
+
+
+def _index_range_message(num_classes: int, ignore_index: int | None) -> str:
+    hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+    return f"`target` class indices must lie in [0, {num_classes - 1}]{hint}"
+
+
+def check_index_values(
+    values, num_classes: int, ignore_index: int | None, valid=None
+) -> None:
+    """:func:`check_index_target_range` on host numpy arrays: ``values`` the class
+    indices, ``valid`` None or a bool array of kept positions."""
+    if values.dtype == np.int64:  # one test: a negative index reads as >= 2**63 unsigned
+        bad = values.view(np.uint64) >= num_classes
+    else:
+        bad = (values < 0) | (values >= num_classes)
+    if ignore_index is not None:
+        bad &= values != ignore_index
+    if valid is not None:
+        bad &= valid
+    if bad.any():
+        raise ValueError(
+            f"{_index_range_message(num_classes, ignore_index)}, found {int(values[bad].flat[0])}"
+        )
 
 
 def check_normalizer(normalizer, validate_args: bool) -> None:

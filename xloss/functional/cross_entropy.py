@@ -26,6 +26,8 @@ from xloss._core.validation import (
 from xloss.ops.fused_cross_entropy import (
     fused_cross_entropy,
     fused_kernel_applies,
+    host_call_applies,
+    host_cross_entropy,
     kernel_fills_stats,
 )
 from xloss.ops.rows import cross_entropy_rows, row_stats, soft_cross_entropy_rows
@@ -235,6 +237,27 @@ def cross_entropy(
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
     check_return_stats(return_stats)
+    if (
+        mask is None
+        and lengths is None
+        and not inplace_backward
+        and not return_stats
+        and reduction != "sample"
+        and not isinstance(normalizer, Tensor)
+        and host_call_applies(input, target, weight, class_dim)
+    ):  # the common eager CPU call, on numpy (fixed cost: see host_cross_entropy)
+        return host_cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            normalizer=normalizer,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            validate_args=validate_args,
+        )
     check_floating_input(input)
     if inplace_backward:
         check_inplace_allowed(input)

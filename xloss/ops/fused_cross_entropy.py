@@ -49,7 +49,7 @@ from torch import Tensor
 
 from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
-from xloss._core.validation import eager_host
+from xloss._core.validation import check_index_values, eager_host, eager_mode
 from xloss.ops import kernel
 from xloss.ops.second_order import (
     KernelFunction,
@@ -120,6 +120,38 @@ def _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss, 
     else:
         output = (loss.double().sum() * grad_scale).float()
     return output, *stats
+
+
+_NO_WEIGHT = np.empty(0, dtype=np.float32)
+
+
+def _host_f32(logits, target, class_weight, settings, write_grad: bool):
+    """:func:`_fused` for an eager host call on fp32 logits without side outputs, on numpy
+    arrays: returns (output, grad) with grad None unless ``write_grad``. Each torch op
+    costs a few microseconds of dispatch, a numpy view or array a fraction of one, and at
+    16 x 256 the whole kernel takes about 10 microseconds."""
+    rows = logits.detach().numpy()
+    grad = kernel.gradient_buffer(logits.shape, logits.dtype) if write_grad else None  # R x C
+    loss = np.empty(rows.shape[0], dtype=np.float32)
+    weight = _NO_WEIGHT if class_weight is None else class_weight.detach().numpy()
+    options = (weight, np.float32(settings.label_smoothing), np.float32(settings.z_loss),
+               np.float32(settings.softcap))  # fmt: skip
+    scale = np.array([settings.grad_scale], dtype=np.float32)
+    kernel.run_f32(kernel._kernels(), rows, None if grad is None else grad.numpy(),
+                   target.numpy(), scale, options, loss)  # fmt: skip
+    if settings.per_row:
+        return torch.from_numpy(loss), grad
+    # as the op: the float64 sum times the float32 factor, rounded once to float32
+    total = float(loss.sum(dtype=np.float64)) * float(scale[0])
+    return torch.from_numpy(np.array(total, dtype=np.float32)), grad
+
+
+def _host_fused(logits, target, class_weight, settings: KernelSettings, write_grad: bool):
+    """The op's body on an eager host call: (output, grad, *stats), stats empty without
+    ``with_stats``; fp32 without side outputs takes :func:`_host_f32`."""
+    if logits.dtype == torch.float32 and not settings.with_stats:
+        return _host_f32(logits, target, class_weight, settings, write_grad)
+    return _fused(logits, target, class_weight, *settings, write_grad)
 
 
 def _fused(logits, target, class_weight, grad_scale, label_smoothing, z_loss, softcap,
@@ -218,10 +250,11 @@ def _all_ones(grad_output: Tensor) -> bool:
     return bool((grad_output == 1).all())
 
 
-def _kernel_backward(ctx, grad_output: Tensor | None, in_place: bool):
+def _kernel_backward(ctx, grad_output: Tensor | None, in_place: bool, saved=None):
     """The backward of the three Functions: the saved gradient scaled by ``grad_output``
-    for the logits (tagged under ``create_graph=True``), None for the other inputs."""
-    grad, anchor = ctx.saved_tensors
+    for the logits (tagged under ``create_graph=True``), None for the other inputs.
+    ``saved``: (gradient, anchor), by default ``ctx.saved_tensors``."""
+    grad, anchor = ctx.saved_tensors if saved is None else saved
     if grad_output is None:  # grads are not materialised
         return None, None, None, None, None
     grad_logits = _scale_grad(ctx, grad, grad_output, in_place=in_place)
@@ -286,21 +319,43 @@ class HostFusedCrossEntropy(torch.autograd.Function):
     """:class:`FusedCrossEntropy` for eager host calls (:func:`_eager_host`): the op's body
     runs directly, and this ``forward(ctx, ...)`` form skips the argument binding that
     ``setup_context`` Functions pay at every call (``torch.func`` needs that form, so
-    transformed calls take :class:`FusedCrossEntropy`). Same backward."""
+    transformed calls take :class:`FusedCrossEntropy`). Same backward. Returns the output
+    and, with ``with_stats``, the side outputs.
+
+    ``anchor`` (see :func:`_host_anchor`) is kept as an attribute of ``ctx``, not saved:
+    it may be the logits themselves, which a caller may change in place after the loss
+    (the gradient is already computed) without making the backward raise.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, class_weight, settings, anchor):
-        output, grad, *stats = _fused(logits, target, class_weight, *settings, True)
+        output, grad, *stats = _host_fused(logits, target, class_weight, settings, True)
         ctx.per_row = settings.per_row
         ctx.host = True
-        ctx.mark_non_differentiable(grad, *stats)
+        if stats:
+            ctx.mark_non_differentiable(*stats)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad, anchor)
-        return output, grad, *stats
+        ctx.save_for_backward(grad)
+        ctx.anchor = anchor
+        return output, *stats
 
     @staticmethod
     def backward(ctx, grad_output, *_grads_of_other_outputs):
-        return _kernel_backward(ctx, grad_output, in_place=False)
+        saved = (ctx.saved_tensors[0], ctx.anchor)
+        return _kernel_backward(ctx, grad_output, in_place=False, saved=saved)
+
+
+# Logits of at most this many elements are their own second-order anchor (see _host_anchor).
+_SMALL_ANCHOR_ELEMENTS = 2**18
+
+
+def _host_anchor(logits: Tensor) -> Tensor:
+    """The second-order anchor of :class:`HostFusedCrossEntropy`: small logits (at most
+    1 MiB in fp32) are their own anchor, kept alive with the graph; larger ones get
+    :func:`~xloss.ops.second_order.grad_anchor`, a 0-dim tensor that holds no memory of
+    theirs. Its three autograd nodes also run in every backward (with no gradient): about
+    25 microseconds a step measured here, more than the kernel takes at 16 x 256."""
+    return logits if logits.numel() <= _SMALL_ANCHOR_ELEMENTS else grad_anchor(logits)
 
 
 def _no_vmap(info, in_dims, *args):
@@ -378,6 +433,11 @@ def _host_scale(reduction, keep, denominator, normalizer, like: Tensor) -> float
         count = float(weights.sum())  # float32, as in _scalar_scale
     else:
         count = like.shape[0] if keep is None else int(keep.numpy().sum())
+    return _reciprocal(count)
+
+
+def _reciprocal(count) -> float:
+    """1/count rounded to float32, as :func:`_scalar_scale`'s tensor; 0 for count 0."""
     return 0.0 if count == 0 else float(np.float32(1.0) / np.float32(count))
 
 
@@ -433,13 +493,16 @@ def fused_cross_entropy(
     if in_place:
         anchor = grad_anchor(rows)  # made before the op overwrites the rows
         output, *stats = InplaceFusedCrossEntropy.apply(rows, index, class_weight, settings, anchor)
+    elif write_grad and eager:
+        anchor = _host_anchor(rows)
+        output, *stats = HostFusedCrossEntropy.apply(rows, index, class_weight, settings, anchor)
     elif write_grad:
         anchor = grad_anchor(rows)
-        function = HostFusedCrossEntropy if eager else FusedCrossEntropy
-        output, _, *stats = function.apply(rows, index, class_weight, settings, anchor)
+        output, _, *stats = FusedCrossEntropy.apply(rows, index, class_weight, settings, anchor)
+    elif eager:
+        output, _, *stats = _host_fused(rows, index, class_weight, settings, False)
     else:
-        run = _fused if eager else _fused_op
-        output, _, *stats = run(rows, index, class_weight, *settings, False)
+        output, _, *stats = _fused_op(rows, index, class_weight, *settings, False)
     stats = tuple(stats) if return_stats else None
     if not per_row:
         return output, stats
@@ -458,3 +521,86 @@ def _denominator(class_weight, target, keep):
         return None
     index = target.long() if keep is None else torch.where(keep, target.long(), 0)
     return class_weight[index]
+
+
+def host_call_applies(input, target, weight, class_dim) -> bool:
+    """:func:`host_cross_entropy` serves the call: plain contiguous (N, C) float32 CPU
+    logits with the class axis last (``class_dim`` 1 or -1), (N,) int64 CPU targets,
+    ``weight`` None or a plain contiguous (C,) float32 CPU tensor that no gradient is
+    asked for, in eager mode (no tracing, transform or dispatch mode: see
+    :func:`~xloss._core.validation.eager_host`) on the numba kernel. Only attribute
+    reads: a call that fails any test takes the general path, which validates it."""
+    return (
+        type(input) is Tensor
+        and type(target) is Tensor
+        and input.dtype == torch.float32
+        and target.dtype == torch.int64
+        and input.is_cpu
+        and target.is_cpu
+        and input.dim() == 2
+        and target.dim() == 1
+        and type(class_dim) is int
+        and class_dim in (1, -1)
+        and target.shape[0] == input.shape[0]
+        and input.shape[1] > 0
+        and input.is_contiguous()
+        and (weight is None or _plain_weight(weight, input.shape[1]))
+        and eager_mode()
+        and backends.select("cpu", torch.float32) == "numba"
+    )
+
+
+def _plain_weight(weight, num_classes: int) -> bool:
+    return (
+        type(weight) is Tensor
+        and weight.dtype == torch.float32
+        and weight.is_cpu
+        and weight.shape == (num_classes,)
+        and weight.is_contiguous()
+        and not (weight.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def host_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    class_weight: Tensor | None,
+    *,
+    ignore_index: int | None,
+    reduction: str,
+    normalizer: float | None,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    validate_args: bool,
+) -> Tensor:
+    """``xloss.cross_entropy`` on a call :func:`host_call_applies` to, with reduction
+    "none", "mean" or "sum" and a numeric ``normalizer`` or None; settings validated.
+
+    The steps of :func:`fused_cross_entropy` with the target, the kept rows and the
+    mean's factor as numpy arrays and floats, and the kernel launched on numpy views
+    (:func:`_host_f32`): at 16 x 256 every torch op saved is a few percent of the call.
+    """
+    values = target.numpy()
+    keep = None if ignore_index is None else values != ignore_index
+    if validate_args:
+        check_index_values(values, logits.shape[1], ignore_index, keep)
+    index = torch.from_numpy(kernel.kernel_target_array(values, keep, checked=validate_args))
+    per_row = normalizer is None and reduction == "none"
+    if per_row:
+        scale = 1.0
+    elif class_weight is not None and reduction == "mean" and normalizer is None:
+        keep_tensor = None if keep is None else torch.from_numpy(keep)
+        denominator = _denominator(class_weight, target, keep_tensor)
+        scale = _host_scale(reduction, keep_tensor, denominator, None, logits)
+    elif normalizer is not None or reduction == "sum":
+        scale = _host_scale(reduction, None, None, normalizer, logits)
+    else:
+        scale = _reciprocal(values.shape[0] if keep is None else int(np.count_nonzero(keep)))
+    settings = KernelSettings(
+        scale, label_smoothing, z_loss, 0.0 if softcap is None else softcap, per_row, False
+    )
+    if torch.is_grad_enabled() and logits.requires_grad:
+        anchor = _host_anchor(logits)
+        return HostFusedCrossEntropy.apply(logits, index, class_weight, settings, anchor)[0]
+    return _host_f32(logits, index, class_weight, settings, False)[0]

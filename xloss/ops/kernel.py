@@ -289,7 +289,6 @@ def _launch(
     source = _as_array(logits)
     stats_arrays = (None, None) if stats is None else _stats_arrays(stats, num_rows)
     target_array = target.detach().numpy()
-    bad_row = np.array([-1], dtype=np.int64)  # the kernel's out-of-range report
     write = dest is not None
     if write and (dest.shape != logits.shape or dest.dtype != logits.dtype):
         raise ValueError("the gradient buffer must have the logits' shape and dtype")
@@ -297,28 +296,46 @@ def _launch(
         raise ValueError("the gradient buffer must be contiguous")
     if logits.dtype == torch.float32:
         in_place = write and dest.data_ptr() == logits.data_ptr()
-        # In place passes one array: aliased source/dest arrays would defeat vectorisation.
-        rows_source = np.empty((0, 0), np.float32) if in_place else source
-        rows_dest = _as_array(dest) if write else np.empty((0, 0), np.float32)
-        arguments = (
-            rows_source, rows_dest, target_array, scale, *settings,
-            write and not in_place, write, loss.numpy(), bad_row, *stats_arrays,
+        rows_dest = _as_array(dest) if write else None
+        run_f32(kernels, source, rows_dest, target_array, scale, settings, loss.numpy(),
+                in_place=in_place, stats=stats_arrays)  # fmt: skip
+        return loss
+    bad_row = np.array([-1], dtype=np.int64)  # the kernel's out-of-range report
+    rows_dest = _as_array(dest) if write else np.empty((0, 0), np.uint16)
+    with parallel_region():
+        kernels.rows_half(
+            source, rows_dest, target_array, scale, *settings,
+            logits.dtype == torch.bfloat16, write, loss.numpy(), bad_row, *stats_arrays,
         )  # fmt: skip
-        if _serial(logits):
-            kernels.rows_f32_serial(*arguments)
-        else:
-            with parallel_region():
-                kernels.rows_f32(*arguments)
-    else:
-        rows_dest = _as_array(dest) if write else np.empty((0, 0), np.uint16)
-        with parallel_region():
-            kernels.rows_half(
-                source, rows_dest, target_array, scale, *settings,
-                logits.dtype == torch.bfloat16, write, loss.numpy(), bad_row, *stats_arrays,
-            )  # fmt: skip
     if bad_row[0] >= 0:
         _raise_out_of_range(int(bad_row[0]), int(target_array[bad_row[0]]), logits.shape[1])
     return loss
+
+
+_NO_ROWS = np.empty((0, 0), np.float32)
+
+
+def run_f32(kernels, source, dest, target, scale, settings, loss, *, in_place=False,
+            stats=(None, None)) -> None:  # fmt: skip
+    """The fp32 kernel on numpy arrays that :func:`_launch` (or the eager host path of
+    ``xloss.ops.fused_cross_entropy``) checked: (R, C) ``source``, ``dest`` (R, C) or None
+    (loss only; the same array as ``source`` with ``in_place``), (R,) int64 ``target``,
+    ``scale`` (1,) or (R,) float32, ``settings`` (weight, eps, z, cap), (R,) float32
+    ``loss`` to fill. Raises when a kept target is out of range."""
+    write = dest is not None
+    bad_row = np.array([-1], dtype=np.int64)  # the kernel's out-of-range report
+    # In place passes one array: aliased source/dest arrays would defeat vectorisation.
+    arguments = (
+        _NO_ROWS if in_place else source, dest if write else _NO_ROWS, target, scale,
+        *settings, write and not in_place, write, loss, bad_row, *stats,
+    )  # fmt: skip
+    if _serial(source.size):
+        kernels.rows_f32_serial(*arguments)
+    else:
+        with parallel_region():
+            kernels.rows_f32(*arguments)
+    if bad_row[0] >= 0:
+        _raise_out_of_range(int(bad_row[0]), int(target[bad_row[0]]), source.shape[1])
 
 
 # Below this many logits an fp32 launch runs in the calling thread. A parallel launch hands
@@ -327,9 +344,9 @@ def _launch(
 SERIAL_ELEMENTS = 2**18
 
 
-def _serial(logits: Tensor) -> bool:
+def _serial(elements: int) -> bool:
     """Run the fp32 kernel in the calling thread: a small problem, or one thread anyway."""
-    return logits.numel() <= SERIAL_ELEMENTS or torch.get_num_threads() == 1
+    return elements <= SERIAL_ELEMENTS or torch.get_num_threads() == 1
 
 
 def _stats_arrays(stats: tuple[Tensor, Tensor], num_rows: int):
@@ -346,11 +363,21 @@ def kernel_target(index: Tensor, keep: Tensor | None) -> Tensor:
     """int64 targets for the row kernels: -1 where ``keep`` drops the row, and a kept
     negative index y as y + 2**62, which the kernel rejects instead of dropping the row."""
     if eager_host(index, keep):  # numpy: a few microseconds where each torch op costs more
-        values = index.numpy()
-        values = np.where(values < 0, values + NEGATIVE_TARGET_SHIFT, values)
-        return torch.from_numpy(values if keep is None else np.where(keep.numpy(), values, -1))
+        return torch.from_numpy(
+            kernel_target_array(index.numpy(), None if keep is None else keep.numpy())
+        )
     index = torch.where(index < 0, index + NEGATIVE_TARGET_SHIFT, index)
     return index if keep is None else torch.where(keep, index, -1)
+
+
+def kernel_target_array(
+    index: np.ndarray, keep: np.ndarray | None, checked: bool = False
+) -> np.ndarray:
+    """:func:`kernel_target` on numpy arrays (``index`` itself when nothing changes; the
+    kernels only read it). ``checked``: every kept index is known to lie in [0, C)."""
+    if not checked and index.size and index.min() < 0:
+        index = np.where(index < 0, index + NEGATIVE_TARGET_SHIFT, index)
+    return index if keep is None else np.where(keep, index, -1)
 
 
 def _raise_out_of_range(row: int, value: int, num_classes: int) -> None:
