@@ -250,6 +250,55 @@ def test_validation_on_the_kernel_path_raises_and_in_place_leaves_the_input(kern
     assert len(kernel_calls) == 4
 
 
+@pytest.mark.parametrize(
+    "value", [1.0000001, -1e-30, float("inf"), float("-inf"), float("nan"), -1.0, 3e38]
+)
+def test_every_kind_of_bad_target_is_caught_and_negative_zero_is_not_one(value, kernel_calls):
+    """The kernel flags a bad target by its bit pattern (an unsigned max); values just
+    outside [0, 1], infinities, NaN and negatives all raise, in the last element of a
+    long row too; -0.0 (flagged by the bits, cleared by the exact check) gives the loss
+    of +0.0."""
+    x = torch.randn(3, 2500, generator=torch.Generator().manual_seed(5))
+    y = (torch.rand(3, 2500, generator=torch.Generator().manual_seed(6)) < 0.1).float()
+    bad = y.clone()
+    bad[-1, -1] = value
+    with pytest.raises(ValueError, match=r"`target` must lie in \[0, 1\], found"):
+        bce(x.clone().requires_grad_(), bad)
+    mask = torch.ones_like(y, dtype=torch.bool)
+    mask[-1, -1] = False
+    assert torch.isfinite(bce(x, bad, mask=mask))  # a dropped bad target is no error
+    zeros = torch.where(y == 0, -0.0, y)
+    assert torch.signbit(zeros).any()
+    logits, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    bce(logits, zeros, pos_weight=torch.tensor(2.0)).backward()
+    bce(plain, y, pos_weight=torch.tensor(2.0)).backward()
+    assert torch.equal(logits.grad, plain.grad)
+    assert len(kernel_calls) == 4
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_dropped_elements_with_nan_and_inf_logits_leave_no_trace(name, kernel_calls):
+    """A dropped element's gradient and loss are cleared bit-wise: NaN, inf and -inf
+    logits there give exact zeros, and the loss of the kept elements is unchanged."""
+    loss_fn, _, _ = LOSSES[name]
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(8))
+    y = (torch.rand(4, 7, generator=torch.Generator().manual_seed(9)) < 0.3).float()
+    mask = torch.rand(4, 7, generator=torch.Generator().manual_seed(10)) < 0.7
+    garbage = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(10)[:28]
+    dirty = torch.where(mask, x, garbage.reshape(4, 7)).requires_grad_()
+    clean = torch.where(mask, x, 0.0).requires_grad_()
+    for reduction in ("sum", "none"):
+        for logits in (dirty, clean):
+            logits.grad = None
+            loss_fn(logits, y, mask=mask, reduction=reduction).sum().backward()
+        torch.testing.assert_close(dirty.grad, clean.grad, rtol=0, atol=0)
+        assert torch.equal(dirty.grad[~mask], torch.zeros(int((~mask).sum())))
+    values = loss_fn(dirty, y, mask=mask, reduction="none")
+    assert torch.equal(values[~mask], torch.zeros(int((~mask).sum())))
+    assert torch.isfinite(values).all()
+    assert len(kernel_calls) == 5
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_out_of_range_targets_without_validation_agree_with_the_portable_path(name, kernel_calls):
     loss_fn, _, _ = LOSSES[name]

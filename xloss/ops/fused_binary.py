@@ -121,11 +121,15 @@ def _array(tensor: Tensor):
 
 
 def _raise_bad_target(target: Tensor, keep: Tensor | None, ignore_index: int | None):
-    """The error of a kept target outside [0, 1] (the failure path only)."""
+    """The error of a kept target outside [0, 1], after the kernel flagged one (the failure
+    path only). The kernel's flag is a bit-pattern test that -0.0 raises too: this exact
+    test decides, and returns when it finds none."""
     values = target.float()
     bad = ~((values >= 0) & (values <= 1))
     if keep is not None:
         bad &= keep.expand_as(bad)
+    if not bool(bad.any()):
+        return  # a false alarm (-0.0 targets)
     value = float(values[bad].flatten()[0])
     hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
     raise ValueError(f"`target` must lie in [0, 1]{hint}, found {value}")
