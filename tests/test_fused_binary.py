@@ -326,6 +326,27 @@ def test_torch_func_grad_equals_autograd(name):
     torch.testing.assert_close(grad, leaf.grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "sample"])
+def test_eager_host_path_equals_the_op_path_bit_for_bit(reduction):
+    """Eager calls take HostFusedBinary (no argument binding, a float mean factor); a
+    torch.func transform takes FusedBinary and the custom op. Same values and gradients."""
+    x, y = make_data((5, 7), seed=12)
+    x, y = x.float(), y.float()
+    pos_weight = torch.linspace(0.5, 2.0, 7)
+
+    def loss(logits):
+        return weighted_sum(bce(logits, y, pos_weight=pos_weight, reduction=reduction))
+
+    grad, value = torch.func.grad_and_value(loss)(x)
+    leaf = x.clone().requires_grad_()
+    eager = bce(leaf, y, pos_weight=pos_weight, reduction=reduction)
+    if reduction in ("mean", "sum"):
+        assert type(eager.grad_fn).__name__ == "HostFusedBinaryBackward"
+    weighted_sum(eager).backward()
+    assert torch.equal(weighted_sum(eager.detach()), value)
+    assert torch.equal(leaf.grad, grad)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_vmap_raises_naming_the_portable_path(requires_grad):
     x = torch.randn(3, 4, 5, requires_grad=requires_grad)

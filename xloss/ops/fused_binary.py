@@ -136,6 +136,12 @@ def _raise_bad_target(target: Tensor, keep: Tensor | None, ignore_index: int | N
 
 
 _filled: dict = {}  # (dtype, length) -> a numpy array of ones / Trues, reused across calls
+# the kernels' "absent" arrays (length 0), by the logits' dtype; never written
+_EMPTY = {
+    torch.float32: np.empty(0, dtype=np.float32),
+    torch.float16: np.empty(0, dtype=np.uint16),
+    torch.bfloat16: np.empty(0, dtype=np.uint16),
+}
 
 
 def _filled_array(fill, length: int):
@@ -188,12 +194,12 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
             return np.full(rows_per_item * width, scale, dtype=np.float32)
         return pattern(weight, 1.0) * scale if scale != 1 else pattern(weight, 1.0)
 
-    empty = _array(logits.new_empty(0))
+    empty = _EMPTY[logits.dtype]
     # the arguments after `check_first`, the same for every launch
     shared = (
         scaled_weight(),
         pattern(keep, True),
-        np.tile(_array(pos_col), rows_per_item),
+        _array(pos_col) if rows_per_item == 1 else np.tile(_array(pos_col), rows_per_item),
         _array(pos_row),
         width,
         rows_per_item,
@@ -221,9 +227,9 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
     # One launch writes one array: the element losses (first, while the logits are still
     # there in place, which also checks the targets before the logits are overwritten),
     # then the gradient; without either, the loss sums only.
-    element_loss = logits.new_empty(num_rows * width if out_mode == ELEMENTS else 0)
+    element_loss = logits.new_empty(num_rows * width) if out_mode == ELEMENTS else None
     if out_mode == ELEMENTS or dest is None:
-        total = launch(empty, _array(element_loss), False, False)
+        total = launch(empty, empty if element_loss is None else _array(element_loss), False, False)
     if dest is not None:
         checked = out_mode == ELEMENTS  # the first launch raised on a bad target
         total = launch(_array(dest), empty, in_place, validate and in_place and not checked)
@@ -232,7 +238,8 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
     if out_mode == ROWS:  # rows_per_item is 1: items are the row's tiles in order
         rows = item_loss.astype(np.float64).reshape(num_rows, tiles_per_row).sum(1)
         return torch.from_numpy(rows.astype(np.float32))
-    return torch.tensor(total, dtype=torch.float32)  # the sum of the scaled losses
+    # the sum of the scaled losses (from numpy: a few microseconds less than torch.tensor)
+    return torch.from_numpy(np.array(total, dtype=np.float32))
 
 
 def _fused(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params, out_mode,
@@ -335,9 +342,17 @@ def _(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params, 
     return _output_like(logits, out_mode)
 
 
+def _all_ones(grad_output: Tensor) -> bool:
+    """Every factor is exactly 1; a single factor (the usual ``loss.backward()``) takes one
+    read instead of two torch ops."""
+    if grad_output.numel() == 1:
+        return grad_output.item() == 1.0
+    return bool((grad_output == 1).all())
+
+
 def _scale_grad(grad: Tensor, grad_output: Tensor, out_mode: int, in_place: bool) -> Tensor:
     """grad * grad_output; no multiply when every factor is exactly 1 (eager only)."""
-    if not torch.compiler.is_compiling() and bool((grad_output == 1).all()):
+    if not torch.compiler.is_compiling() and _all_ones(grad_output):
         return grad
     factor = grad_output.unsqueeze(-1) if out_mode == ROWS else grad_output
     return grad.mul_(factor) if in_place else (grad * factor).to(grad.dtype)
@@ -372,6 +387,27 @@ class FusedBinary(KernelFunction):
         return (first_order_only(grad_logits, logits, WHAT),) + (None,) * 6
 
 
+class HostFusedBinary(torch.autograd.Function):
+    """:class:`FusedBinary` for eager host calls (:func:`~xloss._core.validation.eager_host`):
+    the op's body runs directly, and this ``forward(ctx, ...)`` form skips the argument
+    binding (``inspect.signature``) that ``setup_context`` Functions pay at every call
+    (``torch.func`` needs that form, so transformed calls take :class:`FusedBinary`).
+    Same steps, same backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, keep, pos_col, pos_row, settings):
+        output, grad = _fused(logits, target, weight, keep, pos_col, pos_row, *settings, True)
+        ctx.out_mode = settings.out_mode
+        ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad, logits)
+        return output, grad
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_of_grad):
+        return FusedBinary.backward(ctx, grad_output, _grad_of_grad)
+
+
 class InplaceFusedBinary(KernelFunction):
     """The in-place op with autograd: the logits' storage becomes their gradient.
 
@@ -400,7 +436,7 @@ class InplaceFusedBinary(KernelFunction):
 class KernelSettings(NamedTuple):
     """The non-tensor arguments of both ops, in their order."""
 
-    grad_scale: Tensor  # 0-dim float32
+    grad_scale: Tensor | float  # 0-dim float32; a float on eager host calls
     kind: int
     params: list[float]
     out_mode: int
@@ -454,6 +490,7 @@ def fused_binary_loss(
     if reduction == "sample" and normalizer is None and not batched:
         raise ValueError("reduction='sample' needs a batch axis, but `input` is unbatched")
     num_rows, width = _rows_layout(shape, dim)
+    host = eager_host(input, target, weight, pos_weight, keep)
     # R x L: a view of the caller's logits when they are contiguous, else a private copy
     logits = input.reshape(num_rows, width).contiguous()
     target_type = target.dtype if target.dtype == input.dtype else torch.float32
@@ -475,8 +512,11 @@ def fused_binary_loss(
     if normalizer is not None:
         out_mode = SCALAR
         scale = safe_divide(torch.ones((), dtype=torch.float32), normalizer)
-    elif reduction == "mean" and keep is None and not torch.compiler.is_compiling():
+    elif reduction == "mean" and keep is None and host:
         out_mode = SCALAR  # numel > 0 here; one fp32 division, as safe_divide's
+        scale = float(np.float32(1.0) / np.float32(input.numel()))
+    elif reduction == "mean" and keep is None and not torch.compiler.is_compiling():
+        out_mode = SCALAR
         scale = torch.tensor(np.float32(1.0) / np.float32(input.numel()))
     elif reduction in ("sum", "mean"):
         out_mode = SCALAR
@@ -487,8 +527,10 @@ def fused_binary_loss(
     else:
         out_mode = ELEMENTS if reduction == "none" else ROWS
         scale = torch.ones((), dtype=torch.float32)
+    if isinstance(scale, Tensor) and (scale.dtype != torch.float32 or scale.dim() != 0):
+        scale = scale.float().reshape(())
     settings = KernelSettings(
-        scale if scale.dtype == torch.float32 and scale.dim() == 0 else scale.float().reshape(()),
+        scale,
         kind,
         [float(smoothing[0]), float(smoothing[1]), *map(float, params)],
         out_mode,
@@ -500,7 +542,7 @@ def fused_binary_loss(
     if write_grad and inplace_backward:
         output = InplaceFusedBinary.apply(*tensors, settings)
     elif write_grad:
-        output, _ = FusedBinary.apply(*tensors, settings)
+        output, _ = (HostFusedBinary if host else FusedBinary).apply(*tensors, settings)
     else:
         output, _ = fused_op(*tensors, *settings, False)
     if out_mode == SCALAR:
