@@ -113,11 +113,13 @@ def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
 
 
 def _array(tensor: Tensor):
-    """A flat numpy view of a contiguous CPU tensor; fp16 and bf16 as uint16 bits."""
-    tensor = tensor.detach().reshape(-1)
+    """A flat numpy view of a contiguous CPU tensor; fp16 and bf16 as uint16 bits. The
+    reshape is numpy's: a fraction of a torch op's dispatch."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
     if tensor.dtype in (torch.float16, torch.bfloat16):
-        return tensor.view(torch.int16).numpy().view("uint16")
-    return tensor.numpy()
+        return tensor.view(torch.int16).numpy().view("uint16").reshape(-1)
+    return tensor.numpy().reshape(-1)
 
 
 def _raise_bad_target(target: Tensor, keep: Tensor | None, ignore_index: int | None):
@@ -135,7 +137,7 @@ def _raise_bad_target(target: Tensor, keep: Tensor | None, ignore_index: int | N
     raise ValueError(f"`target` must lie in [0, 1]{hint}, found {value}")
 
 
-_filled: dict = {}  # (dtype, length) -> a numpy array of ones / Trues, reused across calls
+_filled: dict = {}  # (dtype, fill, length) -> a numpy array, reused across calls
 # the kernels' "absent" arrays (length 0), by the logits' dtype; never written
 _EMPTY = {
     torch.float32: np.empty(0, dtype=np.float32),
@@ -145,10 +147,11 @@ _EMPTY = {
 
 
 def _filled_array(fill, length: int):
-    """A numpy array of ``length`` ones (float32) or Trues (bool), cached (the kernels
-    only read it; a read-only flag would make numba compile another specialisation)."""
+    """A numpy array of ``length`` copies of ``fill`` (float32) or Trues (bool), cached
+    (the kernels only read it; a read-only flag would make numba compile another
+    specialisation)."""
     dtype = np.bool_ if fill is True else np.float32
-    key = (dtype, length)  # not (fill, length): True == 1.0 as a dict key
+    key = (dtype, float(fill), length)  # with the dtype: True == 1.0 as a dict key
     array = _filled.get(key)
     if array is None:
         if len(_filled) > 16:
@@ -188,10 +191,8 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
         """The element weight times grad_scale (the kernel writes weight * dl/dx and sums
         weight * loss): no multiply by the scale per element. fp32 like the kernel."""
         scale = np.float32(grad_scale)
-        if weight is None:
-            if scale == 1:
-                return _filled_array(1.0, rows_per_item * width)
-            return np.full(rows_per_item * width, scale, dtype=np.float32)
+        if weight is None:  # the same few (scale, length) pairs at every step
+            return _filled_array(scale, rows_per_item * width)
         return pattern(weight, 1.0) * scale if scale != 1 else pattern(weight, 1.0)
 
     empty = _EMPTY[logits.dtype]
@@ -433,6 +434,9 @@ class InplaceFusedBinary(KernelFunction):
         return (first_order_only(grad_logits, grad, WHAT),) + (None,) * 6
 
 
+_ONE_ROW = torch.ones(1, dtype=torch.float32)  # read only, by the kernels
+
+
 class KernelSettings(NamedTuple):
     """The non-tensor arguments of both ops, in their order."""
 
@@ -501,13 +505,18 @@ def fused_binary_loss(
     keep_rows = None if keep is None else _as_rows(keep.expand(shape), num_rows, width, torch.bool)
     pos_col = pos_row = None
     if pos_weight is not None:
+        along_rows = dim is None or dim == len(shape) - 1  # else one value per row
+        size = width if along_rows else shape[dim]
         values = pos_weight.detach().to(torch.float32).reshape(-1)
-        if dim is None or dim == len(shape) - 1:
-            pos_col = values.expand(width).contiguous()
+        if values.numel() != size or not values.is_contiguous():
+            values = values.expand(size).contiguous()
+        if along_rows:
+            pos_col = values
         else:
-            pos_row = values.expand(shape[dim]).contiguous()
+            pos_row = values
     pos_col = torch.ones(width, dtype=torch.float32) if pos_col is None else pos_col
-    pos_row = torch.ones(1, dtype=torch.float32) if pos_row is None else pos_row
+    if pos_row is None:  # one value for every row; a shared constant on eager host calls
+        pos_row = _ONE_ROW if host else torch.ones(1, dtype=torch.float32)
 
     if normalizer is not None:
         out_mode = SCALAR
