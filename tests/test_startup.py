@@ -108,3 +108,20 @@ def test_half_kernels_load_from_the_cache_too(dtype, tmp_path):
     for _ in range(2):  # the second process loads what the first may have compiled
         done = _run(code, tmp_path)
         assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_numbas_pedantic_ir_warning_is_silenced_once_the_kernels_load():
+    """numba's "internal pedantic check" (NumbaIRAssumptionWarning) fires a dozen times
+    while the fp16/bf16 binary kernels compile; loading the kernels silences it."""
+    import warnings
+
+    from numba.core.errors import NumbaIRAssumptionWarning
+
+    from xloss.ops import kernel
+
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        kernel._import_kernels()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("variable 'x' is not in scope.", NumbaIRAssumptionWarning, stacklevel=1)
+    assert caught == []

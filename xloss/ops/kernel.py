@@ -109,7 +109,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _import_kernels(name: str = "xloss.ops._numba_rows"):
     """Import (compile or load) the kernel module ``name``; when numba cannot cache next
-    to the package nor in the home directory, compile without a disk cache (one warning)."""
+    to the package nor in the home directory, compile without a disk cache (one warning).
+
+    numba's SSA pass reports variables of xloss's inlined fp16/bf16 helpers as "not in
+    scope" (``NumbaIRAssumptionWarning``, "an internal pedantic check", a dozen lines per
+    cold compile asking to report it to numba); the compiled code is right (tested), so
+    that one warning category is silenced once the kernels are first imported.
+    """
+    from numba.core.errors import NumbaIRAssumptionWarning
+
+    warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
     try:
         return importlib.import_module(name)
     except RuntimeError as error:
