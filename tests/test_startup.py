@@ -125,3 +125,65 @@ def test_numbas_pedantic_ir_warning_is_silenced_once_the_kernels_load():
         with warnings.catch_warnings(record=True) as caught:
             warnings.warn("variable 'x' is not in scope.", NumbaIRAssumptionWarning, stacklevel=1)
     assert caught == []
+
+
+def test_a_cache_hit_imports_no_numba_module_for_inlined_functions(tmp_path):
+    """A cached kernel that inlines np.empty (from numba.np.arrayobj) loads without
+    importing that module (its runtime environment is rebuilt without it); the kernel
+    runs, raises its own errors, and a later compile in the same process gets the real
+    environment and works."""
+    module = tmp_path / "scratch_kernel.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            from numba import njit
+
+            @njit(cache=True)
+            def scaled_copy(values, factor):
+                if factor < 0:
+                    raise ValueError("negative factor")
+                out = np.empty(values.shape[0], dtype=np.float32)
+                for i in range(values.shape[0]):
+                    out[i] = values[i] * factor
+                return out
+            """
+        )
+    )
+    code = f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import numpy as np
+        from xloss.ops import _numba_rows
+        import scratch_kernel
+        _numba_rows._load_cache_without_refresh(scratch_kernel.scaled_copy)
+        values = np.arange(5, dtype=np.float32)
+        assert (scratch_kernel.scaled_copy(values, np.float32(2.0)) == 2 * values).all()
+        try:
+            scratch_kernel.scaled_copy(values, np.float32(-1.0))
+        except ValueError as error:
+            assert "negative factor" in str(error)
+        else:
+            raise AssertionError("no error")
+        print("arrayobj" if "numba.np.arrayobj" in sys.modules else "no arrayobj")
+        from numba import njit
+        from numba.core.environment import Environment
+
+        @njit
+        def sorted_copy(a):
+            out = np.empty_like(a)
+            out[:] = np.sort(a)
+            return out
+
+        assert (sorted_copy(values[::-1].copy()) == values).all()
+        envs = [e for e in list(Environment._memo.values()) if e.globals.get("__name__")
+                == "numba.np.arrayobj"]
+        assert envs and all(len(e.globals) > 1 for e in envs)  # real module globals
+        print("ok")
+    """
+    cache = dict(NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    cold = _run(code, tmp_path, **cache)
+    warm = _run(code, tmp_path, **cache)
+    assert cold.returncode == 0 and warm.returncode == 0, cold.stderr + warm.stderr
+    assert cold.stdout.splitlines() == ["arrayobj", "ok"]
+    assert warm.stdout.splitlines() == ["no arrayobj", "ok"]

@@ -19,6 +19,7 @@ scratch row and narrowed back with round-to-nearest-even.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -628,6 +629,36 @@ COLD_COMPILE_NOTICE = (
 _notice_shown: list[bool] = []
 
 
+@contextlib.contextmanager
+def _environments_without_imports():
+    """While a cached kernel loads, rebuild the runtime environment of each function it
+    inlined from a numba module that is not imported yet (``numba.np.arrayobj`` for
+    ``np.empty``, which imports numba's string and hashing code: about 50 ms of a
+    0.5 s warm start) without importing that module. Such an environment holds the
+    module's globals for object-mode code, which nopython kernels never run; the one made
+    here is not registered, so a later compile that needs the real one builds it."""
+    from numba.core import environment
+
+    rebuild = getattr(environment, "_rebuild_env", None)
+    if rebuild is None:  # another numba: nothing to change
+        yield
+        return
+
+    def rebuild_without_import(modname, consts, env_name):
+        if modname in sys.modules or environment.lookup_environment(env_name) is not None:
+            return rebuild(modname, consts, env_name)
+        env = environment.Environment({"__name__": modname})
+        env.consts[:] = consts
+        env.env_name = env_name
+        return env
+
+    environment._rebuild_env = rebuild_without_import  # pickle finds it by name
+    try:
+        yield
+    finally:
+        environment._rebuild_env = rebuild
+
+
 def _load_cache_without_refresh(dispatcher) -> None:
     """Make ``dispatcher``'s cache hits skip numba's target refresh (see above)."""
     cache = getattr(dispatcher, "_cache", None)
@@ -638,7 +669,7 @@ def _load_cache_without_refresh(dispatcher) -> None:
         from numba.core.runtime import rtsys
 
         rtsys.initialize(target_context)
-        with cache._guard_against_spurious_io_errors():
+        with cache._guard_against_spurious_io_errors(), _environments_without_imports():
             compiled = cache._load_overload(sig, target_context)
         if compiled is None:
             if not _notice_shown:
