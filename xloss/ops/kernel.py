@@ -119,6 +119,37 @@ def _import_kernels(name: str = "xloss.ops._numba_rows"):
     from numba.core.errors import NumbaIRAssumptionWarning
 
     warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
+    module = _import_or_compile(name)
+    _type_arrays_directly(module)
+    return module
+
+
+def _type_arrays_directly(module) -> None:
+    """Give the kernels of ``module`` a ``typeof_pyval`` that types a plain ndarray as
+    numba does, without numba's first test, ``isinstance(val, np.ma.MaskedArray)``: that
+    attribute imports ``numpy.ma`` (about 15 ms of a warm first call) at the first
+    launch, when numba types each argument in Python once. Anything but an exact
+    ndarray (a MaskedArray included) goes to numba's own."""
+    from numba.core import types
+    from numba.core.dispatcher import Dispatcher
+    from numba.np import numpy_support
+
+    def typer(numba_typeof):
+        def typeof_pyval(value):
+            if type(value) is not np.ndarray:
+                return numba_typeof(value)
+            dtype = numpy_support.from_dtype(value.dtype)
+            layout = numpy_support.map_layout(value)
+            return types.Array(dtype, value.ndim, layout, readonly=not value.flags.writeable)
+
+        return typeof_pyval
+
+    for kernel in vars(module).values():
+        if isinstance(kernel, Dispatcher) and "typeof_pyval" not in vars(kernel):
+            kernel.typeof_pyval = typer(kernel.typeof_pyval)
+
+
+def _import_or_compile(name: str):
     try:
         return importlib.import_module(name)
     except RuntimeError as error:
