@@ -22,7 +22,12 @@ Both autograd formulas are ``autograd.Function`` s with ``setup_context``, so
 ``torch.func.grad`` works as well as ``torch.compile``. In eager mode with plain CPU
 tensors they run the ops' bodies directly (:func:`fused_op`, :func:`fused_inplace_op`):
 the custom op's Python dispatch costs a tenth of a millisecond, more with the caches cold
-after a pass over tens of MB, a few percent of the whole call at 4096 x 1000.
+after a pass over tens of MB, a few percent of the whole call at 4096 x 1000. An eager
+out-of-place call with a gradient takes :class:`HostFusedBinary` (``forward(ctx)`` form,
+no argument binding, the mean's factor as a float). Every Python step here costs about
+3x as much after the kernel's pass as with warm caches (measured: 0.26 -> 0.9 ms of
+forward outside the kernel at 4 x 10 with a 64 MB copy before each call), which is why
+the host path counts torch ops.
 
 Forward, step by step:
 
