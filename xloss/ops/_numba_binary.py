@@ -21,7 +21,12 @@ multiply-adds and nothing divides (no SVML here, so ``math.exp`` would not vecto
 the vector division of 1/(1+e) was the largest single cost measured): e from a degree-5
 polynomial with 2^n added to its exponent bits; l1 = e P(e), P of degree 7 on [0, 1];
 1/(1+e) from a quadratic and two Newton steps. Each is within a few ulp (tested over a
-sweep of logits against float64).
+sweep of logits against float64). The two polynomials are evaluated in Estrin's form
+(pairs of terms combined by powers of the argument, three and four dependent steps
+instead of five and eight, one and two operations more): the compiled loop (16 lanes,
+two vectors per iteration) runs at about half the rate its operation count allows, held
+back by the length of its dependency chains, and Estrin's form made the BCE kernel
+1.06x (0.97-1.41) faster than Horner's at 4096 x 1000 (11 interleaved rounds).
 
 Options that are absent are passed as ones (weight, pos_weight, keep), so the element
 loop has no branch; the weight carries the reduction's scale (1/count of a mean), one
@@ -135,15 +140,11 @@ _L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7 = (
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def _log1p_unit(e):
     """log(1 + e) for e in [0, 1], a polynomial e P(e): no division, so it vectorises
-    at the cost of a few fused multiply-adds."""
-    p = _L7 * e + _L6
-    p = p * e + _L5
-    p = p * e + _L4
-    p = p * e + _L3
-    p = p * e + _L2
-    p = p * e + _L1
-    p = p * e + _L0
-    return p * e
+    at the cost of a few fused multiply-adds (Estrin's form, see the module docstring)."""
+    e2 = e * e
+    low = (_L3 * e + _L2) * e2 + (_L1 * e + _L0)
+    high = (_L7 * e + _L6) * e2 + (_L5 * e + _L4)
+    return (high * (e2 * e2) + low) * e
 
 
 # 1/d on [1, 2]: a quadratic (relative error 1.0e-2) refined by two Newton steps
@@ -211,11 +212,8 @@ def _exp_negative(a):
     t = max(-a, _EXP_MIN)
     n = np.floor(t * _LOG2E + np.float32(0.5))
     r = t - n * _LN2_HI - n * _LN2_LO
-    p = _E5 * r + _E4
-    p = p * r + _E3
-    p = p * r + _E2
-    p = p * r + _E1
-    p = p * r + _E0
+    r2 = r * r
+    p = ((_E5 * r + _E4) * r2 + (_E3 * r + _E2)) * r2 + (_E1 * r + _E0)
     value = _int_as_float(_float_as_int(p) + (np.int32(n) << np.int32(23)))
     return _ZERO if t <= _EXP_MIN else value
 
