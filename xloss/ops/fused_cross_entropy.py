@@ -30,6 +30,13 @@ Forward, step by step:
 3. without a gradient to compute (grad mode off, logits not requiring grad) the kernel
    writes no gradient (the side outputs still).
 
+Eager calls on plain CPU tensors (no tracing, ``torch.func`` transform, dispatch mode or
+subclass) skip the op: :class:`HostFusedCrossEntropy` runs its body directly, and plain
+contiguous (N, C) fp32 calls (class axis last, int64 targets, no mask, lengths or
+stats) take :func:`host_cross_entropy`, which does the target, kept-row and mean work on
+numpy and launches the kernel on numpy views: at 16 x 256 the fixed cost of forward +
+backward is most of the call.
+
 Backward multiplies the stored gradient by ``grad_output`` (one factor per row with
 ``per_row``); on CPU (numba) it skips the multiply when every factor is exactly 1; on a
 GPU it never reads a device value (no host synchronisation): a kernel scales the stored
