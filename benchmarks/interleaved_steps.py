@@ -7,7 +7,13 @@ quartiles and the range of the per-pair ratios torch / xloss, and the ratio of m
 output layer and the loss (forward and backward), on random hidden states; ``loss`` only
 the loss (forward and backward) on random logits of the step's shape.
 
-    python benchmarks/interleaved_steps.py V PAIRS [step|head|loss]
+``FIRST`` (``torch``, the default, or ``xloss``) is the variant whose model is built
+first. Where the loss is a small part of the step (V = 256: under 1% of it), the step
+ratio is decided by which model's tensors landed where: with the same loss in both
+variants (``FIRST`` = ``same``, torch's loss twice, reported as torch / xloss), the
+per-pair median still moves by about 1% between runs. Report runs of both orders.
+
+    python benchmarks/interleaved_steps.py V PAIRS [step|head|loss] [torch|xloss|same]
 """
 
 from __future__ import annotations
@@ -57,11 +63,16 @@ def loss_step(loss_fn, v: int):
 def main() -> None:
     v, pairs = int(sys.argv[1]), int(sys.argv[2])
     part = sys.argv[3] if len(sys.argv) > 3 else "step"
+    first = sys.argv[4] if len(sys.argv) > 4 else "torch"
+    variants = dict(VARIANTS)
+    if first == "same":  # the control: torch's loss in both
+        variants["xloss"] = VARIANTS["torch"]
+    order = ("xloss", "torch") if first == "xloss" else ("torch", "xloss")
     if part == "step":
-        steps = {k: training_step._setup(f)(dict(v=v)) for k, f in VARIANTS.items()}
+        steps = {k: training_step._setup(variants[k])(dict(v=v)) for k in order}
     else:
         make = head_step if part == "head" else loss_step
-        steps = {k: make(f, v) for k, f in VARIANTS.items()}
+        steps = {k: make(variants[k], v) for k in order}
     for step in steps.values():
         for _ in range(3):
             step()
@@ -75,7 +86,8 @@ def main() -> None:
     low, _, high = statistics.quantiles(ratios, n=4)
     torch_ms, xloss_ms = (1e3 * statistics.median(times[k]) for k in ("torch", "xloss"))
     print(
-        f"V={v} {part} pairs={pairs}: torch {torch_ms:.1f} ms, xloss {xloss_ms:.1f} ms; "
+        f"V={v} {part} pairs={pairs} first={first}: "
+        f"torch {torch_ms:.1f} ms, xloss {xloss_ms:.1f} ms; "
         f"torch/xloss median {statistics.median(ratios):.2f}x (quartiles {low:.2f}-{high:.2f}, "
         f"range {min(ratios):.2f}-{max(ratios):.2f}); ratio of medians {torch_ms / xloss_ms:.2f}x"
     )
