@@ -734,3 +734,17 @@ def test_normalizer_float32_kernel_path(normalizer):
     ours.backward()
     ref.backward()
     torch.testing.assert_close(ours_input.grad.double(), ref_input.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 5, 2)])  # the thin eager path and the general one
+@pytest.mark.parametrize("bad", [5, 99, -7])
+def test_unchecked_out_of_range_target_with_weight_raises_xlosss_error(shape, bad):
+    """validate_args=False with a class weight: the weighted mean's gather of w[y] must not
+    fail first with torch's IndexError; the kernel's range report names the target."""
+    torch.manual_seed(0)
+    logits = torch.randn(*shape, requires_grad=True)
+    target = torch.randint(0, 5, (shape[0],) + shape[2:])
+    target.view(-1)[1] = bad
+    weight = torch.rand(5) + 0.5
+    with pytest.raises(ValueError, match=rf"found {bad} \(row "):
+        xloss.cross_entropy(logits, target, weight=weight, class_dim=1, validate_args=False)

@@ -523,11 +523,15 @@ def fused_cross_entropy(
 
 
 def _denominator(class_weight, target, keep):
-    """w[y] per position for a weighted mean (dropped positions read class 0)."""
+    """w[y] per position for a weighted mean (dropped positions read class 0).
+
+    The index is clamped into [0, C - 1]: with ``validate_args=False`` nothing checked the
+    targets yet, and the kernel, which reports an out-of-range target with xloss's own
+    error, runs after this gather (the clamped value is never used then)."""
     if class_weight is None:
         return None
     index = target.long() if keep is None else torch.where(keep, target.long(), 0)
-    return class_weight[index]
+    return class_weight[index.clamp(0, class_weight.shape[0] - 1)]
 
 
 def host_call_applies(input, target, weight, class_dim) -> bool:
