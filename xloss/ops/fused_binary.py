@@ -65,7 +65,7 @@ from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss._core.validation import eager_host
 from xloss.ops import kernel
-from xloss.ops.second_order import KernelFunction, first_order_only
+from xloss.ops.second_order import KernelFunction, all_ones, first_order_only
 
 # Loss kinds, as numbered in xloss.ops._numba_binary.
 BCE, FOCAL, ASL_CLIP, ASL_NO_CLIP = 0, 1, 2, 3
@@ -348,17 +348,9 @@ def _(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, params, 
     return _output_like(logits, out_mode)
 
 
-def _all_ones(grad_output: Tensor) -> bool:
-    """Every factor is exactly 1; a single factor (the usual ``loss.backward()``) takes one
-    read instead of two torch ops."""
-    if grad_output.numel() == 1:
-        return grad_output.item() == 1.0
-    return bool((grad_output == 1).all())
-
-
 def _scale_grad(grad: Tensor, grad_output: Tensor, out_mode: int, in_place: bool) -> Tensor:
     """grad * grad_output; no multiply when every factor is exactly 1 (eager only)."""
-    if not torch.compiler.is_compiling() and _all_ones(grad_output):
+    if not torch.compiler.is_compiling() and all_ones(grad_output):
         return grad
     factor = grad_output.unsqueeze(-1) if out_mode == ROWS else grad_output
     return grad.mul_(factor) if in_place else (grad * factor).to(grad.dtype)

@@ -60,6 +60,7 @@ from xloss._core.validation import check_index_values, eager_host, eager_mode
 from xloss.ops import kernel
 from xloss.ops.second_order import (
     KernelFunction,
+    all_ones,
     first_order_only,
     grad_anchor,
     hand_over,
@@ -122,11 +123,17 @@ def _forward(logits, target, class_weight, grad_scale, label_smoothing, z_loss, 
     if per_row:
         output = loss
     elif isinstance(grad_scale, float):  # an eager host call (see _eager_host)
-        total = float(loss.numpy().sum(dtype=np.float64))
-        output = torch.tensor(total * float(np.float32(grad_scale)), dtype=torch.float32)
+        output = _host_output(loss.numpy(), grad_scale)
     else:
         output = (loss.double().sum() * grad_scale).float()
     return output, *stats
+
+
+def _host_output(loss: np.ndarray, grad_scale: float) -> Tensor:
+    """The scalar output of an eager host call, as the op computes it: the float64 sum of
+    the (R,) row losses times the float32 factor, rounded once to float32."""
+    total = float(loss.sum(dtype=np.float64)) * float(np.float32(grad_scale))
+    return torch.from_numpy(np.array(total, dtype=np.float32))
 
 
 _NO_WEIGHT = np.empty(0, dtype=np.float32)
@@ -148,9 +155,7 @@ def _host_f32(logits, target, class_weight, settings, write_grad: bool):
                    target.numpy(), scale, options, loss)  # fmt: skip
     if settings.per_row:
         return torch.from_numpy(loss), grad
-    # as the op: the float64 sum times the float32 factor, rounded once to float32
-    total = float(loss.sum(dtype=np.float64)) * float(scale[0])
-    return torch.from_numpy(np.array(total, dtype=np.float32)), grad
+    return _host_output(loss, settings.grad_scale), grad
 
 
 def _host_fused(logits, target, class_weight, settings: KernelSettings, write_grad: bool):
@@ -249,14 +254,6 @@ def _eager_host(logits: Tensor) -> bool:
     return eager_host(logits) and _host_kernel(logits)
 
 
-def _all_ones(grad_output: Tensor) -> bool:
-    """Every factor is exactly 1 (host tensors only: reads values). A single factor, the
-    usual ``loss.backward()``, takes one read instead of two torch ops."""
-    if grad_output.numel() == 1:
-        return grad_output.item() == 1.0
-    return bool((grad_output == 1).all())
-
-
 def _kernel_backward(ctx, grad_output: Tensor | None, in_place: bool, saved=None):
     """The backward of the three Functions: the saved gradient scaled by ``grad_output``
     for the logits (tagged under ``create_graph=True``), None for the other inputs.
@@ -282,7 +279,7 @@ def _scale_grad(ctx, grad: Tensor, grad_output: Tensor, in_place: bool) -> Tenso
     """
     # traced (torch.compile) or transformed (torch.func): torch ops only
     traced = torch.compiler.is_compiling() or is_functorch_wrapped(grad_output)
-    if ctx.host and not traced and _all_ones(grad_output):
+    if ctx.host and not traced and all_ones(grad_output):
         return grad
     if not ctx.host and not traced:
         hand_over(ctx, "xloss.cross_entropy")
