@@ -81,7 +81,8 @@ def launch_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("classes", [1, 2, 3, 1023, 32001])
+# 1024 and 1025: the last row length the short-row loop serves, and the first blocked one
+@pytest.mark.parametrize("classes", [1, 2, 3, 1023, 1024, 1025, 32001])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_rows_match_float64_across_sizes(classes, eps, launch_path):
     x, target = random_case(3, classes, seed=classes)
@@ -101,7 +102,7 @@ def test_rows_match_float64_across_sizes(classes, eps, launch_path):
     ],
     ids=lambda options: "-".join(sorted(options)),
 )
-@pytest.mark.parametrize("classes", [3, 1023])
+@pytest.mark.parametrize("classes", [3, 1023, 1025])
 def test_rows_every_option(options, classes, launch_path):
     x, target = random_case(6, classes, seed=1)
     target[2] = -1  # a dropped row

@@ -13,6 +13,9 @@ With lse = max + log S the loss is (1-eps) w[y] (log S - t[y]) + eps/C (W log S 
 is monotonic, so the max is taken on the raw logits; its rows use ``math.tanh`` (slower
 path, recomputed per pass) and the chain factor 1 - tanh^2.
 
+Rows of at most ``BLOCK`` classes without softcap or statistics (the common short
+vocabulary) take :func:`_short_rows_range`, the same passes with no per-row views.
+
 fp16 and bf16 rows arrive as uint16 bit patterns, are widened into a per-thread fp32
 scratch row and narrowed back with round-to-nearest-even.
 """
@@ -440,11 +443,111 @@ def _dropped_row_stats(stats, predicted, i):
         predicted[i] = -1
 
 
+@njit(inline="always", cache=True)
+def _skips_row(y, num, i, dest, write, loss, bad_row):
+    """Finish a row whose target drops it (y < 0: loss 0, gradient 0) or is out of range
+    (y >= C: loss NaN, gradient 0, the row reported in ``bad_row``); False for a kept row."""
+    if y >= 0 and y < num:
+        return False
+    if y >= num:
+        bad_row[0] = i
+    loss[i] = np.float32(0.0) if y < 0 else np.float32(np.nan)
+    if write:
+        dest[i, :] = np.float32(0.0)
+    return True
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _short_rows_range(first, stop, source, dest, target, scale, weight, eps, z, copy_rows,
+                      write, loss, bad_row):  # fmt: skip
+    """Rows ``first`` to ``stop`` - 1 of at most ``BLOCK`` classes, without softcap or
+    statistics: the passes of :func:`_row_loss_grad_whole` on the 2-D arrays themselves.
+
+    A row this short fits in L1, so blocking buys nothing, and the general path's fixed
+    cost per row (a view per row and per block, each a reference-count update, and the
+    per-block partial sums) was over half of a 256-class row's time. Here every row is
+    indexed in place, the loops are split on the class weight instead of selecting per
+    element, and W = sum w is taken once per run of rows.
+    """
+    num = dest.shape[1] if write else source.shape[1]
+    values = source if copy_rows or not write else dest  # what the passes read
+    per_row_scale = scale.shape[0] > 1
+    has_weight = weight.shape[0] > 0
+    smooth = eps / np.float32(num)
+    total_weight = np.float32(num)
+    if has_weight:
+        total_weight = np.float32(0.0)
+        for c in range(num):
+            total_weight += weight[c]
+    for i in range(first, stop):
+        y = target[i]
+        if _skips_row(y, num, i, dest, write, loss, bad_row):
+            continue
+        s = scale[i] if per_row_scale else scale[0]
+        best = np.int32(-2147483648)
+        for c in range(num):
+            best = max(best, _order_key(_float_as_int(values[i, c])))
+        peak = _int_as_float(_order_key(best))
+        if peak == _MINUS_INF:  # no finite logit: NaN loss and gradient, as F.cross_entropy
+            loss[i] = np.float32(np.nan)
+            if write:
+                dest[i, :] = np.float32(np.nan)
+            continue
+        x_target = values[i, y]  # read before the exp pass may overwrite it (in place)
+        sum_exp = np.float32(0.0)
+        sum_t = np.float32(0.0)
+        if write and has_weight:
+            for c in range(num):
+                t = values[i, c] - peak
+                e = _exp_nonpositive(t)
+                dest[i, c] = e  # kept for the gradient pass
+                sum_exp += e
+                sum_t += weight[c] * t
+        elif write:
+            for c in range(num):
+                t = values[i, c] - peak
+                e = _exp_nonpositive(t)
+                dest[i, c] = e
+                sum_exp += e
+                sum_t += t
+        elif has_weight:
+            for c in range(num):
+                t = values[i, c] - peak
+                sum_exp += _exp_nonpositive(t)
+                sum_t += weight[c] * t
+        else:
+            for c in range(num):
+                t = values[i, c] - peak
+                sum_exp += _exp_nonpositive(t)
+                sum_t += t
+        target_weight = weight[y] if has_weight else np.float32(1.0)
+        row_loss, lse = _row_loss(
+            peak, sum_exp, sum_t, x_target, target_weight, total_weight, smooth, eps, z
+        )
+        loss[i] = row_loss
+        if not write:
+            continue
+        weight_part = (np.float32(1.0) - eps) * target_weight + smooth * total_weight
+        coef = s / sum_exp * (weight_part + np.float32(2.0) * z * lse)
+        offset = s * smooth
+        if has_weight:
+            for c in range(num):
+                dest[i, c] = dest[i, c] * coef - offset * weight[c]
+        else:
+            for c in range(num):
+                dest[i, c] = dest[i, c] * coef - offset
+        dest[i, y] -= s * (np.float32(1.0) - eps) * target_weight
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _rows_f32_range(first, stop, source, dest, target, scale, weight, eps, z, cap, copy_rows,
                     write, loss, bad_row, stats, predicted):  # fmt: skip
     """Rows ``first`` to ``stop`` - 1 of :func:`rows_f32`, one after the other."""
     num = dest.shape[1] if write else source.shape[1]
+    if stats is None and num <= BLOCK and cap <= np.float32(0.0):
+        _short_rows_range(first, stop, source, dest, target, scale, weight, eps, z, copy_rows,
+                          write, loss, bad_row)  # fmt: skip
+        return
     per_row_scale = scale.shape[0] > 1
     no_source = np.empty(0, dtype=np.float32)
     partials, partial_arg = _block_scratch(num)
