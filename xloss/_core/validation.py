@@ -215,7 +215,7 @@ def check_index_values(
         bad &= values != ignore_index
     if valid is not None:
         bad &= valid
-    if bad.any():
+    if np.count_nonzero(bad):  # a direct C call; ndarray.any() goes through Python
         raise ValueError(
             f"{_index_range_message(num_classes, ignore_index)}, found {int(values[bad].flat[0])}"
         )

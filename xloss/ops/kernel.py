@@ -488,11 +488,14 @@ _pool_lock = threading.Lock()
 def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialised contiguous CPU tensor, reusing the pooled buffer when it is free.
 
-    The tensor wraps a numpy array whose reference count tells whether any tensor still
-    uses it; a buffer of another size, or one still in use, is replaced in the pool.
+    The pool keeps a numpy array of the buffer's own shape and element type, so a
+    handout is one ``torch.from_numpy`` (bfloat16, which numpy lacks, is kept as uint16
+    and viewed: one more op); that array's reference count tells whether any tensor still
+    uses it. A buffer of another shape or type, or one still in use, is replaced.
     """
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0:
+    numel = math.prod(shape)
+    element = _NUMPY_ELEMENTS.get(dtype)
+    if numel == 0 or element is None:
         return torch.empty(shape, dtype=dtype)
     # Under the lock: Python may switch threads between the free test and the handout,
     # and two threads would then write their gradients into one buffer.
@@ -500,14 +503,29 @@ def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         if _buffer_pool:
             pooled = _buffer_pool[0]
             # 3 references: the pool, `pooled` and getrefcount's argument; a tensor adds one
-            if pooled.nbytes == nbytes and sys.getrefcount(pooled) <= 3:
-                return torch.from_numpy(pooled).view(dtype).view(shape)
+            if pooled.shape == shape and pooled.dtype == element and sys.getrefcount(pooled) <= 3:
+                return _as_tensor(pooled, dtype)
             _buffer_pool.clear()
+        nbytes = numel * dtype.itemsize
         raw = np.empty(nbytes + 64, dtype=np.uint8)
         start = -raw.ctypes.data % 64  # on a cache line, as torch's allocator does
-        fresh = raw[start : start + nbytes]
+        fresh = raw[start : start + nbytes].view(element).reshape(shape)
         _buffer_pool.append(fresh)
-        return torch.from_numpy(fresh).view(dtype).view(shape)
+        return _as_tensor(fresh, dtype)
+
+
+# numpy's element type for each gradient dtype (bfloat16 travels as its uint16 bits)
+_NUMPY_ELEMENTS = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.float16: np.dtype(np.float16),
+    torch.bfloat16: np.dtype(np.uint16),
+}
+
+
+def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor if dtype != torch.bfloat16 else tensor.view(dtype)
 
 
 def release_buffers() -> None:
