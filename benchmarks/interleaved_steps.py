@@ -11,9 +11,11 @@ the loss (forward and backward) on random logits of the step's shape.
 first. Where the loss is a small part of the step (V = 256: under 1% of it), the step
 ratio is decided by which model's tensors landed where: with the same loss in both
 variants (``FIRST`` = ``same``, torch's loss twice, reported as torch / xloss), the
-per-pair median still moves by about 1% between runs. Report runs of both orders.
+per-pair median still moves by about 1% between runs. ``FIRST`` = ``shared`` (``step``
+only) builds one model and alternates the loss of its steps, so that the steps differ
+in the loss alone; ``shared-same`` is its control (torch's loss in both).
 
-    python benchmarks/interleaved_steps.py V PAIRS [step|head|loss] [torch|xloss|same]
+    python benchmarks/interleaved_steps.py V PAIRS [step|head|loss] [FIRST]
 """
 
 from __future__ import annotations
@@ -65,10 +67,14 @@ def main() -> None:
     part = sys.argv[3] if len(sys.argv) > 3 else "step"
     first = sys.argv[4] if len(sys.argv) > 4 else "torch"
     variants = dict(VARIANTS)
-    if first == "same":  # the control: torch's loss in both
+    if first in ("same", "shared-same"):  # the control: torch's loss in both
         variants["xloss"] = VARIANTS["torch"]
     order = ("xloss", "torch") if first == "xloss" else ("torch", "xloss")
-    if part == "step":
+    if first.startswith("shared"):
+        if part != "step":
+            raise SystemExit("shared: one model for both variants, whole steps only")
+        steps = training_step.shared_steps(dict(v=v), variants)
+    elif part == "step":
         steps = {k: training_step._setup(variants[k])(dict(v=v)) for k in order}
     else:
         make = head_step if part == "head" else loss_step

@@ -48,11 +48,22 @@ def _model_and_batch(case: dict):
 
 def _setup(loss_of_hidden):
     def setup(case: dict):
-        import torch
+        return shared_steps(case, {"step": loss_of_hidden})["step"]
 
-        model, inputs, target, causal = _model_and_batch(case)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return setup
 
+
+def shared_steps(case: dict, losses: dict) -> dict:
+    """One model, optimizer and batch, and a step function per entry of ``losses`` (name:
+    loss of (hidden, head, target)) that trains that one model: steps of different
+    losses alternated this way differ in the loss alone, not in where each model's
+    tensors landed in memory."""
+    import torch
+
+    model, inputs, target, causal = _model_and_batch(case)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def make(loss_of_hidden):
         def step():
             optimizer.zero_grad(set_to_none=True)
             hidden = model["body"](model["embed"](inputs), mask=causal, is_causal=True)
@@ -62,7 +73,7 @@ def _setup(loss_of_hidden):
 
         return step
 
-    return setup
+    return {name: make(loss) for name, loss in losses.items()}
 
 
 def _torch_loss(hidden, head, target):
