@@ -94,8 +94,8 @@ def main() -> None:
     print(
         f"V={v} {part} pairs={pairs} first={first}: "
         f"torch {torch_ms:.1f} ms, xloss {xloss_ms:.1f} ms; "
-        f"torch/xloss median {statistics.median(ratios):.2f}x (quartiles {low:.2f}-{high:.2f}, "
-        f"range {min(ratios):.2f}-{max(ratios):.2f}); ratio of medians {torch_ms / xloss_ms:.2f}x"
+        f"torch/xloss median {statistics.median(ratios):.3f}x (quartiles {low:.2f}-{high:.2f}, "
+        f"range {min(ratios):.2f}-{max(ratios):.2f}); ratio of medians {torch_ms / xloss_ms:.3f}x"
     )
 
 

@@ -221,13 +221,13 @@ def test_small_problems_run_serially_and_match_the_parallel_kernel(monkeypatch):
         monkeypatch.setattr(
             kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
         )
-    x, target = random_case(64, 4096, seed=3)  # exactly SERIAL_ELEMENTS logits
+    x, target = random_case(128, 4096, seed=3)  # exactly SERIAL_ELEMENTS logits
     target[5] = -1
     weight = torch.rand(4096, generator=torch.Generator().manual_seed(4)) + 0.5
     options = dict(label_smoothing=0.1, z_loss=1e-3, class_weight=weight)
 
     def every_call():
-        stats = (torch.empty(64, 2), torch.empty(64, dtype=torch.long))
+        stats = (torch.empty(128, 2), torch.empty(128, dtype=torch.long))
         in_place = x.clone()
         loss, grad = row_loss_and_grad(x, target, grad_scale=0.5, **options)
         grad = grad.clone()  # the pooled buffer is reused by the next call
@@ -240,7 +240,7 @@ def test_small_problems_run_serially_and_match_the_parallel_kernel(monkeypatch):
     serial = every_call()
     assert calls == ["rows_f32_serial"] * 3
     calls.clear()
-    monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", 64 * 4096 - 1)
+    monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", 128 * 4096 - 1)
     parallel = every_call()
     assert calls == ["rows_f32"] * 3
     # the same row code, compiled into two kernels: sums may associate differently

@@ -37,16 +37,16 @@ SCENARIO = textwrap.dedent(
 
     def loss_and_grad(seed):
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(600, 517, generator=g).requires_grad_(True)  # > SERIAL_ELEMENTS
-        y = torch.randint(0, 517, (600,), generator=g)
+        x = torch.randn(1100, 517, generator=g).requires_grad_(True)  # > SERIAL_ELEMENTS
+        y = torch.randint(0, 517, (1100,), generator=g)
         loss = xloss.cross_entropy(x, y, label_smoothing=0.1)
         loss.backward()
         return loss.detach(), x.grad
 
     def reference(seed):  # float64, independent of xloss
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(600, 517, generator=g).double().requires_grad_(True)
-        y = torch.randint(0, 517, (600,), generator=g)
+        x = torch.randn(1100, 517, generator=g).double().requires_grad_(True)
+        y = torch.randint(0, 517, (1100,), generator=g)
         loss = torch.nn.functional.cross_entropy(x, y, label_smoothing=0.1)
         loss.backward()
         return loss.detach().float(), x.grad.float()

@@ -25,7 +25,7 @@ loss part 1.57x (quartiles 0.89-1.86 over 40 pairs), the whole step within noise
 median 1.11x, quartiles 0.56-1.42). A 0.77x at V = 8192 from separate processes was noise
 between processes. A small launch costs about 0.3 ms more on ``workqueue`` than on ``omp``
 (the queue wakes its sleeping workers): at 1024 x 256 logits that is more than the work
-itself (0.25 ms on one thread), so fp32 problems of at most ``SERIAL_ELEMENTS`` logits, and
+itself (0.12-0.14 ms on one thread), so fp32 problems of at most ``SERIAL_ELEMENTS`` logits, and
 every fp32 problem when torch runs one thread, take ``rows_f32_serial`` in the calling
 thread, without the pool and without the launch lock. It shares the row loop
 (``_rows_f32_range``) with the parallel kernel; its own cold compile is about 7 s of CPU,
@@ -379,9 +379,10 @@ def run_f32(kernels, source, dest, target, scale, settings, loss, *, in_place=Fa
 
 
 # Below this many logits an fp32 launch runs in the calling thread. A parallel launch hands
-# the rows to numba's pool and waits for them: about 0.1-0.3 ms of fixed cost here, more
-# than the whole 2**18-element problem takes on one thread (see the module docstring).
-SERIAL_ELEMENTS = 2**18
+# the rows to numba's pool and waits for them: about 0.1-0.15 ms of fixed cost here.
+# Measured on the kernel alone (5 alternated rounds, C = 256, 1024 and 4096): at 2**19
+# logits the serial kernel took 0.71-0.93x the parallel one's time, at 2**20 1.14-1.39x.
+SERIAL_ELEMENTS = 2**19
 
 
 def _serial(elements: int) -> bool:
