@@ -848,3 +848,23 @@ def test_gradient_buffer_is_never_handed_to_two_threads(monkeypatch):
     finally:
         sys.setswitchinterval(interval)
     assert not errors, errors
+
+
+def test_polynomial_exp_within_three_ulp_and_exact_at_zero():
+    """The kernels' exp (rows and the binary family): within 3 ulp of float64 over
+    [-86, 0], exactly 1 at 0 (a row's largest logit; a one-class row's loss is 0) and
+    exactly 0 at and below the flush point, -inf (a masked logit) included."""
+    import numba
+    import numpy as np
+
+    from xloss.ops import _numba_rows
+
+    exp = numba.njit(lambda t: np.array([_numba_rows._exp_nonpositive(v) for v in t]))
+    t = -np.concatenate([np.linspace(0.0, 85.99, 400_001), np.geomspace(1e-30, 1.0, 2001)])
+    t = t.astype(np.float32)
+    got = exp(t).astype(np.float64)
+    want = np.exp(t.astype(np.float64))
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert float(np.max(np.abs(got - want) / ulp)) <= 3.0
+    edges = exp(np.array([0.0, -0.0, -86.0, -86.5, -1e4, -np.inf], dtype=np.float32))
+    assert edges.tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
