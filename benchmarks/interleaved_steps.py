@@ -11,9 +11,9 @@ the loss (forward and backward) on random logits of the step's shape.
 first. Where the loss is a small part of the step (V = 256: under 1% of it), the step
 ratio is decided by which model's tensors landed where: with the same loss in both
 variants (``FIRST`` = ``same``, torch's loss twice, reported as torch / xloss), the
-per-pair median still moves by about 1% between runs. ``FIRST`` = ``shared`` (``step``
-only) builds one model and alternates the loss of its steps, so that the steps differ
-in the loss alone; ``shared-same`` is its control (torch's loss in both).
+per-pair median still moves by about 1% between runs. ``FIRST`` = ``shared`` builds one
+model (head, batch) and alternates the loss of its steps, so that the steps differ in the
+loss alone; ``shared-same`` is its control (torch's loss in both).
 
     python benchmarks/interleaved_steps.py V PAIRS [step|head|loss] [FIRST]
 """
@@ -31,7 +31,8 @@ from xloss.bench import training_step
 VARIANTS = {"torch": training_step._torch_loss, "xloss": training_step._xloss_cross_entropy}
 
 
-def head_step(loss_fn, v: int):
+def head_steps(losses: dict, v: int) -> dict:
+    """A step per loss (name: loss of (hidden, head, target)), all on one head and batch."""
     torch.manual_seed(0)
     head = torch.nn.Linear(training_step.DIM, v, bias=False)
     rows = training_step.BATCH * training_step.STEPS_PER_SAMPLE
@@ -39,15 +40,19 @@ def head_step(loss_fn, v: int):
     target = torch.randint(0, v, (rows,))
     target[::10] = -100
 
-    def step():
-        head.weight.grad = None
-        hidden.grad = None
-        loss_fn(hidden, head, target).backward()
+    def make(loss_fn):
+        def step():
+            head.weight.grad = None
+            hidden.grad = None
+            loss_fn(hidden, head, target).backward()
 
-    return step
+        return step
+
+    return {name: make(loss_fn) for name, loss_fn in losses.items()}
 
 
-def loss_step(loss_fn, v: int):
+def loss_steps(losses: dict, v: int) -> dict:
+    """A step per loss, all on one (N, V) batch of logits (the head is the identity)."""
     torch.manual_seed(0)
     rows = training_step.BATCH * training_step.STEPS_PER_SAMPLE
     logits = torch.randn(rows, v, requires_grad=True)
@@ -55,11 +60,14 @@ def loss_step(loss_fn, v: int):
     target[::10] = -100
     identity = torch.nn.Identity()
 
-    def step():
-        logits.grad = None
-        loss_fn(logits, identity, target).backward()
+    def make(loss_fn):
+        def step():
+            logits.grad = None
+            loss_fn(logits, identity, target).backward()
 
-    return step
+        return step
+
+    return {name: make(loss_fn) for name, loss_fn in losses.items()}
 
 
 def main() -> None:
@@ -70,15 +78,15 @@ def main() -> None:
     if first in ("same", "shared-same"):  # the control: torch's loss in both
         variants["xloss"] = VARIANTS["torch"]
     order = ("xloss", "torch") if first == "xloss" else ("torch", "xloss")
-    if first.startswith("shared"):
-        if part != "step":
-            raise SystemExit("shared: one model for both variants, whole steps only")
-        steps = training_step.shared_steps(dict(v=v), variants)
-    elif part == "step":
-        steps = {k: training_step._setup(variants[k])(dict(v=v)) for k in order}
-    else:
-        make = head_step if part == "head" else loss_step
-        steps = {k: make(variants[k], v) for k in order}
+    make = dict(
+        step=lambda losses: training_step.shared_steps(dict(v=v), losses),
+        head=lambda losses: head_steps(losses, v),
+        loss=lambda losses: loss_steps(losses, v),
+    )[part]
+    if first.startswith("shared"):  # one model (or head, or batch) for both variants
+        steps = make(variants)
+    else:  # a model each, the first built first
+        steps = {k: make({k: variants[k]})[k] for k in order}
     for step in steps.values():
         for _ in range(3):
             step()
