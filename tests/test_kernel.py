@@ -868,3 +868,79 @@ def test_polynomial_exp_within_three_ulp_and_exact_at_zero():
     assert float(np.max(np.abs(got - want) / ulp)) <= 3.0
     edges = exp(np.array([0.0, -0.0, -86.0, -86.5, -1e4, -np.inf], dtype=np.float32))
     assert edges.tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("classes", [1, 2, 17, 1024, 1025])  # short-row loop, then blocked
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_logits_give_nan_rows_as_torch(classes, dtype):
+    """A NaN (either sign: a negative NaN's bits order below -inf in the integer max) or
+    +inf logit anywhere in a row, the target's column included: NaN loss and an all-NaN
+    gradient row, as F.cross_entropy; the other rows keep their float64 values. Out of
+    place, in place and without grad, with smoothing and class weights."""
+    nan = float("nan")
+    x, target = random_case(7, classes, seed=classes, dtype=dtype)
+    x = x.float()
+    x[1, 0] = nan
+    x[2, classes - 1] = -nan
+    x[3, classes // 2] = float("inf")
+    x[4, target[4]] = nan
+    x[5, : classes // 2] = -nan  # with -inf: no finite logit, but a NaN
+    x[5, classes // 2 :] = float("-inf")
+    x = x.to(dtype)
+    assert torch.signbit(x[2, classes - 1]) and x[2, classes - 1].isnan()
+    clean = [0, 6]
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=0)
+    grad_tolerance = HALF_TOLERANCE.get(dtype, tolerance)
+    for weight, eps in [(None, 0.0), (torch.linspace(0.5, 1.5, classes), 0.1)]:
+        weight64 = None if weight is None else weight.double()
+        expected = F.cross_entropy(x.double(), target, weight64, reduction="none",
+                                   label_smoothing=eps)  # fmt: skip
+        assert expected[1:6].isnan().all() and expected[clean].isfinite().all()
+        ref = x[clean].double().requires_grad_()
+        F.cross_entropy(ref, target[clean], weight64, reduction="sum",
+                        label_smoothing=eps).backward()  # fmt: skip
+        for mode in ["out_of_place", "in_place", "no_grad"]:
+            leaf = x.clone().requires_grad_(mode != "no_grad")
+            logits = leaf * 1.0 if mode == "in_place" else leaf
+            with torch.set_grad_enabled(mode != "no_grad"):
+                loss = xloss.cross_entropy(logits, target, weight, reduction="none",
+                                           label_smoothing=eps,
+                                           inplace_backward=mode == "in_place")  # fmt: skip
+            assert torch.equal(loss.isnan(), expected.isnan()), mode
+            torch.testing.assert_close(loss[clean].double(), expected[clean], **tolerance)
+            if mode == "no_grad":
+                continue
+            loss.sum().backward()
+            assert leaf.grad[1:6].isnan().all(), mode
+            torch.testing.assert_close(leaf.grad[clean].double(), ref.grad, **grad_tolerance)
+
+
+def test_held_gradients_survive_later_calls_of_the_same_byte_count():
+    """The gradient pool hands out its buffer again only when nothing holds it: keep each
+    call's x.grad while later calls of other shapes and dtypes with the same byte count
+    (96) run, out of place, then check every kept gradient against float64."""
+    kernel.release_buffers()
+    cases = [
+        ((4, 6), torch.float32),
+        ((6, 4), torch.float32),
+        ((4, 12), torch.bfloat16),
+        ((12, 4), torch.float16),
+        ((24, 1), torch.float32),
+        ((4, 6), torch.float32),
+    ]
+    kept = []
+    for seed, (shape, dtype) in enumerate(cases):
+        x, target = random_case(*shape, seed=40 + seed, dtype=dtype)
+        leaf = x.clone().requires_grad_()
+        xloss.cross_entropy(leaf, target, reduction="sum", label_smoothing=0.1).backward()
+        assert leaf.grad.shape == shape and leaf.grad.dtype == dtype
+        kept.append((x, target, leaf.grad))
+        # a throwaway call of the same shape: the held gradient is busy, so a new buffer
+        again = x.clone().requires_grad_()
+        xloss.cross_entropy(again, target, reduction="sum").backward()
+        assert again.grad.data_ptr() != leaf.grad.data_ptr()
+    for x, target, grad in kept:
+        _, grad_ref = reference_rows(x.float(), target, eps=0.1)
+        tolerance = HALF_TOLERANCE.get(x.dtype, dict(rtol=1e-5, atol=1e-7))
+        torch.testing.assert_close(grad, grad_ref.to(x.dtype), **tolerance)
+    kernel.release_buffers()
