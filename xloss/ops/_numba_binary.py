@@ -222,7 +222,10 @@ def _focal(x, y, pw, alpha_pos, alpha_neg, gamma):
     ratio = s * q / lifted if miss > _ZERO else _ZERO
     alpha_t = alpha_pos * y + alpha_neg * (_ONE - y)
     loss = alpha_t * modulation * ce
-    grad = modulation * (s - y) + ce * gamma * modulation * ratio * (_ONE - np.float32(2.0) * y)
+    # ratio is 0 where s (1-s) underflows (|x| > 86), and there ce may be near 3e38: ce *
+    # gamma would overflow to inf, and inf * 0 is NaN (fastmath may multiply in any order)
+    pull = ce * gamma * modulation * ratio if ratio > _ZERO else _ZERO
+    grad = modulation * (s - y) + pull * (_ONE - np.float32(2.0) * y)
     return loss, alpha_t * grad
 
 
@@ -230,7 +233,8 @@ def _focal(x, y, pw, alpha_pos, alpha_neg, gamma):
 def _asl_positive(sp_pos, sp_neg, s, q, gamma_pos):
     """(1-s)^g+ (-log s) and its derivative; (1-s)^g+ = exp(-g+ softplus(x))."""
     focus = _exp_nonpositive(-gamma_pos * sp_pos)
-    return focus * sp_neg, -focus * (gamma_pos * s * sp_neg + q)
+    lift = gamma_pos * s * sp_neg if s > _ZERO else _ZERO  # no inf * 0 (see _focal)
+    return focus * sp_neg, -focus * (lift + q)
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -258,7 +262,8 @@ def _asl_no_clip(x, y, pw, gamma_pos, gamma_neg, unused):
     positive, d_positive = _asl_positive(sp_pos, sp_neg, s, q, gamma_pos)
     focus = _exp_nonpositive(-gamma_neg * sp_neg)
     negative = focus * sp_pos
-    d_negative = focus * (gamma_neg * q * sp_pos + s)
+    lift = gamma_neg * q * sp_pos if q > _ZERO else _ZERO  # no inf * 0 (see _focal)
+    d_negative = focus * (lift + s)
     loss = y * positive + (_ONE - y) * negative
     return loss, y * d_positive + (_ONE - y) * d_negative
 
