@@ -635,12 +635,14 @@ def rows_f32(source, dest, target, scale, weight, eps, z, cap, copy_rows, write,
                             copy_rows, write, loss, bad_row, stats, predicted)  # fmt: skip
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def rows_f32_serial(source, dest, target, scale, weight, eps, z, cap, copy_rows, write, loss,
                     bad_row, stats=None, predicted=None):  # fmt: skip
     """:func:`rows_f32` in the calling thread, for problems too small to share out: a
     parallel launch hands the work to numba's pool and waits for it, a fixed cost larger
-    than the whole kernel there (see ``SERIAL_ELEMENTS`` in ``xloss.ops.kernel``)."""
+    than the whole kernel there (see ``SERIAL_ELEMENTS`` in ``xloss.ops.kernel``). It
+    releases the GIL while it runs, so Python threads computing losses at once run their
+    kernels at the same time (each writes only its own arrays)."""
     if stats is None:
         _rows_f32_range(0, target.shape[0], source, dest, target, scale, weight, eps, z, cap,
                         copy_rows, write, loss, bad_row, None, None)  # fmt: skip
