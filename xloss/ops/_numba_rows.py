@@ -290,10 +290,11 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
     from L1; out of place, ``source`` is the logits row, else it is empty): its max m_b,
     e = exp(x - m_b) (stored over the row), S_b = sum e and T_b = sum w (x - m_b).
     Out of place the exp loop reads the block from ``source`` and writes e into ``row``,
-    so the gradient buffer's lines are fetched for writing while the exp computes: a
-    first loop that copied the block into ``row`` while taking its max (every store
-    waiting there for its line) made the kernel 1.28x and 1.46x slower at 8192 x 50257
-    and 4096 x 32000 (9 interleaved rounds, in place unchanged at 1.01x and 1.03x). With
+    so the gradient buffer's lines are fetched for writing while the exp computes: with
+    a first loop that copied the block into ``row`` while taking its max (every store
+    waiting there for its line) the kernel was 1.15x (1.12-1.32) slower out of place on
+    2 threads at the three bench shapes (6 quiet runs of 9 interleaved rounds; in place
+    unchanged, 1.03x). With
     m = max m_b: S = sum_b S_b exp(m_b - m) and T = sum_b T_b + W_b (m_b - m). Pass 2 (the
     row is in L2): gradient = e * coef_b - eps/C w with coef_b = scale * A / S * exp(m_b - m),
     then the target entry.
@@ -324,8 +325,8 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
         block = row[b * BLOCK : min((b + 1) * BLOCK, num)]
         block_w = weight[b * BLOCK : min((b + 1) * BLOCK, num)] if has_weight else weight
         size = block.shape[0]
-        copied = source[b * BLOCK : min((b + 1) * BLOCK, num)] if source.shape[0] > 0 else block
-        peak = _row_max(copied)
+        values = source[b * BLOCK : min((b + 1) * BLOCK, num)] if source.shape[0] > 0 else block
+        peak = _row_max(values)
         if b + 1 < num_blocks:  # fetch the next block while this one's exp runs
             ahead = source if source.shape[0] > 0 else row
             for c in range((b + 1) * BLOCK, min((b + 2) * BLOCK, num), 16):
@@ -334,7 +335,7 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
         sum_t = np.float32(0.0)
         sum_et = np.float32(0.0)
         if stats is not None:
-            partial_arg[b] = b * BLOCK + _first_index_of(copied, peak)
+            partial_arg[b] = b * BLOCK + _first_index_of(values, peak)
         sum_w = np.float32(size)
         if has_weight:
             sum_w = np.float32(0.0)
@@ -346,7 +347,7 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
                 for c in range(size):
                     block[c] = np.float32(0.0)
         elif write and source.shape[0] > 0:  # out of place: read the logits, write e
-            sum_exp, sum_t, sum_et = _exp_block(copied, block, peak, block_w, has_weight, stats)
+            sum_exp, sum_t, sum_et = _exp_block(values, block, peak, block_w, has_weight, stats)
         elif write:  # one array passed twice: the same pointer, so the loop vectorises
             sum_exp, sum_t, sum_et = _exp_block(block, block, peak, block_w, has_weight, stats)
         else:
@@ -470,7 +471,7 @@ def _skips_row(y, num, i, dest, write, loss, bad_row):
         bad_row[0] = i
     loss[i] = np.float32(0.0) if y < 0 else np.float32(np.nan)
     if write:
-        dest[i, :] = np.float32(0.0)
+        dest[i, :] = 0  # the gradient's own type: fp32, or fp16/bf16 bits
     return True
 
 
@@ -569,21 +570,14 @@ def _rows_f32_range(first, stop, source, dest, target, scale, weight, eps, z, ca
     no_source = np.empty(0, dtype=np.float32)
     partials, partial_arg = _block_scratch(num)
     for i in range(first, stop):
-        s = scale[i] if per_row_scale else scale[0]
         y = target[i]
-        if y >= num:
-            bad_row[0] = i
+        if y < 0 or y >= num:
             _dropped_row_stats(stats, predicted, i)
-            loss[i] = np.float32(np.nan)
-            if write:
-                dest[i, :] = np.float32(0.0)
+        if _skips_row(y, num, i, dest, write, loss, bad_row):
             continue
-        if y < 0:
-            _dropped_row_stats(stats, predicted, i)
+        s = scale[i] if per_row_scale else scale[0]
         if not write:
-            if y < 0:
-                loss[i] = np.float32(0.0)
-            elif stats is None:
+            if stats is None:
                 loss[i] = _row_loss_grad(source[i], no_source, y, s, weight, eps, z, cap, False,
                                          None, None, partials, partial_arg)  # fmt: skip
             else:
@@ -592,11 +586,7 @@ def _rows_f32_range(first, stop, source, dest, target, scale, weight, eps, z, ca
                                          partial_arg)  # fmt: skip
             continue
         row = dest[i]
-        if y < 0:
-            row[:] = np.float32(0.0)
-            loss[i] = np.float32(0.0)
-            continue
-        row_source = source[i] if copy_rows else no_source  # copied by the kernel's first pass
+        row_source = source[i] if copy_rows else no_source  # the logits the kernel reads
         if stats is None:
             loss[i] = _row_loss_grad(row, row_source, y, s, weight, eps, z, cap, True, None, None,
                                      partials, partial_arg)  # fmt: skip
@@ -708,11 +698,7 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
             y = target[i]
             if y < 0 or y >= num:
                 _dropped_row_stats(stats, predicted, i)
-                loss[i] = np.float32(0.0) if y < 0 else np.float32(np.nan)
-                if y >= num:
-                    bad_row[0] = i
-                if write:
-                    dest[i, :] = np.uint16(0)
+            if _skips_row(y, num, i, dest, write, loss, bad_row):
                 continue
             bits = source[i]
             if is_bf16:

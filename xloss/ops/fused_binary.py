@@ -118,13 +118,10 @@ def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
 
 
 def _array(tensor: Tensor):
-    """A flat numpy view of a contiguous CPU tensor; fp16 and bf16 as uint16 bits. The
-    reshape is numpy's: a fraction of a torch op's dispatch."""
-    if tensor.requires_grad:
-        tensor = tensor.detach()
-    if tensor.dtype in (torch.float16, torch.bfloat16):
-        return tensor.view(torch.int16).numpy().view("uint16").reshape(-1)
-    return tensor.numpy().reshape(-1)
+    """A flat numpy view of a contiguous CPU tensor (:func:`xloss.ops.kernel._as_array`);
+    fp16 and bf16 as uint16 bits. The reshape is numpy's: a fraction of a torch op's
+    dispatch."""
+    return kernel._as_array(tensor).reshape(-1)
 
 
 def _raise_bad_target(target: Tensor, keep: Tensor | None, ignore_index: int | None):

@@ -272,7 +272,8 @@ def parallel_region():
 
 def _as_array(tensor: Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor; fp16/bf16 as their uint16 bit patterns."""
-    tensor = tensor.detach()
+    if tensor.requires_grad:  # detach only when it must: a torch op's dispatch saved
+        tensor = tensor.detach()
     if tensor.dtype in (torch.float16, torch.bfloat16):
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
