@@ -11,12 +11,13 @@ import warnings
 
 import pytest
 import torch
+from concurrency import run_in_threads, torch_threads
 from elementwise_reference import GRID_CASES, GRID_IDS, make_data, option_grid, reference_loss
 from test_binary import bce_reference
 from test_focal import asl_reference, focal_reference
 
 import xloss
-from xloss.ops import fused_binary
+from xloss.ops import fused_binary, kernel
 
 bce = xloss.binary_cross_entropy_with_logits
 focal = xloss.sigmoid_focal_loss
@@ -412,7 +413,14 @@ def test_kinds_match_the_kernel_table():
     assert [getattr(fused_binary, n) for n in names] == [getattr(_numba_binary, n) for n in names]
 
 
-def test_long_rows_span_several_tiles_and_threads(kernel_calls):
+@pytest.fixture(params=["serial", "parallel"])
+def launch_path(request, monkeypatch):
+    """Run a test through the serial kernels (small problems) or the parallel ones."""
+    monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", 2**62 if request.param == "serial" else -1)
+    return request.param
+
+
+def test_long_rows_span_several_tiles_and_threads(kernel_calls, launch_path):
     from xloss.ops._numba_binary import TILE
 
     x, y = make_data((3, 2 * TILE + 5), seed=19)
@@ -582,3 +590,106 @@ def test_a_jit_traced_call_follows_new_inputs():
     y2 = 1.0 - y
     torch.testing.assert_close(traced(x, y2), bce(x, y2), rtol=0, atol=0)
     assert not torch.equal(traced(x, y2), traced(x, y))
+
+
+@pytest.mark.parametrize("name", ["bce", "focal", "asl", "asl_no_clip"])
+def test_small_problems_run_serially_and_match_the_parallel_kernel(name, monkeypatch):
+    """At most SERIAL_ELEMENTS elements, or torch at one thread, run in the calling thread
+    (a launch on numba's pool costs more than the work there); both kernels give the same
+    losses and gradients for every output form, in place with its target check first,
+    and both report a target outside [0, 1]."""
+    kernels = fused_binary._binary_kernels()
+    calls = []
+    for table in ("KERNELS", "SERIAL_KERNELS"):
+        wrapped = tuple(
+            lambda *a, _f=f, _t=table: calls.append(_t) or _f(*a) for f in getattr(kernels, table)
+        )
+        monkeypatch.setattr(kernels, table, wrapped)
+    loss_fn, _, with_pos_weight = LOSSES[name]
+    x, y = make_data((40, 57), seed=31)
+    gen = torch.Generator().manual_seed(32)
+    options = dict(mask=torch.rand(40, 57, generator=gen) > 0.2,
+                   weight=torch.rand(57, generator=gen) + 0.5)  # fmt: skip
+    if with_pos_weight:
+        options["pos_weight"] = torch.rand(57, generator=gen) + 0.5
+    x, y = x.float(), y.float()
+
+    def every_call():
+        results = []
+        for reduction in ["mean", "none", "sample"]:
+            leaf = x.clone().requires_grad_()
+            loss = loss_fn(leaf, y, reduction=reduction, **options)
+            weighted_sum(loss).backward()
+            logits = x.clone().requires_grad_() * 1.0
+            logits.retain_grad()
+            in_place = loss_fn(logits, y, reduction=reduction, inplace_backward=True, **options)
+            weighted_sum(in_place).backward()
+            results += [loss.detach(), leaf.grad, in_place.detach(), logits.grad]
+        with torch.no_grad():
+            results.append(loss_fn(x, y, **options))
+        return results
+
+    serial = every_call()
+    assert set(calls) == {"SERIAL_KERNELS"}
+    calls.clear()
+    monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", 40 * 57 - 1)
+    parallel = every_call()
+    assert set(calls) == {"KERNELS"}
+    # the same item code, compiled into two kernels: sums may associate differently
+    for got, want in zip(parallel, serial, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-8)
+    calls.clear()
+    monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", -1)
+    with torch_threads(1):
+        one_thread = every_call()
+    for got, want in zip(one_thread, serial, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-8)
+    assert set(calls) == {"SERIAL_KERNELS"}
+    bad = y.clone()
+    bad[39, 56] = 1.5
+    for limit in (-1, 2**62):
+        monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", limit)
+        logits = x.clone().requires_grad_() * 1.0
+        before = logits.detach().clone()
+        with pytest.raises(ValueError, match=r"must lie in \[0, 1\], found 1.5"):
+            loss_fn(logits, bad, inplace_backward=True, **options)
+        assert torch.equal(logits.detach(), before)  # checked before anything was written
+        with pytest.raises(ValueError, match=r"must lie in \[0, 1\], found 1.5"):
+            loss_fn(x.clone().requires_grad_(), bad, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_on_the_parallel_kernel(dtype, monkeypatch):
+    """fp16/bf16 logits and targets through numba's pool give what the serial kernel gives
+    (one compiled kernel serves both half types)."""
+    x, y = make_data((9, 70), seed=37)
+    x, y = x.to(dtype), y.to(dtype)
+    results = {}
+    for limit in (2**62, -1):
+        monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", limit)
+        leaf = x.clone().requires_grad_()
+        loss = bce(leaf, y, reduction="none", label_smoothing=0.1)
+        weighted_sum(loss.float()).backward()
+        results[limit] = (loss.detach(), leaf.grad)
+    for got, want in zip(results[-1], results[2**62], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_four_threads_on_the_serial_binary_kernel():
+    """The serial kernels release the GIL and take no lock: four Python threads at once
+    each get their own losses and gradients."""
+
+    def work(seed):
+        x, y = make_data((32, 80), seed=seed)
+        pos_weight = torch.full((80,), 2.0, dtype=torch.float64)
+        x64 = x.float().double().requires_grad_()
+        want = reference_loss(bce_reference, x64, y, pos_weight=pos_weight)
+        want.backward()
+        for _ in range(30):
+            logits = x.float().requires_grad_()
+            loss = bce(logits, y.float(), pos_weight=pos_weight.float())
+            loss.backward()
+            torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-5, atol=1e-8)
+
+    run_in_threads(work, range(40, 44))

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from concurrency import run_in_threads, torch_threads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -247,13 +248,10 @@ def test_small_problems_run_serially_and_match_the_parallel_kernel(monkeypatch):
     for got, want in zip(parallel, serial, strict=True):
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-8)
     calls.clear()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for got, want in zip(every_call(), serial, strict=True):
-            torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-8)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1):
+        one_thread = every_call()
+    for got, want in zip(one_thread, serial, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-8)
     assert calls == ["rows_f32_serial"] * 3
     loss_ref, grad_ref = reference_rows(
         x, target, scale=0.5, eps=0.1, z=1e-3, weight=weight
@@ -765,32 +763,21 @@ def test_eager_host_call_with_a_tensor_subclass_takes_the_op():
 def test_four_threads_on_the_serial_kernel():
     """Small problems run in the calling thread without the launch lock: four Python
     threads at once each get their own numbers."""
-    import threading
-
-    errors = []
 
     def work(seed):
-        try:
-            x, target = random_case(64, 100, seed=seed)
-            target[::7] = -100
-            want = F.cross_entropy(x.double(), target)
-            for _ in range(30):
-                logits = x.clone().requires_grad_()
-                loss = xloss.cross_entropy(logits, target, label_smoothing=0.0)
-                loss.backward()
-                torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-6)
-                ref = x.double().requires_grad_()
-                F.cross_entropy(ref, target).backward()
-                torch.testing.assert_close(logits.grad.double(), ref.grad, atol=1e-7, rtol=1e-5)
-        except BaseException as error:  # report, do not die silently
-            errors.append(repr(error))
+        x, target = random_case(64, 100, seed=seed)
+        target[::7] = -100
+        want = F.cross_entropy(x.double(), target)
+        for _ in range(30):
+            logits = x.clone().requires_grad_()
+            loss = xloss.cross_entropy(logits, target, label_smoothing=0.0)
+            loss.backward()
+            torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-6)
+            ref = x.double().requires_grad_()
+            F.cross_entropy(ref, target).backward()
+            torch.testing.assert_close(logits.grad.double(), ref.grad, atol=1e-7, rtol=1e-5)
 
-    threads = [threading.Thread(target=work, args=(30 + i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
+    run_in_threads(work, range(30, 34))
 
 
 def test_jit_trace_and_inference_mode_take_the_traceable_path():
@@ -814,7 +801,6 @@ def test_gradient_buffer_is_never_handed_to_two_threads(monkeypatch):
     """The pooled buffer's free test and its handout happen under one lock: with Python
     switching threads between them, two threads wrote into one buffer. The free test is
     slowed down here (a thread switch inside it) so that the race would show."""
-    import threading
     import types
 
     def slow_refcount(obj):
@@ -822,32 +808,21 @@ def test_gradient_buffer_is_never_handed_to_two_threads(monkeypatch):
         return sys.getrefcount(obj) - 1  # minus this function's own reference
 
     monkeypatch.setattr(kernel, "sys", types.SimpleNamespace(getrefcount=slow_refcount))
-    errors = []
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
 
     def work(value):
-        try:
-            for _ in range(100):
-                buffer = kernel.gradient_buffer((4, 1024), torch.float32)
-                buffer.fill_(value)
-                time.sleep(0)  # let the others run while this one holds the buffer
-                if not bool((buffer == value).all()):
-                    errors.append(f"thread {value}: another thread wrote into its buffer")
-                    return
-                del buffer
-        except BaseException as error:  # report, do not die silently
-            errors.append(repr(error))
+        for _ in range(100):
+            buffer = kernel.gradient_buffer((4, 1024), torch.float32)
+            buffer.fill_(value)
+            time.sleep(0)  # let the others run while this one holds the buffer
+            assert bool((buffer == value).all()), f"another thread wrote into {value}'s buffer"
+            del buffer
 
     try:
-        threads = [threading.Thread(target=work, args=(float(i),)) for i in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        run_in_threads(work, [float(i) for i in range(6)], timeout=60)
     finally:
         sys.setswitchinterval(interval)
-    assert not errors, errors
 
 
 def test_polynomial_exp_within_three_ulp_and_exact_at_zero():

@@ -36,6 +36,12 @@ than compiling a second loop). Short rows are processed in blocks of whole rows 
 :func:`_items`). fp16 and bf16 both arrive as uint16 bit patterns with a runtime flag,
 so one compiled kernel serves both: per loss kind, the specialisations are fp32 logits
 and targets, half logits and targets, and half logits with fp32 targets.
+
+Each kind has a parallel kernel (numba's pool, threads taking contiguous runs of items)
+and a serial twin compiled from the same :func:`_items` (``prange`` runs as ``range``)
+that runs in the calling thread: problems of at most ``SERIAL_ELEMENTS`` elements (see
+:mod:`xloss.ops.kernel`) take it, because handing the items to the pool costs more than
+the whole pass there.
 """
 
 from __future__ import annotations
@@ -510,3 +516,55 @@ def asl_no_clip(source, target, dest, element_loss, in_place, check_first, weigh
 
 
 KERNELS = (bce, focal, asl_clip, asl_no_clip)  # indexed by kind
+
+
+# The same passes in the calling thread, for problems too small to share out: a parallel
+# launch hands the items to numba's pool and waits for them (0.1-0.3 ms here, more than
+# the whole pass over a few thousand elements). They release the GIL, so Python threads
+# computing losses at once run their kernels at the same time. The numpy error model, as
+# in the parallel kernels' loops: a float division by zero gives inf or NaN (which the
+# elements' selects then discard) instead of raising.
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+def bce_serial(source, target, dest, element_loss, in_place, check_first, weight, keep,
+               pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale,
+               smooth_shift, p1, p2, p3, item_loss, item_bad):  # fmt: skip
+    """:func:`bce` in the calling thread."""
+    return _items(BCE, source, target, dest, element_loss, in_place, check_first, weight,
+                  keep, pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16,
+                  smooth_scale, smooth_shift, p1, p2, p3, item_loss, item_bad)  # fmt: skip
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+def focal_serial(source, target, dest, element_loss, in_place, check_first, weight, keep,
+                 pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16, smooth_scale,
+                 smooth_shift, p1, p2, p3, item_loss, item_bad):  # fmt: skip
+    """:func:`focal` in the calling thread."""
+    return _items(FOCAL, source, target, dest, element_loss, in_place, check_first, weight,
+                  keep, pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16,
+                  smooth_scale, smooth_shift, p1, p2, p3, item_loss, item_bad)  # fmt: skip
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+def asl_clip_serial(source, target, dest, element_loss, in_place, check_first, weight, keep,
+                    pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16,
+                    smooth_scale, smooth_shift, p1, p2, p3, item_loss, item_bad):  # fmt: skip
+    """:func:`asl_clip` in the calling thread."""
+    return _items(ASL_CLIP, source, target, dest, element_loss, in_place, check_first, weight,
+                  keep, pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16,
+                  smooth_scale, smooth_shift, p1, p2, p3, item_loss, item_bad)  # fmt: skip
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+def asl_no_clip_serial(source, target, dest, element_loss, in_place, check_first, weight,
+                       keep, pattern, pos_row, width, rows_per_item, tiles_per_row, is_bf16,
+                       smooth_scale, smooth_shift, p1, p2, p3, item_loss, item_bad):  # fmt: skip
+    """:func:`asl_no_clip` in the calling thread."""
+    return _items(ASL_NO_CLIP, source, target, dest, element_loss, in_place, check_first,
+                  weight, keep, pattern, pos_row, width, rows_per_item, tiles_per_row,
+                  is_bf16, smooth_scale, smooth_shift, p1, p2, p3, item_loss,
+                  item_bad)  # fmt: skip
+
+
+SERIAL_KERNELS = (bce_serial, focal_serial, asl_clip_serial, asl_no_clip_serial)

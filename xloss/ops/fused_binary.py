@@ -38,7 +38,9 @@ Forward, step by step:
    is a read-only sweep over the targets at the start of the same kernel launch, before
    anything is written, so the logits are untouched when the op raises (the one extra
    read of the targets costs about what the out-of-place buffer's first read costs);
-   ``validate_args=False`` skips it;
+   ``validate_args=False`` skips it. Problems of at most ``kernel.SERIAL_ELEMENTS``
+   elements, and every problem when torch runs one thread, take the serial kernels in
+   the calling thread (no pool, no launch lock, the GIL released);
 2. ``output`` is ``grad_scale * sum(loss)`` (a scalar), the (R,) row sums (for
    ``"sample"``) or the (R, L) element losses (for ``"none"``);
 3. without a gradient to compute (grad mode off, or logits not requiring grad) the
@@ -215,14 +217,18 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
     source = _array(logits)
     target_array = _array(target)
 
+    serial = kernel._serial(num_rows * width)  # the same bound as the row kernel's
+
     def launch(dest, element_loss, overwrite: bool, check_first: bool) -> float:
         """One pass; returns the loss sum. With ``overwrite`` the kernel reads the logits
         from ``dest``; ``check_first`` checks every target before writing anything."""
-        with kernel.parallel_region():  # threads, fork and the thread-safety of numba's pool
-            total, bad = kernels.KERNELS[kind](
-                empty if overwrite else source, target_array, dest, element_loss, overwrite,
-                check_first, *shared,
-            )  # fmt: skip
+        arguments = (empty if overwrite else source, target_array, dest, element_loss,
+                     overwrite, check_first, *shared)  # fmt: skip
+        if serial:
+            total, bad = kernels.SERIAL_KERNELS[kind](*arguments)
+        else:
+            with kernel.parallel_region():  # threads, fork and numba's pool's thread-safety
+                total, bad = kernels.KERNELS[kind](*arguments)
         if validate and bad:
             _raise_bad_target(target, keep, ignore_index)
         return total

@@ -379,10 +379,13 @@ def run_f32(kernels, source, dest, target, scale, settings, loss, *, in_place=Fa
         _raise_out_of_range(int(bad_row[0]), int(target[bad_row[0]]), source.shape[1])
 
 
-# Below this many logits an fp32 launch runs in the calling thread. A parallel launch hands
-# the rows to numba's pool and waits for them: about 0.1-0.15 ms of fixed cost here.
-# Measured on the kernel alone (5 alternated rounds, C = 256, 1024 and 4096): at 2**19
-# logits the serial kernel took 0.71-0.93x the parallel one's time, at 2**20 1.14-1.39x.
+# Below this many elements an fp32 row launch, and any binary-family launch, runs in the
+# calling thread. A parallel launch hands the work to numba's pool and waits for it: 0.1
+# to 0.4 ms of fixed cost here, depending on how long the host takes to wake the pool's
+# threads. Measured on the kernels alone, alternated in one process: rows (5 rounds,
+# C = 256, 1024 and 4096) serial/parallel 0.71-0.93x at 2**19 logits, 1.14-1.39x at 2**20;
+# binary (7 rounds, C = 1000) at 2**19 elements BCE 0.54x, focal 0.62x, ASL 0.87x, at 2**18
+# 0.42x, 0.41x, 0.69x (the pool woke slowly in that run: at 2**20 still 0.68-0.99x).
 SERIAL_ELEMENTS = 2**19
 
 
