@@ -1,12 +1,14 @@
-"""Start-up cost of xloss: the first cross-entropy call in a fresh process.
+"""Start-up cost of xloss: the first loss call in a fresh process.
 
 Each run is a fresh Python process that imports torch (not counted), then times
-``import xloss`` plus the first forward + backward of ``xloss.cross_entropy`` on a small
-fp32 batch (numba's import and the loading of the cached kernels happen there), and a
-second call for comparison. ``--cold`` first runs once with an empty numba cache folder
+``import xloss`` plus the first forward + backward of ``xloss.cross_entropy`` (or, with
+``--loss bce``, ``xloss.binary_cross_entropy_with_logits``) on a small fp32 batch (numba's
+import and the loading of the cached kernels happen there), and a second call for
+comparison. ``--cold`` first runs once with an empty numba cache folder
 (``NUMBA_CACHE_DIR``), which is the compile a fresh install pays once.
 
-Run: ``python benchmarks/startup.py [--runs 5] [--cold]``; prints the median and range.
+Run: ``python benchmarks/startup.py [--runs 5] [--cold] [--loss bce]``; prints the median
+and range.
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ import torch
 start = time.perf_counter()
 import xloss
 logits = torch.randn(64, 1000, requires_grad=True)
-target = torch.randint(0, 1000, (64,))
-xloss.cross_entropy(logits, target).backward()
+if LOSS == "bce":
+    target = (torch.rand(64, 1000) < 0.1).float()
+    loss = xloss.binary_cross_entropy_with_logits
+else:
+    target = torch.randint(0, 1000, (64,))
+    loss = xloss.cross_entropy
+loss(logits, target).backward()
 first = time.perf_counter() - start
 start = time.perf_counter()
-xloss.cross_entropy(logits, target).backward()
+loss(logits, target).backward()
 print(json.dumps(dict(first=first, second=time.perf_counter() - start)))
 """
 
 
-def one_run(env: dict | None = None) -> dict:
+def one_run(env: dict | None = None, loss: str = "cross_entropy") -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", CHILD],
+        [sys.executable, "-c", f"LOSS = {loss!r}\n" + CHILD],
         capture_output=True,
         text=True,
         check=True,
@@ -60,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="fresh processes with a warm cache")
     parser.add_argument("--cold", action="store_true", help="also one run with an empty cache")
+    parser.add_argument("--loss", choices=["cross_entropy", "bce"], default="cross_entropy")
     args = parser.parse_args(argv)
     if args.cold:
         with tempfile.TemporaryDirectory() as cache:
-            cold = one_run(dict(NUMBA_CACHE_DIR=cache))
+            cold = one_run(dict(NUMBA_CACHE_DIR=cache), args.loss)
         print(f"cold first call (empty numba cache, compiles): {cold['first']:.1f} s")
-    one_run()  # make sure the default cache is warm
-    runs = [one_run() for _ in range(args.runs)]
+    one_run(loss=args.loss)  # make sure the default cache is warm
+    runs = [one_run(loss=args.loss) for _ in range(args.runs)]
     print("warm first call (import xloss + first loss):", summary([r["first"] for r in runs]))
     print("second call:", summary([r["second"] for r in runs]))
     return 0

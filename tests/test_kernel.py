@@ -76,7 +76,7 @@ def check_rows(x, target, atol=2e-6, rtol=2e-5, **options):
 
 @pytest.fixture(params=["serial", "parallel"])
 def launch_path(request, monkeypatch):
-    """Run an fp32 test through the serial kernel (small problems) or the parallel one."""
+    """Run a test through the serial kernel (small problems) or the parallel one."""
     limit = 2**62 if request.param == "serial" else -1
     monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", limit)
     return request.param
@@ -172,7 +172,7 @@ def test_rows_masked_vocabulary_with_minus_inf(classes):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("options", [dict(), dict(eps=0.1, weight=True), dict(cap=3.0, z=1e-3)])
-def test_rows_half_precision(dtype, options):
+def test_rows_half_precision(dtype, options, launch_path):
     x, target = random_case(5, 1001, seed=11, dtype=dtype)
     x[0, :4] = torch.tensor([0.0, -0.0, 6e-8, 60000.0]).to(dtype)  # zeros, subnormal, large
     target[3] = -1

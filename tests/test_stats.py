@@ -79,12 +79,14 @@ def test_cross_entropy_stats(backend, classes, case):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cross_entropy_stats_half(backend, dtype):
+def test_cross_entropy_stats_half(backend, dtype, monkeypatch):
     logits, target = make_logits((9,), 1100, dtype=dtype)
-    with backends.use(backend):
-        out = xloss.cross_entropy(logits, target, return_stats=True)
-    assert out.lse.dtype == torch.float32
-    assert_stats(out, reference_stats(logits, target, target != -100), tol=2e-5)
+    for serial_limit in (2**62, -1):  # numba: the serial kernel, then numba's pool
+        monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", serial_limit)
+        with backends.use(backend):
+            out = xloss.cross_entropy(logits, target, return_stats=True)
+        assert out.lse.dtype == torch.float32
+        assert_stats(out, reference_stats(logits, target, target != -100), tol=2e-5)
 
 
 def test_cross_entropy_stats_class_dim_1_and_inplace_backward():

@@ -687,6 +687,25 @@ def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, 
               bad_row, stats=None, predicted=None):  # fmt: skip
     """fp16 / bf16 rows as uint16 bits; the gradient goes to ``dest`` (may be ``source``).
     Targets >= C as in :func:`rows_f32`."""
+    _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
+                 bad_row, stats, predicted)  # fmt: skip
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def rows_half_serial(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
+                     bad_row, stats=None, predicted=None):  # fmt: skip
+    """:func:`rows_half` in the calling thread, for problems too small to share out (as
+    :func:`rows_f32_serial`); it releases the GIL."""
+    _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
+                 bad_row, stats, predicted)  # fmt: skip
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
+                 bad_row, stats, predicted):  # fmt: skip
+    """The rows of :func:`rows_half` in up to 64 interleaved blocks (``prange``: the
+    pool's threads take blocks; in a serial kernel it runs as ``range``), each with one
+    widened fp32 row of scratch."""
     num_rows, num = source.shape
     per_row_scale = scale.shape[0] > 1
     num_blocks = min(num_rows, 64)
@@ -789,5 +808,5 @@ def _load_cache_without_refresh(dispatcher) -> None:
     cache.load_overload = load_overload
 
 
-for _kernel in (rows_f32, rows_f32_serial, rows_half):
+for _kernel in (rows_f32, rows_f32_serial, rows_half, rows_half_serial):
     _load_cache_without_refresh(_kernel)

@@ -25,11 +25,11 @@ loss part 1.57x (quartiles 0.89-1.86 over 40 pairs), the whole step within noise
 median 1.11x, quartiles 0.56-1.42). A 0.77x at V = 8192 from separate processes was noise
 between processes. A small launch costs about 0.3 ms more on ``workqueue`` than on ``omp``
 (the queue wakes its sleeping workers): at 1024 x 256 logits that is more than the work
-itself (0.12-0.14 ms on one thread), so fp32 problems of at most ``SERIAL_ELEMENTS`` logits, and
-every fp32 problem when torch runs one thread, take ``rows_f32_serial`` in the calling
-thread, without the pool and without the launch lock. It shares the row loop
-(``_rows_f32_range``) with the parallel kernel; its own cold compile is about 7 s of CPU,
-once (fp16/bf16 rows keep the parallel kernel only).
+itself (0.12-0.14 ms on one thread), so problems of at most ``SERIAL_ELEMENTS`` logits, and
+every problem when torch runs one thread, take a serial twin of the kernel in the calling
+thread (``rows_f32_serial``, ``rows_half_serial``, and the binary family's), without the
+pool and without the launch lock. Each shares its loop with the parallel kernel; the fp32
+row twin's own cold compile is about 7 s of CPU, once.
 
 The ``workqueue`` layer is not thread-safe, so every launch holds one process-wide lock:
 calls from several Python threads take turns (each kernel uses all the pool's threads
@@ -343,11 +343,14 @@ def _launch(
         return loss
     bad_row = np.array([-1], dtype=np.int64)  # the kernel's out-of-range report
     rows_dest = _as_array(dest) if write else np.empty((0, 0), np.uint16)
-    with parallel_region():
-        kernels.rows_half(
-            source, rows_dest, target_array, scale, *settings,
-            logits.dtype == torch.bfloat16, write, loss.numpy(), bad_row, *stats_arrays,
-        )  # fmt: skip
+    arguments = (source, rows_dest, target_array, scale, *settings,
+                 logits.dtype == torch.bfloat16, write, loss.numpy(), bad_row,
+                 *stats_arrays)  # fmt: skip
+    if _serial(source.size):
+        kernels.rows_half_serial(*arguments)
+    else:
+        with parallel_region():
+            kernels.rows_half(*arguments)
     if bad_row[0] >= 0:
         _raise_out_of_range(int(bad_row[0]), int(target_array[bad_row[0]]), logits.shape[1])
     return loss
@@ -390,7 +393,7 @@ SERIAL_ELEMENTS = 2**19
 
 
 def _serial(elements: int) -> bool:
-    """Run the fp32 kernel in the calling thread: a small problem, or one thread anyway."""
+    """Run a kernel in the calling thread: a small problem, or one thread anyway."""
     return elements <= SERIAL_ELEMENTS or torch.get_num_threads() == 1
 
 
