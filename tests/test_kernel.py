@@ -639,9 +639,9 @@ def test_eager_host_calls_match_the_custom_op_path(options):
 
 
 def test_host_path_serves_plain_rows_and_nothing_else(monkeypatch):
-    """Plain (N, C) fp32 calls take host_cross_entropy; anything it does not handle (a
-    mask, 3-D input, int32 targets, fp16, a learnable weight, ...) takes the general path
-    and still gives the reference's number."""
+    """Plain (N, C) fp32, fp16 and bf16 calls take host_cross_entropy; anything it does
+    not handle (a mask, 3-D input, int32 targets, float64, a learnable weight, ...) takes
+    the general path and still gives the reference's number."""
     from xloss.ops import fused_cross_entropy
 
     served = []
@@ -663,6 +663,8 @@ def test_host_path_serves_plain_rows_and_nothing_else(monkeypatch):
         "3-D": (x.reshape(2, 3, 11), target.reshape(2, 3), dict(class_dim=-1)),
         "int32": (x, target.int(), {}),
         "fp16": (x.half(), target, {}),
+        "bf16": (x.bfloat16(), target, {}),
+        "float64": (x.double(), target, {}),
         "learnable weight": (x, target, dict(weight=weight.clone().requires_grad_())),
         "tensor normalizer": (x, target, dict(normalizer=torch.tensor(4.0))),
         "sample": (x, target, dict(reduction="sample")),
@@ -671,8 +673,9 @@ def test_host_path_serves_plain_rows_and_nothing_else(monkeypatch):
     for name, (logits, labels, options) in calls.items():
         served.clear()
         out = xloss.cross_entropy(logits, labels, **options)
-        assert served == ([True] if name in ("plain", "class_dim=-1", "weight", "normalizer")
-                          else []), name  # fmt: skip
+        host_calls = ("plain", "class_dim=-1", "weight", "normalizer", "fp16", "bf16")
+        assert served == ([True] if name in host_calls else []), name
+        assert out.dtype == logits.dtype, name
         rows = logits.reshape(-1, 11).double() if name != "strided" else logits.double()
         want = F.cross_entropy(
             rows, labels.reshape(-1).long(), reduction=options.get("reduction", "mean")
@@ -685,8 +688,37 @@ def test_host_path_serves_plain_rows_and_nothing_else(monkeypatch):
             keep = (labels != 1) & (labels != -100)
             want = F.cross_entropy(rows[keep], labels[keep])
         # "sample" on (N, C): one position per sample, so each sample's mean is its row
-        tolerance = dict(atol=2e-3, rtol=2e-3) if name == "fp16" else dict(atol=1e-5, rtol=1e-5)
+        tolerance = {"fp16": dict(atol=2e-3, rtol=2e-3), "bf16": dict(atol=2e-2, rtol=2e-2)}.get(
+            name, dict(atol=1e-5, rtol=1e-5)
+        )
         torch.testing.assert_close(out.double(), want, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_host_path_half_precision_matches_float64(dtype):
+    """fp16/bf16 logits on the host path: the loss in the input's dtype (float32 under
+    autocast, as F.cross_entropy), values and gradients against float64 for each
+    reduction, with a class weight, ignored rows and smoothing."""
+    x, target = random_case(9, 37, seed=8)
+    target[4] = -100
+    weight = torch.rand(37, generator=torch.Generator().manual_seed(9)) + 0.5
+    half = x.to(dtype)
+    tolerance = HALF_TOLERANCE[dtype]
+    for reduction in ["mean", "sum", "none"]:
+        logits = half.clone().requires_grad_()
+        loss = xloss.cross_entropy(logits, target, weight=weight, label_smoothing=0.1,
+                                   reduction=reduction)  # fmt: skip
+        assert loss.dtype == dtype
+        ref = half.double().requires_grad_()
+        want = F.cross_entropy(ref, target, weight=weight.double(), label_smoothing=0.1,
+                               reduction=reduction)  # fmt: skip
+        torch.testing.assert_close(loss.double(), want, rtol=1e-2, atol=1e-3)
+        factors = torch.linspace(0.5, 1.5, max(loss.numel(), 1))
+        (loss.float() * factors.reshape(loss.shape)).sum().backward()
+        (want * factors.double().reshape(want.shape)).sum().backward()
+        torch.testing.assert_close(logits.grad, ref.grad.to(dtype), **tolerance)
+    with torch.autocast("cpu", dtype=dtype):
+        assert xloss.cross_entropy(half, target).dtype == torch.float32
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -246,7 +246,7 @@ def cross_entropy(
         and not isinstance(normalizer, Tensor)
         and host_call_applies(input, target, weight, class_dim)
     ):  # the common eager CPU call, on numpy (fixed cost: see host_cross_entropy)
-        return host_cross_entropy(
+        loss = host_cross_entropy(
             input,
             target,
             weight,
@@ -258,6 +258,7 @@ def cross_entropy(
             softcap=softcap,
             validate_args=validate_args,
         )
+        return loss if input.dtype == torch.float32 else loss.to(loss_dtype(input))
     check_floating_input(input)
     if inplace_backward:
         check_inplace_allowed(input)

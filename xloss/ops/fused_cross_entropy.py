@@ -532,8 +532,9 @@ def _denominator(class_weight, target, keep):
 
 
 def host_call_applies(input, target, weight, class_dim) -> bool:
-    """:func:`host_cross_entropy` serves the call: plain contiguous (N, C) float32 CPU
-    logits with the class axis last (``class_dim`` 1 or -1), (N,) int64 CPU targets,
+    """:func:`host_cross_entropy` serves the call: plain contiguous (N, C) float32, float16
+    or bfloat16 CPU logits with the class axis last (``class_dim`` 1 or -1), (N,) int64
+    CPU targets,
     ``weight`` None or a plain contiguous (C,) float32 CPU tensor that no gradient is
     asked for, in eager mode (no tracing, transform or dispatch mode: see
     :func:`~xloss._core.validation.eager_host`) on the numba kernel. Only attribute
@@ -541,7 +542,7 @@ def host_call_applies(input, target, weight, class_dim) -> bool:
     return (
         type(input) is Tensor
         and type(target) is Tensor
-        and input.dtype == torch.float32
+        and input.dtype in kernel.KERNEL_DTYPES
         and target.dtype == torch.int64
         and input.is_cpu
         and target.is_cpu
@@ -554,7 +555,7 @@ def host_call_applies(input, target, weight, class_dim) -> bool:
         and input.is_contiguous()
         and (weight is None or _plain_weight(weight, input.shape[1]))
         and eager_mode()
-        and backends.select("cpu", torch.float32) == "numba"
+        and backends.select("cpu", input.dtype) == "numba"
     )
 
 
@@ -611,4 +612,4 @@ def host_cross_entropy(
     if torch.is_grad_enabled() and logits.requires_grad:
         anchor = _host_anchor(logits)
         return HostFusedCrossEntropy.apply(logits, index, class_weight, settings, anchor)[0]
-    return _host_f32(logits, index, class_weight, settings, False)[0]
+    return _host_fused(logits, index, class_weight, settings, False)[0]
