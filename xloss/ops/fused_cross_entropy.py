@@ -139,20 +139,25 @@ def _host_output(loss: np.ndarray, grad_scale: float) -> Tensor:
 _NO_WEIGHT = np.empty(0, dtype=np.float32)
 
 
-def _host_f32(logits, target, class_weight, settings, write_grad: bool):
-    """:func:`_fused` for an eager host call on fp32 logits without side outputs, on numpy
-    arrays: returns (output, grad) with grad None unless ``write_grad``. Each torch op
-    costs a few microseconds of dispatch, a numpy view or array a fraction of one, and at
-    16 x 256 the whole kernel takes about 10 microseconds."""
-    rows = logits.detach().numpy()
+def _host_rows(logits, target, class_weight, settings, write_grad: bool):
+    """:func:`_fused` for an eager host call without side outputs, on numpy arrays (fp16
+    and bf16 as their bit patterns): returns (output, grad) with grad None unless
+    ``write_grad``. Each torch op costs a few microseconds of dispatch, a numpy view or
+    array a fraction of one, and at 16 x 256 the whole kernel takes about 10
+    microseconds."""
+    rows = kernel._as_array(logits)
     grad = kernel.gradient_buffer(logits.shape, logits.dtype) if write_grad else None  # R x C
     loss = np.empty(rows.shape[0], dtype=np.float32)
     weight = _NO_WEIGHT if class_weight is None else class_weight.detach().numpy()
     options = (weight, np.float32(settings.label_smoothing), np.float32(settings.z_loss),
                np.float32(settings.softcap))  # fmt: skip
     scale = np.array([settings.grad_scale], dtype=np.float32)
-    kernel.run_f32(kernel._kernels(), rows, None if grad is None else grad.numpy(),
-                   target.numpy(), scale, options, loss)  # fmt: skip
+    dest = None if grad is None else kernel._as_array(grad)
+    if logits.dtype == torch.float32:
+        kernel.run_f32(kernel._kernels(), rows, dest, target.numpy(), scale, options, loss)
+    else:
+        kernel.run_half(kernel._kernels(), rows, dest, target.numpy(), scale, options, loss,
+                        logits.dtype == torch.bfloat16)  # fmt: skip
     if settings.per_row:
         return torch.from_numpy(loss), grad
     return _host_output(loss, settings.grad_scale), grad
@@ -160,9 +165,9 @@ def _host_f32(logits, target, class_weight, settings, write_grad: bool):
 
 def _host_fused(logits, target, class_weight, settings: KernelSettings, write_grad: bool):
     """The op's body on an eager host call: (output, grad, *stats), stats empty without
-    ``with_stats``; fp32 without side outputs takes :func:`_host_f32`."""
-    if logits.dtype == torch.float32 and not settings.with_stats:
-        return _host_f32(logits, target, class_weight, settings, write_grad)
+    ``with_stats``; without side outputs it takes :func:`_host_rows`."""
+    if not settings.with_stats:
+        return _host_rows(logits, target, class_weight, settings, write_grad)
     return _fused(logits, target, class_weight, *settings, write_grad)
 
 
@@ -588,7 +593,7 @@ def host_cross_entropy(
 
     The steps of :func:`fused_cross_entropy` with the target, the kept rows and the
     mean's factor as numpy arrays and floats, and the kernel launched on numpy views
-    (:func:`_host_f32`): at 16 x 256 every torch op saved is a few percent of the call.
+    (:func:`_host_rows`): at 16 x 256 every torch op saved is a few percent of the call.
     """
     values = target.numpy()
     keep = None if ignore_index is None else values != ignore_index

@@ -341,22 +341,32 @@ def _launch(
         run_f32(kernels, source, rows_dest, target_array, scale, settings, loss.numpy(),
                 in_place=in_place, stats=stats_arrays)  # fmt: skip
         return loss
+    is_bf16 = logits.dtype == torch.bfloat16
+    run_half(kernels, source, _as_array(dest) if write else None, target_array, scale,
+             settings, loss.numpy(), is_bf16, stats=stats_arrays)  # fmt: skip
+    return loss
+
+
+_NO_ROWS = np.empty((0, 0), np.float32)
+_NO_HALF_ROWS = np.empty((0, 0), np.uint16)
+
+
+def run_half(kernels, source, dest, target, scale, settings, loss, is_bf16, *,
+             stats=(None, None)) -> None:  # fmt: skip
+    """The fp16/bf16 kernel on checked numpy arrays, as :func:`run_f32`: ``source`` and
+    ``dest`` (or None: loss only) are (R, C) uint16 bit patterns, of bf16 with
+    ``is_bf16``, else of fp16. Raises when a kept target is out of range."""
     bad_row = np.array([-1], dtype=np.int64)  # the kernel's out-of-range report
-    rows_dest = _as_array(dest) if write else np.empty((0, 0), np.uint16)
-    arguments = (source, rows_dest, target_array, scale, *settings,
-                 logits.dtype == torch.bfloat16, write, loss.numpy(), bad_row,
-                 *stats_arrays)  # fmt: skip
+    write = dest is not None
+    arguments = (source, dest if write else _NO_HALF_ROWS, target, scale, *settings, is_bf16,
+                 write, loss, bad_row, *stats)  # fmt: skip
     if _serial(source.size):
         kernels.rows_half_serial(*arguments)
     else:
         with parallel_region():
             kernels.rows_half(*arguments)
     if bad_row[0] >= 0:
-        _raise_out_of_range(int(bad_row[0]), int(target_array[bad_row[0]]), logits.shape[1])
-    return loss
-
-
-_NO_ROWS = np.empty((0, 0), np.float32)
+        _raise_out_of_range(int(bad_row[0]), int(target[bad_row[0]]), source.shape[1])
 
 
 def run_f32(kernels, source, dest, target, scale, settings, loss, *, in_place=False,
