@@ -693,3 +693,83 @@ def test_four_threads_on_the_serial_binary_kernel():
             torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-5, atol=1e-8)
 
     run_in_threads(work, range(40, 44))
+
+
+def test_host_fast_path_serves_plain_calls_and_nothing_else(monkeypatch):
+    """Plain fp32 calls with the class axis last (and at most a plain (C,) pos_weight) go
+    from the settings check straight to the kernel; every other call takes the general
+    path. Each gives the float64 reference's loss and gradient, and bad input still
+    raises the general path's errors."""
+    from xloss.functional import binary as functional
+
+    served = []
+    predicate = functional.host_binary_applies
+    monkeypatch.setattr(functional, "host_binary_applies",
+                        lambda *a: served.append(predicate(*a)) or served[-1])  # fmt: skip
+    x, y = make_data((6, 5), seed=41)
+    x, y = x.float(), y.float()
+    gen = torch.Generator().manual_seed(42)
+    pw = torch.rand(5, generator=gen) + 0.5
+    mask = torch.rand(6, 5, generator=gen) > 0.3
+    fast = {
+        "plain": (x, y, {}),
+        "class_dim=1": (x, y, dict(class_dim=1)),
+        "pos_weight": (x, y, dict(pos_weight=pw)),
+        "sum": (x, y, dict(reduction="sum")),
+        "none": (x, y, dict(reduction="none")),
+        "smoothing": (x, y, dict(label_smoothing=0.2)),
+        "uniform": (x, y, dict(label_smoothing=0.2, smoothing_rule="uniform")),
+        "1-D": (x[0], y[0], {}),
+        "3-D": (x.reshape(2, 3, 5), y.reshape(2, 3, 5), dict(pos_weight=pw)),
+    }
+    general = {
+        "weight": (x, y, dict(weight=torch.rand(6, 5, generator=gen))),
+        "mask": (x, y, dict(mask=mask)),
+        "ignore_index": (x, torch.where(mask, y, -1.0), dict(ignore_index=-1)),
+        "lengths": (x, y, dict(lengths=torch.tensor([5, 3, 0, 1, 5, 2]))),
+        "normalizer": (x, y, dict(normalizer=7.0)),
+        "sample": (x, y, dict(reduction="sample")),
+        "class_dim=0": (x, y, dict(class_dim=0)),
+        "float64 pos_weight": (x, y, dict(pos_weight=pw.double())),
+        "one pos_weight": (x, y, dict(pos_weight=pw[:1])),
+        "half target": (x, y.half(), {}),
+        "strided target": (x, torch.cat([y, y], 1)[:, ::2], {}),
+        "strided input": (x, y, {}),  # a strided view of the logits is passed
+    }
+    for name, (logits, target, options) in {**fast, **general}.items():
+        served.clear()
+        leaf = logits.detach().clone().requires_grad_()
+        passed = leaf
+        if name == "strided input":
+            passed = torch.stack([leaf, leaf], 2)[..., 0]
+            assert not passed.is_contiguous()
+        loss = bce(passed, target, **options)
+        assert served == ([True] if name in fast else []) or (
+            name not in fast and served == [False]
+        ), name
+        x64 = logits.detach().double().requires_grad_()
+        ref_options = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                       else v for k, v in options.items()}  # fmt: skip
+        want = reference_loss(bce_reference, x64, target.double(), **ref_options)
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6, msg=name)
+        weighted_sum(loss).backward()
+        weighted_sum(want).backward()
+        torch.testing.assert_close(leaf.grad.double(), x64.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for name, (loss_fn, reference, _) in LOSSES.items():  # focal and ASL take it too
+        served.clear()
+        leaf = x.clone().requires_grad_()
+        loss = loss_fn(leaf, y, reduction="sum")
+        assert served == [True], name
+        x64 = x.double().requires_grad_()
+        want = reference_loss(reference, x64, y.double(), reduction="sum")
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match=r"`target` must lie in \[0, 1\], found 1.5"):
+        bce(x, torch.where(mask, y, 1.5))
+    with pytest.raises(ValueError, match="pos_weight"):
+        bce(x, y, pos_weight=torch.ones(6))
+    with pytest.raises((ValueError, IndexError), match="class_dim|dim"):
+        bce(x, y, class_dim=2)
+    with pytest.raises(ValueError, match="target"):
+        bce(x, y[:, :4])
+    with torch.no_grad():  # no gradient asked: the loss only
+        torch.testing.assert_close(bce(x, y).double(), reference_loss(bce_reference, x, y))

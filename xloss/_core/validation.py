@@ -167,6 +167,19 @@ def eager_host(*tensors: Tensor | None) -> bool:
     return eager_mode() and all(t is None or (type(t) is Tensor and t.is_cpu) for t in tensors)
 
 
+def plain_float32_vector(tensor, size: int) -> bool:
+    """A plain contiguous (``size``,) float32 CPU tensor that no gradient is asked for
+    (the host paths read it as numpy: only attribute reads here)."""
+    return (
+        type(tensor) is Tensor
+        and tensor.dtype == torch.float32
+        and tensor.is_cpu
+        and tensor.shape == (size,)
+        and tensor.is_contiguous()
+        and not (tensor.requires_grad and torch.is_grad_enabled())
+    )
+
+
 def eager_mode() -> bool:
     """:func:`eager_host` without tensors: no tracing, transform or dispatch mode."""
     return (

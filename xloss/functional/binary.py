@@ -40,7 +40,12 @@ from xloss._core.validation import (
     shape_str,
 )
 from xloss.functional.cross_entropy import compute_dtype
-from xloss.ops.fused_binary import BCE, fused_binary_applies, fused_binary_loss
+from xloss.ops.fused_binary import (
+    BCE,
+    fused_binary_applies,
+    fused_binary_loss,
+    host_binary_applies,
+)
 
 SMOOTHING_RULES = ("binary", "uniform")
 
@@ -207,27 +212,44 @@ def elementwise_loss(
     )
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
-    check_floating_input(input)
-    if inplace_backward:
-        check_inplace_allowed(input)
-    target = elementwise_target(target, input)
-    dim = class_axis(input.dim(), class_dim)
-    num_classes = 1 if dim is None else input.shape[dim]
-    check_elementwise_weight(weight, input.shape)
-    check_pos_weight(pos_weight, num_classes)
-
-    device = input.device
-    keep = build_mask(
-        input.shape,
-        device,
-        index_target=target,
-        ignore_index=ignore_index,
-        mask=mask,
-        lengths=lengths,
-        validate_args=validate_args,
+    # The common eager CPU call (plain fp32 tensors, class axis last, no weight or mask)
+    # skips the checks below: they all pass there, and the kernel checks the targets.
+    fast = (
+        fused is not None
+        and weight is None
+        and mask is None
+        and lengths is None
+        and ignore_index is None
+        and normalizer is None
+        and reduction != "sample"
+        and not inplace_backward
+        and host_binary_applies(input, target, pos_weight, class_dim)
     )
+    if fast:
+        dim, keep = input.dim() - 1, None
+        num_classes = input.shape[-1]
+    else:
+        check_floating_input(input)
+        if inplace_backward:
+            check_inplace_allowed(input)
+        target = elementwise_target(target, input)
+        dim = class_axis(input.dim(), class_dim)
+        num_classes = 1 if dim is None else input.shape[dim]
+        check_elementwise_weight(weight, input.shape)
+        check_pos_weight(pos_weight, num_classes)
+        keep = build_mask(
+            input.shape,
+            input.device,
+            index_target=target,
+            ignore_index=ignore_index,
+            mask=mask,
+            lengths=lengths,
+            validate_args=validate_args,
+        )
     share = 2 if smoothing_rule == "binary" else num_classes
-    if fused is not None and fused_binary_applies(input, target, weight, pos_weight, normalizer):
+    if fast or (
+        fused is not None and fused_binary_applies(input, target, weight, pos_weight, normalizer)
+    ):
         reduced = fused_binary_loss(
             input,
             target,
@@ -245,8 +267,9 @@ def elementwise_loss(
             ignore_index=ignore_index,
             inplace_backward=inplace_backward,
         )
-        return reduced.to(input.dtype)
+        return reduced if fast else reduced.to(input.dtype)
 
+    device = input.device
     dtype = compute_dtype(input.dtype)
     target = target.to(dtype)
     if validate_args:

@@ -65,7 +65,7 @@ from torch import Tensor
 
 from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
-from xloss._core.validation import eager_host
+from xloss._core.validation import eager_host, eager_mode, plain_float32_vector
 from xloss.ops import kernel
 from xloss.ops.second_order import KernelFunction, all_ones, first_order_only
 
@@ -115,6 +115,37 @@ def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
         input.numel() > 0
         and not any(isinstance(t, Tensor) and t.requires_grad for t in differentiable)
         and backends.select(input.device.type, input.dtype) == "numba"
+        and binary_kernel_available()
+    )
+
+
+def host_binary_applies(input, target, pos_weight, class_dim) -> bool:
+    """A call that :func:`fused_binary_loss` can take straight from the functional's
+    settings check (the caller also has no weight, mask, lengths, ignore_index or
+    normalizer, and is not in place): plain contiguous float32 CPU input of at least one
+    axis with the class axis last, a float32 target of its shape that no gradient is
+    asked for, ``pos_weight`` None or a plain contiguous (C,) float32 CPU tensor, in
+    eager mode on the numba kernel. Only attribute reads, as
+    :func:`xloss.ops.fused_cross_entropy.host_call_applies`: a call that fails any test
+    takes the general path, which validates it."""
+    return (
+        type(input) is Tensor
+        and type(target) is Tensor
+        and input.dtype == torch.float32
+        and target.dtype == torch.float32
+        and input.is_cpu
+        and target.is_cpu
+        and input.dim() > 0
+        and type(class_dim) is int
+        and class_dim in (-1, input.dim() - 1)
+        and target.shape == input.shape
+        and input.numel() > 0
+        and input.is_contiguous()
+        and target.is_contiguous()
+        and not target.requires_grad
+        and (pos_weight is None or plain_float32_vector(pos_weight, input.shape[-1]))
+        and eager_mode()
+        and backends.select("cpu", torch.float32) == "numba"
         and binary_kernel_available()
     )
 
@@ -212,7 +243,9 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
     shared = (
         scaled_weight(),
         pattern(keep, True),
-        _array(pos_col) if rows_per_item == 1 else _repeated(_array(pos_col), rows_per_item),
+        _filled_array(1.0, rows_per_item * width) if pos_col is None else (
+            _array(pos_col) if rows_per_item == 1 else _repeated(_array(pos_col), rows_per_item)
+        ),  # fmt: skip
         _array(pos_row),
         width,
         rows_per_item,
@@ -456,6 +489,14 @@ class KernelSettings(NamedTuple):
     ignore_index: int | None
 
 
+def _contiguous_rows(values: Tensor, num_rows: int, width: int, dtype: torch.dtype) -> Tensor:
+    """``values`` as contiguous (R, L) in ``dtype``: itself when it already is (each torch
+    op costs a few microseconds of a small call), else a view or a private copy."""
+    if values.dtype == dtype and values.shape == (num_rows, width) and values.is_contiguous():
+        return values
+    return values.to(dtype).reshape(num_rows, width).contiguous()
+
+
 def _as_rows(values: Tensor, num_rows: int, width: int, dtype: torch.dtype) -> Tensor:
     """An input-shaped tensor as (R, L), or (1, L) when it is the same for every row."""
     rows = values.to(dtype).reshape(num_rows, width)
@@ -504,9 +545,9 @@ def fused_binary_loss(
     num_rows, width = _rows_layout(shape, dim)
     host = eager_host(input, target, weight, pos_weight, keep)
     # R x L: a view of the caller's logits when they are contiguous, else a private copy
-    logits = input.reshape(num_rows, width).contiguous()
+    logits = _contiguous_rows(input, num_rows, width, input.dtype)
     target_type = target.dtype if target.dtype == input.dtype else torch.float32
-    target_rows = target.to(target_type).reshape(num_rows, width).contiguous()
+    target_rows = _contiguous_rows(target, num_rows, width, target_type)
     weight_rows = None if weight is None else _as_rows(
         weight.expand(shape), num_rows, width, torch.float32
     )  # fmt: skip
@@ -515,14 +556,17 @@ def fused_binary_loss(
     if pos_weight is not None:
         along_rows = dim is None or dim == len(shape) - 1  # else one value per row
         size = width if along_rows else shape[dim]
-        values = pos_weight.detach().to(torch.float32).reshape(-1)
+        values = pos_weight
+        if pos_weight.dtype != torch.float32 or pos_weight.shape != (size,):
+            values = pos_weight.detach().to(torch.float32).reshape(-1)
         if values.numel() != size or not values.is_contiguous():
             values = values.expand(size).contiguous()
         if along_rows:
             pos_col = values
         else:
             pos_row = values
-    pos_col = torch.ones(width, dtype=torch.float32) if pos_col is None else pos_col
+    if pos_col is None and not host:  # the op's schema takes a tensor (host: None, ones)
+        pos_col = torch.ones(width, dtype=torch.float32)
     if pos_row is None:  # one value for every row; a shared constant on eager host calls
         pos_row = _ONE_ROW if host else torch.ones(1, dtype=torch.float32)
 
@@ -535,6 +579,8 @@ def fused_binary_loss(
     elif reduction == "mean" and keep is None and not torch.compiler.is_compiling():
         out_mode = SCALAR
         scale = torch.tensor(np.float32(1.0) / np.float32(input.numel()))
+    elif reduction == "sum" and host:
+        out_mode, scale = SCALAR, 1.0
     elif reduction in ("sum", "mean"):
         out_mode = SCALAR
         scale = torch.ones((), dtype=torch.float32)
@@ -543,7 +589,7 @@ def fused_binary_loss(
             scale = safe_divide(scale, torch.as_tensor(count, dtype=torch.float32))
     else:
         out_mode = ELEMENTS if reduction == "none" else ROWS
-        scale = torch.ones((), dtype=torch.float32)
+        scale = 1.0 if host else torch.ones((), dtype=torch.float32)
     if isinstance(scale, Tensor) and (scale.dtype != torch.float32 or scale.dim() != 0):
         scale = scale.float().reshape(())
     settings = KernelSettings(

@@ -56,7 +56,12 @@ from torch import Tensor
 
 from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
-from xloss._core.validation import check_index_values, eager_host, eager_mode
+from xloss._core.validation import (
+    check_index_values,
+    eager_host,
+    eager_mode,
+    plain_float32_vector,
+)
 from xloss.ops import kernel
 from xloss.ops.second_order import (
     KernelFunction,
@@ -558,20 +563,9 @@ def host_call_applies(input, target, weight, class_dim) -> bool:
         and target.shape[0] == input.shape[0]
         and input.shape[1] > 0
         and input.is_contiguous()
-        and (weight is None or _plain_weight(weight, input.shape[1]))
+        and (weight is None or plain_float32_vector(weight, input.shape[1]))
         and eager_mode()
         and backends.select("cpu", input.dtype) == "numba"
-    )
-
-
-def _plain_weight(weight, num_classes: int) -> bool:
-    return (
-        type(weight) is Tensor
-        and weight.dtype == torch.float32
-        and weight.is_cpu
-        and weight.shape == (num_classes,)
-        and weight.is_contiguous()
-        and not (weight.requires_grad and torch.is_grad_enabled())
     )
 
 
