@@ -212,7 +212,7 @@ def elementwise_loss(
     )
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
-    # The common eager CPU call (plain fp32 tensors, class axis last, no weight or mask)
+    # The common eager CPU call (plain tensors, class axis last, no weight or mask)
     # skips the checks below: they all pass there, and the kernel checks the targets.
     fast = (
         fused is not None
@@ -267,7 +267,7 @@ def elementwise_loss(
             ignore_index=ignore_index,
             inplace_backward=inplace_backward,
         )
-        return reduced if fast else reduced.to(input.dtype)
+        return reduced if input.dtype == torch.float32 else reduced.to(input.dtype)
 
     device = input.device
     dtype = compute_dtype(input.dtype)

@@ -122,17 +122,17 @@ def fused_binary_applies(input: Tensor, *differentiable: Tensor | None) -> bool:
 def host_binary_applies(input, target, pos_weight, class_dim) -> bool:
     """A call that :func:`fused_binary_loss` can take straight from the functional's
     settings check (the caller also has no weight, mask, lengths, ignore_index or
-    normalizer, and is not in place): plain contiguous float32 CPU input of at least one
-    axis with the class axis last, a float32 target of its shape that no gradient is
-    asked for, ``pos_weight`` None or a plain contiguous (C,) float32 CPU tensor, in
-    eager mode on the numba kernel. Only attribute reads, as
+    normalizer, and is not in place): plain contiguous float32, float16 or bfloat16 CPU
+    input of at least one axis with the class axis last, a target of its shape in its
+    dtype or float32 that no gradient is asked for, ``pos_weight`` None or a plain
+    contiguous (C,) float32 CPU tensor, in eager mode on the numba kernel. Only attribute reads, as
     :func:`xloss.ops.fused_cross_entropy.host_call_applies`: a call that fails any test
     takes the general path, which validates it."""
     return (
         type(input) is Tensor
         and type(target) is Tensor
-        and input.dtype == torch.float32
-        and target.dtype == torch.float32
+        and input.dtype in kernel.KERNEL_DTYPES
+        and target.dtype in (input.dtype, torch.float32)
         and input.is_cpu
         and target.is_cpu
         and input.dim() > 0
@@ -145,7 +145,7 @@ def host_binary_applies(input, target, pos_weight, class_dim) -> bool:
         and not target.requires_grad
         and (pos_weight is None or plain_float32_vector(pos_weight, input.shape[-1]))
         and eager_mode()
-        and backends.select("cpu", torch.float32) == "numba"
+        and backends.select("cpu", input.dtype) == "numba"
         and binary_kernel_available()
     )
 
