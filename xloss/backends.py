@@ -12,9 +12,11 @@ Three backends fulfil the same row contract (``xloss.ops.row_grad``):
 
 By default a call takes the kernel for its device when one is available (numba on CPU,
 triton on CUDA/ROCm) and torch otherwise. Calls no kernel serves (probability targets,
-float64) always run on torch. A user can force a backend for a block of code with the
-context manager :func:`use` (per thread) or for the process with the environment
-variable ``XLOSS_BACKEND`` (read at each call; :func:`use` takes precedence).
+float64, and forward-mode AD: ``torch.func.jvp``, ``jacfwd``, ``hessian`` or a
+``torch.autograd.forward_ad`` dual level) always run on torch. A user can force a
+backend for a block of code with the context manager :func:`use` (per thread) or for the
+process with the environment variable ``XLOSS_BACKEND`` (read at each call; :func:`use`
+takes precedence).
 
 Under ``torch.compile`` the choice is made once, when the function is traced, and baked
 into the compiled graph (no guard): force the backend before the first call.
@@ -41,6 +43,8 @@ import threading
 from collections.abc import Iterator
 
 import torch
+from torch._C._functorch import TransformType
+from torch.autograd import forward_ad
 
 BACKENDS = ("numba", "triton", "torch")
 ENV_VAR = "XLOSS_BACKEND"
@@ -147,15 +151,27 @@ def use(name: str) -> Iterator[None]:
         stack.pop()
 
 
+def forward_mode_ad() -> bool:
+    """A forward-mode tangent may reach the call: a ``torch.autograd.forward_ad`` dual level
+    is open, or a ``torch.func`` jvp transform (``jvp``, ``jacfwd``, ``hessian``) is active.
+    The kernels compute no tangent: their custom ops would hand back a zero one."""
+    if forward_ad._current_level >= 0:
+        return True
+    return torch._C._are_functorch_transforms_active() and any(
+        level.key() == TransformType.Jvp for level in torch._C._functorch.get_interpreter_stack()
+    )
+
+
 def select(device_type: str, dtype: torch.dtype, kernel_ok: bool = True) -> str:
     """The backend for a call on ``device_type`` tensors of ``dtype``.
 
     ``kernel_ok`` False (a call no kernel serves, e.g. probability targets) gives
-    ``"torch"``. Takes strings and dtypes only, so ``torch.compile`` evaluates it as a
-    constant while tracing.
+    ``"torch"``, and so does forward-mode AD (:func:`forward_mode_ad`), forced backend or
+    not. Takes strings and dtypes only, so ``torch.compile`` evaluates it as a constant
+    while tracing.
     """
     name = forced()
-    if name == "torch" or not kernel_ok or dtype not in KERNEL_DTYPES:
+    if name == "torch" or not kernel_ok or dtype not in KERNEL_DTYPES or forward_mode_ad():
         return "torch"
     if name is None:
         if device_type == "cpu":

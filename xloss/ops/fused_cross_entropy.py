@@ -43,7 +43,8 @@ GPU it never reads a device value (no host synchronisation): a kernel scales the
 gradient in place, skipping rows whose factor is 1 on the device, and hands it over, so
 a second backward through the same graph raises there. That gradient is
 not differentiable again: under ``create_graph=True`` it raises at the second backward
-(``xloss.ops.second_order``); ``vmap`` and forward-mode AD raise too.
+(``xloss.ops.second_order``); ``vmap`` raises too. Forward-mode AD never gets here
+(``xloss.backends.select`` picks torch under it).
 """
 
 from __future__ import annotations

@@ -73,9 +73,11 @@ class KernelFunction(torch.autograd.Function):
     """Base of the autograd Functions around xloss's kernels: reverse mode only.
 
     ``torch.func.grad`` and ``vjp`` work (``setup_context`` form); ``vmap`` raises, naming
-    the way out. Forward-mode AD (``jvp``, ``jacfwd``, ``hessian``) raises PyTorch's "must
-    implement the jvp function": a ``jvp`` staticmethod would stop torch.compile (Dynamo
-    does not trace Functions that define one).
+    the way out. Under forward-mode AD (``jvp``, ``jacfwd``, ``hessian``, a dual level)
+    ``xloss.backends.select`` picks torch, so the kernels (which compute no tangent) are
+    not reached; a Function that runs anyway (``linear_cross_entropy``'s) raises
+    PyTorch's "must implement the jvp function": a ``jvp`` staticmethod would stop
+    torch.compile (Dynamo does not trace Functions that define one).
     """
 
     @staticmethod
