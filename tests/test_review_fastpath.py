@@ -86,3 +86,34 @@ def test_jacfwd_and_hessian_of_bce_match_float64():
     torch.testing.assert_close(
         jacobian.double(), (p - y.double()) / x.numel(), rtol=1e-5, atol=1e-7
     )
+
+
+# name -> (xloss loss under autocast, float64 reference of its mean)
+AUTOCAST_CASES = {
+    "bce": (xloss.binary_cross_entropy_with_logits, bce64),
+    "bce_weighted": (  # the general path (an element weight), not the host fast path
+        lambda x, y: xloss.binary_cross_entropy_with_logits(x, y, weight=torch.ones(3)),
+        bce64,
+    ),
+    "focal_gamma_0": (  # alpha -1, gamma 0: plain BCE
+        lambda x, y: xloss.sigmoid_focal_loss(x, y, alpha=-1.0, gamma=0.0),
+        bce64,
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(AUTOCAST_CASES))
+def test_binary_loss_under_autocast_is_float32_like_torch(name, dtype):
+    # Was rounded to the input's half dtype (bf16: 3 significant digits), where
+    # F.binary_cross_entropy_with_logits and xloss.cross_entropy return float32.
+    loss, reference = AUTOCAST_CASES[name]
+    x = LOGITS.to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        ours = loss(x, LABELS)
+        theirs = F.binary_cross_entropy_with_logits(x, LABELS)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), reference(x.detach(), LABELS), rtol=1e-6, atol=1e-7)
+    ours.backward()
+    assert x.grad.dtype == dtype
+    assert loss(x, LABELS).dtype == dtype  # outside autocast: the input's

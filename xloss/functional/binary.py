@@ -39,7 +39,7 @@ from xloss._core.validation import (
     normalize_dim,
     shape_str,
 )
-from xloss.functional.cross_entropy import compute_dtype
+from xloss.functional.cross_entropy import compute_dtype, loss_dtype
 from xloss.ops.fused_binary import (
     BCE,
     fused_binary_applies,
@@ -267,7 +267,7 @@ def elementwise_loss(
             ignore_index=ignore_index,
             inplace_backward=inplace_backward,
         )
-        return reduced if input.dtype == torch.float32 else reduced.to(input.dtype)
+        return reduced if input.dtype == torch.float32 else reduced.to(loss_dtype(input))
 
     device = input.device
     dtype = compute_dtype(input.dtype)
@@ -289,7 +289,7 @@ def elementwise_loss(
     reduced = reduce_loss(
         loss, reduction, keep=keep, normalizer=normalizer, batched=input.dim() > 1
     )
-    return reduced.to(input.dtype)
+    return reduced.to(loss_dtype(input))
 
 
 def log_sigmoid(logits: Tensor) -> Tensor:
@@ -379,7 +379,8 @@ def binary_cross_entropy_with_logits(
 
     Args:
         input: logits, floating point, any shape. fp16 and bf16 are computed in fp32 and
-            the result is returned in the input's dtype.
+            the result is returned in the input's dtype (float32 under autocast, as
+            ``F.binary_cross_entropy_with_logits``).
         target: the input's shape exactly (never broadcast), values in [0, 1] or equal to
             ``ignore_index``. Integer and bool targets are accepted and converted to the
             compute dtype (PyTorch rejects them).
