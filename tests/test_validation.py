@@ -7,6 +7,8 @@ import torch
 
 import xloss
 
+NORMALIZER_RULE = "`normalizer` must be >= 0 and finite, and 0 or at least 1.2e-38"
+
 
 def _ce_inputs():
     return torch.randn(4, 5), torch.randint(0, 5, (4,))
@@ -19,11 +21,14 @@ def _ce_inputs():
         (dict(softcap=math.nan), "`softcap` must be > 0 or None, got nan"),
         (dict(z_loss=math.inf), "`z_loss` must be finite, got inf"),
         (dict(z_loss=math.nan), "`z_loss` must be >= 0, got nan"),
-        (dict(normalizer=math.inf), "`normalizer` must be >= 0 and finite, got inf"),
-        (dict(normalizer=math.nan), "`normalizer` must be >= 0 and finite"),
-        (dict(normalizer=torch.tensor(math.nan)), "`normalizer` must be >= 0 and finite"),
-        (dict(normalizer=torch.tensor(math.inf)), "`normalizer` must be >= 0 and finite"),
-        (dict(normalizer=torch.tensor(-1.0)), "`normalizer` must be >= 0 and finite"),
+        (dict(normalizer=math.inf), NORMALIZER_RULE + r" \(float32's smallest normal\), got inf"),
+        (dict(normalizer=math.nan), NORMALIZER_RULE),
+        (dict(normalizer=torch.tensor(math.nan)), NORMALIZER_RULE),
+        (dict(normalizer=torch.tensor(math.inf)), NORMALIZER_RULE),
+        (dict(normalizer=torch.tensor(-1.0)), NORMALIZER_RULE),
+        # positive, but 0 in float32, where 0 means "empty" (the loss was silently 0)
+        (dict(normalizer=1e-50), NORMALIZER_RULE),
+        (dict(normalizer=torch.tensor(1e-50, dtype=torch.float64)), NORMALIZER_RULE),
     ],
 )
 def test_non_finite_settings_raise(options, match):
@@ -43,6 +48,14 @@ def test_focal_settings_reject_inf(name):
     x = torch.randn(4, 5)
     with pytest.raises(ValueError, match=f"`{name}` must"):
         xloss.sigmoid_focal_loss(x, torch.rand(4, 5), **{name: math.inf})
+
+
+def test_smallest_normal_normalizer_still_divides():
+    x, t = _ce_inputs()
+    got = xloss.cross_entropy(x.double(), t, reduction="sum", normalizer=2.0**-126)
+    want = torch.nn.functional.cross_entropy(x.double(), t, reduction="sum") * 2.0**126
+    torch.testing.assert_close(got, want)
+    assert xloss.binary_cross_entropy_with_logits(x, torch.rand(4, 5), normalizer=0.0) == 0
 
 
 def test_finite_normalizer_tensor_still_works():

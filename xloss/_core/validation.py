@@ -234,9 +234,18 @@ def check_index_values(
         )
 
 
+# The smallest normal float32. A positive normalizer below it may round to 0 in the
+# float32 the kernels divide in (1e-50 did), where 0 means "empty: the loss is 0".
+NORMALIZER_TINY = 1.1754943508222875e-38
+_NORMALIZER_RULE = (
+    "`normalizer` must be >= 0 and finite, and 0 or at least 1.2e-38 (float32's smallest normal)"
+)
+
+
 def check_normalizer(normalizer, validate_args: bool) -> None:
-    """``normalizer`` (None, a finite number >= 0, or a one-element tensor) and the
-    ``validate_args`` flag: every settings check passes both through here."""
+    """``normalizer`` (None, 0, a finite number >= float32's smallest normal, or a
+    one-element tensor) and the ``validate_args`` flag: every settings check passes both
+    through here."""
     check_flag("validate_args", validate_args)
     if normalizer is None:
         return
@@ -247,16 +256,16 @@ def check_normalizer(normalizer, validate_args: bool) -> None:
                 f"got shape {shape_str(normalizer.shape)}"
             )
         # a tensor's value is read only with validate_args (it synchronises with the device)
-        finite = (normalizer >= 0) & (normalizer < math.inf)
-        if validate_args and any_violation(~finite, "`normalizer` must be >= 0 and finite"):
-            raise ValueError(f"`normalizer` must be >= 0 and finite, got {float(normalizer)}")
+        allowed = (normalizer == 0) | ((normalizer >= NORMALIZER_TINY) & (normalizer < math.inf))
+        if validate_args and any_violation(~allowed, _NORMALIZER_RULE):
+            raise ValueError(f"{_NORMALIZER_RULE}, got {float(normalizer)}")
         return
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(
             f"`normalizer` must be a number or a tensor, got {type(normalizer).__name__}"
         )
-    if not 0 <= normalizer < math.inf:  # also rejects NaN
-        raise ValueError(f"`normalizer` must be >= 0 and finite, got {normalizer}")
+    if not (normalizer == 0 or NORMALIZER_TINY <= normalizer < math.inf):  # NaN too
+        raise ValueError(f"{_NORMALIZER_RULE}, got {normalizer}")
 
 
 def check_inplace_allowed(tensor: Tensor, name: str = "input", option: str = "inplace_backward"):
