@@ -212,6 +212,13 @@ def elementwise_loss(
     )
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
+    if reduction == "none" and input.dtype != loss_dtype(input):
+        # fp16/bf16 under autocast: the element losses come back in float32, as from
+        # F.binary_cross_entropy_with_logits; the kernel would round each one to the half
+        # dtype first (bf16: 3 significant digits). The gradient flows back through the cast.
+        if inplace_backward:
+            check_inplace_allowed(input)
+        input = input.float()
     # The common eager CPU call (plain tensors, class axis last, no weight or mask)
     # skips the checks below: they all pass there, and the kernel checks the targets.
     fast = (
