@@ -260,8 +260,8 @@ def _differentiable_grads(ctx, saved, grad_output):
 
 @torch.compiler.disable(
     reason="xloss.linear_cross_entropy runs its chunk loop (a row kernel per chunk of logits) "
-    "eagerly: a graph break, so compile the model with fullgraph=False, or under "
-    'xloss.backends.use("torch") (plain torch ops that hold the N x V logits)'
+    "eagerly: a graph break (under xloss.backends.use(\"torch\") too), so compile the "
+    "model with fullgraph=False"
 )
 def linear_cross_entropy_rows(
     input: Tensor,
