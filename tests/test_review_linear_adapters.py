@@ -10,31 +10,42 @@ from xloss.ops import kernel
 needs_kernel = pytest.mark.skipif(not kernel.kernel_available(), reason="numba kernel absent")
 
 
-def nan_row(sign: float) -> torch.Tensor:
-    """Logits [1, NaN, 2, 0] with a positive or a negative NaN (x86's inf - inf is -NaN)."""
-    row = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
-    row[0, 1] = torch.tensor(float("nan")) * sign
+def nan_row(sign: float, num: int = 4, at: int = 1) -> torch.Tensor:
+    """One row of ``num`` logits (1, 0, 2, 0, ...) with a NaN of the given sign at ``at``
+    (x86's inf - inf is a negative NaN)."""
+    row = torch.zeros(1, num)
+    row[0, 0], row[0, 2] = 1.0, 2.0
+    row[0, at] = torch.tensor(float("nan")) * sign
     return row
 
 
 @needs_kernel
-@pytest.mark.xfail(
-    strict=True,
-    reason="numba row kernel: argmax ignores a NaN (order-key max) and a positive NaN "
-    "gives lse -inf; torch.argmax (the portable path) returns the NaN's index",
-)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stats_of_a_nan_row_match_the_portable_path(sign, dtype):
-    logits, target = nan_row(sign).to(dtype), torch.tensor([2])
-    with backends.use("numba"):
-        got = xloss.cross_entropy(logits, target, return_stats=True)
-    with backends.use("torch"):
-        want = xloss.cross_entropy(logits, target, return_stats=True)
-    assert want.predicted.tolist() == [1] and want.accuracy.item() == 0.0
-    assert got.predicted.tolist() == [1]  # numba: 0 or 2 (then counted as a hit)
-    assert got.accuracy.item() == 0.0
-    assert torch.isnan(got.lse).all()  # numba: -inf for a positive NaN
+@pytest.mark.parametrize("num, at", [(4, 1), (1500, 1200), (1500, 1)])  # one, two blocks
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("grad", [False, True])
+def test_stats_of_a_nan_row_match_the_portable_path(sign, dtype, num, at, softcap, grad):
+    # The kernel's argmax skipped a NaN (an integer max over the bit patterns puts a
+    # negative NaN below -inf) and a positive NaN gave lse -inf: a NaN row could count as
+    # a hit in the accuracy. torch.argmax (the portable path) returns the first NaN.
+    logits = nan_row(sign, num, at).repeat(3, 1).to(dtype)
+    logits[1] = torch.arange(num, dtype=dtype) % 7  # a finite row between NaN rows
+    target = torch.tensor([2, 3, 2])
+    results = {}
+    for name in ("numba", "torch"):
+        x = logits.clone().requires_grad_(grad)
+        with backends.use(name):
+            results[name] = xloss.cross_entropy(x, target, softcap=softcap, return_stats=True)
+    got, want = results["numba"], results["torch"]
+    assert want.predicted.tolist() == [at, min(num - 1, 6), at]
+    assert got.predicted.tolist() == want.predicted.tolist()
+    torch.testing.assert_close(got.accuracy, want.accuracy)
+    for field in ("lse", "entropy"):
+        ours, theirs = getattr(got, field), getattr(want, field)
+        assert torch.isnan(ours[[0, 2]]).all() and torch.isnan(theirs[[0, 2]]).all()
+        torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(got.loss) and torch.isnan(want.loss)
 
 
 def test_fullgraph_error_does_not_advise_the_torch_backend():

@@ -176,6 +176,21 @@ def test_stats_of_rows_out_of_range_infinite_and_wrong_buffers(block_path):
     assert values[1, 0] == float("-inf") and values[1, 1].isnan()  # as numba and torch
     assert torch.equal(values[2], torch.zeros(2)) and loss[2].isnan()
     assert predicted.tolist() == [2, 0, -1]
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_stats_of_a_nan_row_point_at_the_nan(sign, block_path):
+    # tl.argmax passed over a NaN: a NaN row's argmax was its finite maximum, a hit in
+    # the accuracy. torch.argmax, the portable path and the numba kernel give the NaN's
+    # index; lse and entropy are NaN.
+    x = torch.tensor([[1.0, 0.0, 2.0, 0.0] * 10, [1.0, 0.0, 2.0, 0.0] * 10])
+    x[0, 29] = float("nan") * sign  # past the first block on the multi-block path
+    target = torch.tensor([2, 2])
+    values, predicted = torch.empty(2, 2), torch.empty(2, dtype=torch.long)
+    loss = triton_ce.row_loss(x, target, stats=(values, predicted))
+    assert predicted.tolist() == [29, 2] == [int(torch.argmax(row)) for row in x]
+    assert values[0].isnan().all() and loss[0].isnan()
+    torch.testing.assert_close(values[1].double(), reference_stats(x[1:], target[1:])[0][0])
     with pytest.raises(ValueError, match=r"`stats` must be contiguous \(\(R, 2\) float32"):
         triton_ce.row_loss(x, target, stats=(torch.empty(3, 2), torch.empty(3)))
     with pytest.raises(ValueError, match="`stats` must be contiguous"):

@@ -63,7 +63,9 @@ class CrossEntropyStats(NamedTuple):
 
     ``lse``, ``entropy`` and ``predicted`` have the target's shape (one value per position),
     in the compute dtype (fp32 for fp16/bf16/fp32 input); dropped positions (ignored,
-    masked, past ``lengths``) hold 0, 0 and -1. ``accuracy`` is a 0-dim tensor: the mean
+    masked, past ``lengths``) hold 0, 0 and -1; a position whose logits hold a NaN gets lse
+    and entropy NaN and, as from ``torch.argmax``, the first NaN's index as ``predicted``
+    (on every backend). ``accuracy`` is a 0-dim tensor: the mean
     of ``predicted == target`` over the kept positions (0 when none is kept). None of
     them carries a gradient: they are computed from detached logits (log-probabilities
     for RL: ``x_y - lse``; use the loss for gradients).

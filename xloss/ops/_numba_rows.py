@@ -182,13 +182,19 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predi
     has_cap = cap > np.float32(0.0)
     smooth = eps / np.float32(num)
     peak = _row_max(row)
+    first_nan = -1
     if stats is not None:
         predicted[0] = _first_index_of(row, peak)
+        first_nan = _first_nan(row)
         sum_et = np.float32(0.0)  # sum exp(t) t, for the entropy
     if has_cap:
         peak = cap * np.float32(math.tanh(peak / cap))
     elif peak == _MINUS_INF:
-        return _no_finite_logit(row, write, stats, predicted)
+        row_loss = _no_finite_logit(row, write, stats, predicted)
+        if stats is not None:  # (a compile-time branch: nested, so None never reaches it)
+            if first_nan >= 0:
+                _nan_row_stats(stats, predicted, first_nan)
+        return row_loss
     # pass 2: sum exp(t) and the smoothing sum of t = x - max
     sum_exp = np.float32(0.0)
     sum_t = np.float32(0.0)
@@ -232,6 +238,8 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predi
     if stats is not None:
         stats[0] = lse
         stats[1] = np.float32(math.log(sum_exp)) - sum_et / sum_exp
+        if first_nan >= 0:
+            _nan_row_stats(stats, predicted, first_nan)
     if not write:
         return loss
     # pass 3: gradient = scale * (p * A - eps/C w) - scale (1-eps) w[y] onehot, times softcap'
@@ -319,6 +327,7 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
     smooth = eps / np.float32(num)
     x_target = source[y] if source.shape[0] > 0 else row[y]
     num_blocks = (num + BLOCK - 1) // BLOCK
+    first_nan = -1  # with stats: the first NaN of the row
     # partials[k, b] is indexed in place: a view per row would cost a reference-count
     # update each (atomic), a noticeable share of a short row's time
     for b in range(num_blocks):
@@ -336,6 +345,9 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
         sum_et = np.float32(0.0)
         if stats is not None:
             partial_arg[b] = b * BLOCK + _first_index_of(values, peak)
+            if first_nan < 0:
+                block_nan = _first_nan(values)
+                first_nan = b * BLOCK + block_nan if block_nan >= 0 else -1
         sum_w = np.float32(size)
         if has_weight:
             sum_w = np.float32(0.0)
@@ -368,7 +380,11 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
     for b in range(num_blocks):
         peak = max(peak, partials[0, b])
     if peak == _MINUS_INF:
-        return _no_finite_logit(row, write, stats, predicted)
+        row_loss = _no_finite_logit(row, write, stats, predicted)
+        if stats is not None:  # (a compile-time branch: nested, so None never reaches it)
+            if first_nan >= 0:
+                _nan_row_stats(stats, predicted, first_nan)
+        return row_loss
     sum_exp = np.float32(0.0)
     sum_t = np.float32(0.0)
     total_weight = np.float32(0.0)
@@ -395,6 +411,8 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
         predicted[0] = partial_arg[max(best, 0)]
         stats[0] = lse
         stats[1] = np.float32(math.log(sum_exp)) - sum_et / sum_exp
+        if first_nan >= 0:
+            _nan_row_stats(stats, predicted, first_nan)
     if not write:
         return loss
     # pass 2: gradient = scale * (p * A - eps/C w) - scale (1-eps) w[y] onehot
@@ -413,6 +431,30 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
                 block[c] = block[c] * block_coef - offset
     row[y] -= scale * (np.float32(1.0) - eps) * target_weight
     return loss
+
+
+@njit(inline="always", cache=True)
+def _first_nan(row):
+    """The first c with row[c] NaN, or -1: an OR over the row (vectorised), then the index
+    only when there is one. The integer max of :func:`_row_max` orders a positive NaN
+    above +inf and a negative one below -inf, so the statistics check for NaN apart."""
+    found = False
+    for c in range(row.shape[0]):
+        found |= row[c] != row[c]
+    if found:
+        for c in range(row.shape[0]):
+            if row[c] != row[c]:
+                return c
+    return -1
+
+
+@njit(inline="always", cache=True)
+def _nan_row_stats(stats, predicted, first_nan):
+    """A row holding a NaN, as torch.argmax and logsumexp see it: the argmax is the first
+    NaN, and lse and entropy are NaN (the row's loss is NaN anyway)."""
+    stats[0] = np.float32(np.nan)
+    stats[1] = np.float32(np.nan)
+    predicted[0] = first_nan
 
 
 @njit(inline="always", cache=True)

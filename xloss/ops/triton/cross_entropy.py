@@ -163,6 +163,9 @@ def cross_entropy_rows_kernel(
             if STORE_STATS:
                 sum_et = _entropy_terms(x0, shift)
                 best_arg = tl.argmax(raw0, 0, tie_break_left=True)
+                # a NaN is the argmax, as for torch.argmax (tl.argmax may pass over it)
+                first_nan = tl.min(tl.where((raw0 != raw0) & mask0, offs0, num_classes), 0)
+                best_arg = tl.where(first_nan < num_classes, first_nan, best_arg)
             logit_sum = 0.0
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
@@ -176,6 +179,7 @@ def cross_entropy_rows_kernel(
             sum_exp = 0.0
             logit_sum = 0.0
             best_raw = float("-inf")
+            first_nan = num_classes  # with STORE_STATS: the first NaN, or num_classes
             for start in range(0, num_classes, BLOCK):
                 offs = start + offs0
                 mask = offs < num_classes
@@ -191,6 +195,8 @@ def cross_entropy_rows_kernel(
                     block_arg = start + tl.argmax(raw, 0, tie_break_left=True)
                     best_arg = tl.where(block_raw > best_raw, block_arg, best_arg)  # first
                     best_raw = tl.maximum(best_raw, block_raw)
+                    block_nan = tl.min(tl.where((raw != raw) & mask, offs, num_classes), 0)
+                    first_nan = tl.minimum(first_nan, block_nan)
                 sum_exp = sum_exp * rescale + tl.sum(tl.exp(x - new_shift), 0)
                 row_max = new_max
                 shift = new_shift
@@ -200,6 +206,8 @@ def cross_entropy_rows_kernel(
                         logit_sum += tl.sum(tl.where(mask, x, 0.0) * w, 0)
                     else:
                         logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
+            if STORE_STATS:  # a NaN is the argmax, as for torch.argmax
+                best_arg = tl.where(first_nan < num_classes, first_nan, best_arg)
         # A target past the row (possible with validate_args=False) is never read: its
         # row's loss and gradient become NaN instead of an out-of-bounds access.
         in_range = y < num_classes
