@@ -17,6 +17,7 @@ from test_binary import bce_reference
 from test_focal import asl_reference, focal_reference
 
 import xloss
+from xloss.bench.registry import model_output
 from xloss.ops import fused_binary, kernel
 
 bce = xloss.binary_cross_entropy_with_logits
@@ -780,3 +781,32 @@ def test_host_fast_path_serves_plain_calls_and_nothing_else(monkeypatch):
         bce(x, y[:, :4])
     with torch.no_grad():  # no gradient asked: the loss only
         torch.testing.assert_close(bce(x, y).double(), reference_loss(bce_reference, x, y))
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal", "asl", "cross_entropy"])
+def test_in_place_gradient_reaches_the_leaf_without_a_copy(loss):
+    # The saved tensor was the caller's own logits object, which the caller still holds
+    # during backward: autograd then copied the gradient before storing it as the leaf's
+    # .grad (1 ms of a 4-7 ms step at 4096 x 1000). In place, .grad is the logits' storage.
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, requires_grad=True)
+    target = (torch.rand(8, 5) < 0.3).double()
+    labels = torch.randint(0, 5, (8,))
+    calls = {  # xloss's call (mean), float64 element-wise reference
+        "bce": (xloss.binary_cross_entropy_with_logits, lambda x, y: bce_reference(x, y, None)),
+        "focal": (xloss.sigmoid_focal_loss, focal_reference(0.25, 2.0)),
+        "asl": (xloss.asymmetric_loss, asl_reference(1.0, 4.0, 0.05)),
+    }
+    logits = model_output(x)  # a model's output: the leaf's storage, gradient passed on
+    x64 = x.detach().double().requires_grad_()
+    if loss == "cross_entropy":
+        xloss.cross_entropy(logits, labels, inplace_backward=True).backward()
+        reference = -torch.log_softmax(x64, 1).gather(1, labels[:, None]).mean()
+    else:
+        ours, pointwise = calls[loss]
+        ours(logits, target.float(), inplace_backward=True).backward()
+        reference = (pointwise(x64, target) if loss == "bce" else pointwise(x64, target, None))
+        reference = reference.mean()
+    (want,) = torch.autograd.grad(reference, x64)
+    assert x.grad.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    torch.testing.assert_close(x.grad.double(), want, rtol=1e-5, atol=1e-6)

@@ -470,9 +470,12 @@ class InplaceFusedBinary(KernelFunction):
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        grad_logits = _scale_grad(grad, grad_output, ctx.out_mode, in_place=True)
-        return (first_order_only(grad_logits, grad, WHAT),) + (None,) * 6
+        # A fresh alias of the logits: the saved tensor may be the caller's own logits
+        # object, and autograd copies a gradient that something else still references
+        # before it stores it as a leaf's .grad (1 ms at 4096 x 1000 behind an identity).
+        (saved,) = ctx.saved_tensors
+        grad_logits = _scale_grad(saved.detach(), grad_output, ctx.out_mode, in_place=True)
+        return (first_order_only(grad_logits, saved, WHAT),) + (None,) * 6
 
 
 _ONE_ROW = torch.ones(1, dtype=torch.float32)  # read only, by the kernels
