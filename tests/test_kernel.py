@@ -951,3 +951,27 @@ def test_held_gradients_survive_later_calls_of_the_same_byte_count():
         tolerance = HALF_TOLERANCE.get(x.dtype, dict(rtol=1e-5, atol=1e-7))
         torch.testing.assert_close(grad, grad_ref.to(x.dtype), **tolerance)
     kernel.release_buffers()
+
+
+# fp16/bf16 short rows, many of them: per-row scales, dropped rows, the loss alone, and
+# an out-of-range target late in the batch reported with its own row
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("classes", [1, 7, 300, 1024])
+def test_half_short_rows_many(dtype, classes, launch_path):
+    x, target = random_case(301, classes, seed=classes, dtype=dtype)
+    target[[5, 150]] = -1  # dropped rows
+    weight = torch.linspace(0.5, 1.5, classes)
+    scale = torch.linspace(0.1, 2.0, 301)  # per row
+    loss_ref, grad_ref = reference_rows(x, target, weight=weight, eps=0.1, scale=scale)
+    grad = x.clone()
+    options = dict(class_weight=weight, label_smoothing=0.1)
+    loss = row_loss_and_grad_(grad, target, grad_scale=scale, **options)
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=2e-5, atol=1e-4)
+    torch.testing.assert_close(grad, grad_ref.to(dtype), **HALF_TOLERANCE[dtype])
+    assert bool((grad[[5, 150]] == 0).all())
+    only_loss = row_loss(x, target, **options)
+    torch.testing.assert_close(only_loss.double(), loss_ref, rtol=2e-5, atol=1e-4)
+    bad = target.clone()
+    bad[287] = classes + 5  # reported as itself, with its row, from a late group
+    with pytest.raises(ValueError, match=rf"found {classes + 5} \(row 287 "):
+        row_loss_and_grad_(x.clone(), bad, grad_scale=1.0)

@@ -21,6 +21,7 @@ from xloss.functional.cross_entropy import (
     CrossEntropyStats,
     check_cross_entropy_settings,
     check_return_stats,
+    cross_entropy,
     loss_dtype,
     stats_buffers,
     stats_result,
@@ -239,6 +240,17 @@ def linear_cross_entropy(
             "reduction='sample' needs (B, T, ..., H) input, got `input` of shape "
             f"{shape_str(input.shape)}"
         )
+    if backends.forward_mode_ad():
+        # The chunked Function computes no tangent (jvp, jacfwd, hessian, a dual level):
+        # the logits are formed and cross_entropy (torch ops under forward-mode AD) gives
+        # the same loss with its tangent; chunk_size and accum_dtype do not apply.
+        logits = torch.nn.functional.linear(input, weight, bias)
+        return cross_entropy(
+            logits, target, class_weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, class_dim=-1, mask=mask, lengths=lengths,
+            z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+            validate_args=validate_args, return_stats=return_stats,
+        )  # fmt: skip
 
     device = input.device
     target_shape = target.shape

@@ -74,10 +74,10 @@ class KernelFunction(torch.autograd.Function):
 
     ``torch.func.grad`` and ``vjp`` work (``setup_context`` form); ``vmap`` raises, naming
     the way out. Under forward-mode AD (``jvp``, ``jacfwd``, ``hessian``, a dual level)
-    ``xloss.backends.select`` picks torch, so the kernels (which compute no tangent) are
-    not reached; a Function that runs anyway (``linear_cross_entropy``'s) raises
-    PyTorch's "must implement the jvp function": a ``jvp`` staticmethod would stop
-    torch.compile (Dynamo does not trace Functions that define one).
+    ``xloss.backends.select`` picks torch and ``linear_cross_entropy`` forms its logits,
+    so the kernels (which compute no tangent) are not reached; a Function reached anyway
+    would raise PyTorch's "must implement the jvp function": a ``jvp`` staticmethod would
+    stop torch.compile (Dynamo does not trace Functions that define one).
     """
 
     @staticmethod
