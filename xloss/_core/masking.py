@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xloss._core.validation import any_violation, check_tensor, shape_str
+from xloss._core.validation import any_violation, check_tensor, differs_from, shape_str
 
 RELATIVE_LENGTH_TOLERANCE = 1e-6
 
@@ -82,7 +82,7 @@ def build_mask(
     """Combine the three ways of dropping positions; None when nothing is dropped."""
     keep = None
     if index_target is not None and ignore_index is not None:
-        keep = index_target != ignore_index
+        keep = differs_from(index_target, ignore_index)
     if mask is not None:
         check_tensor("mask", mask)
         if mask.dtype != torch.bool:

@@ -91,6 +91,17 @@ def check_ignore_index(ignore_index) -> None:
         raise TypeError(f"`ignore_index` must be an int or None, got {type(ignore_index).__name__}")
 
 
+def differs_from(target: Tensor, ignore_index: int) -> Tensor:
+    """``target != ignore_index`` as integers: PyTorch first casts the scalar to the
+    target's dtype, so a uint8 target compared with -100 would see 156 and drop class 156.
+    A value outside an integer target's range equals no element."""
+    if not target.is_floating_point() and target.dtype != torch.bool:
+        info = torch.iinfo(target.dtype)
+        if not info.min <= ignore_index <= info.max:
+            return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
 def check_floating_input(input) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"`input` must be a torch.Tensor, got {type(input).__name__}")
@@ -200,9 +211,10 @@ def check_index_target_range(
         check_index_values(target.numpy(), num_classes, ignore_index, valid)
         return
     expected = _index_range_message(num_classes, ignore_index)
-    bad = (target < 0) | (target >= num_classes)
+    wide = target.long()  # uint8 >= 300 would compare with 300 cast to uint8 (44)
+    bad = (wide < 0) | (wide >= num_classes)
     if ignore_index is not None:
-        bad &= target != ignore_index
+        bad &= differs_from(target, ignore_index)
     if valid is not None:
         bad &= valid
     if any_violation(bad, expected):
