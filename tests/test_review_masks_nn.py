@@ -69,3 +69,20 @@ def test_index_range_check_out_of_range_ignore_index_on_the_torch_branch():
 
 class _Plain(torch.Tensor):
     """A tensor subclass: not a plain CPU tensor, so the checks take the torch branch."""
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_liger_token_accuracy_keeps_class_156_of_a_uint8_target(reduction):
+    # The Liger adapter's own per-token ignore test was a plain `target != ignore_index`.
+    from xloss.compat.liger import LigerCrossEntropyLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 200)
+    target = torch.tensor([156, 3, 156, 7, 156, 9], dtype=torch.uint8)
+    logits[[0, 2], 156] = 50.0  # two of the three class-156 rows predicted right
+    out = LigerCrossEntropyLoss(reduction=reduction, return_token_accuracy=True)(logits, target)
+    hits = (logits.argmax(1) == target.long()).double()
+    want_accuracy = hits.mean() if reduction == "mean" else hits
+    torch.testing.assert_close(out.token_accuracy.double(), want_accuracy)
+    want = torch.nn.functional.cross_entropy(logits.double(), target.long(), reduction=reduction)
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)

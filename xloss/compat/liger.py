@@ -22,6 +22,7 @@ from xloss._core.validation import (
     check_positive_or_none,
     check_tensor,
     check_unit_interval,
+    differs_from,
 )
 from xloss.functional.cross_entropy import cross_entropy
 from xloss.functional.linear_cross_entropy import check_accum_dtype, linear_cross_entropy
@@ -56,7 +57,7 @@ def _token_accuracy(stats, target: Tensor, ignore_index, reduction: str) -> Tens
         return stats.accuracy
     hits = stats.predicted == target.long()
     if ignore_index is not None:
-        hits = hits & (target != ignore_index)
+        hits = hits & differs_from(target, ignore_index)
     return hits.to(stats.lse.dtype)
 
 
@@ -263,7 +264,7 @@ class LigerCrossEntropyLoss(nn.Module):
     def _z_loss(self, _input: Tensor, target: Tensor) -> Tensor:
         """s * lse^2 per kept row, reduced: cross-entropy against an all-zero target."""
         check_tensor("target", target)
-        kept = None if self.ignore_index is None else target != self.ignore_index
+        kept = None if self.ignore_index is None else differs_from(target, self.ignore_index)
         return cross_entropy(
             _input,
             _input.new_zeros(()).expand(_input.shape),  # zero target: only z * lse^2 is left
