@@ -39,3 +39,11 @@ def test_valid_settings_still_construct_and_run():
     x, t = torch.randn(2, 3, 5, dtype=torch.float64), torch.randint(0, 5, (2, 3))
     want = torch.nn.functional.cross_entropy(x.transpose(1, 2), t)
     torch.testing.assert_close(loss_fn(x, t), want)
+
+
+def test_cross_entropy_module_repr_names_the_settings_that_change_the_loss():
+    plain = xloss.nn.CrossEntropyLoss()
+    assert "z_loss" not in repr(plain) and "softcap" not in repr(plain)
+    tuned = xloss.nn.CrossEntropyLoss(z_loss=1e-4, softcap=30.0, inplace_backward=True)
+    for part in ("z_loss=0.0001", "softcap=30.0", "inplace_backward=True", "reduction='mean'"):
+        assert part in repr(tuned)

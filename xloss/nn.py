@@ -113,10 +113,18 @@ class CrossEntropyLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
+        settings = (
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, class_dim={self.class_dim}"
         )
+        # the settings that change the loss's value, when they are not the defaults
+        if self.z_loss:
+            settings += f", z_loss={self.z_loss}"
+        if self.softcap is not None:
+            settings += f", softcap={self.softcap}"
+        if self.inplace_backward:
+            settings += ", inplace_backward=True"
+        return settings
 
 
 class _ElementwiseLoss(nn.Module):
