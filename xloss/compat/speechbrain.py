@@ -9,7 +9,8 @@ Shared conventions (as upstream):
 
 - ``length`` holds relative lengths in [0, 1], one per sample; position t of sample n is
   kept when ``t < length[n] * T - 1e-6`` (T the size of axis 1), the exact rule of
-  SpeechBrain's ``compute_length_mask``.
+  SpeechBrain's ``compute_length_mask``. A length outside [0, 1] (frame counts passed
+  by mistake) or NaN raises ValueError; upstream keeps every position for a length above 1.
 - When the inputs and the targets differ in length along axis 1 by at most
   ``allowed_len_diff``, the longer one is truncated; a larger difference raises ValueError.
 - Reductions: ``"mean"`` (sum over kept positions / their count), ``"batch"`` (the same,
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from xloss._core.masking import build_mask, relative_length_counts
 from xloss._core.reduction import reduce_loss
-from xloss._core.validation import check_floating_input, check_tensor, shape_str
+from xloss._core.validation import any_violation, check_floating_input, check_tensor, shape_str
 from xloss.functional.binary import binary_cross_entropy_with_logits
 from xloss.functional.cross_entropy import cross_entropy
 
@@ -75,6 +76,13 @@ def length_counts(length, steps: int) -> Tensor:
         )
     if length.dtype == torch.bool or length.is_complex():
         raise TypeError(f"`length` must hold relative lengths (floats), got dtype {length.dtype}")
+    # written so that NaN fails it; frame counts (say 9 of 9) would otherwise keep everything
+    in_range = (length >= 0) & (length <= 1)
+    if any_violation(~in_range, "`length` must hold relative lengths in [0, 1]"):
+        raise ValueError(
+            "`length` must hold relative lengths in [0, 1] (not frame counts), got "
+            f"{[float(v) for v in length[:8]]} (NaN and inf are rejected too)"
+        )
     return relative_length_counts(length, steps)
 
 
