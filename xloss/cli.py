@@ -9,12 +9,25 @@ import sys
 DEMO_PACKAGES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
 
 
+def at_least(low: int):
+    """An argparse type: an int of at least ``low`` (a usage error names the value)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value" for text that is no int
+    return parse
+
+
 def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--out", default=".", help="folder for demo.json and demo.png (default .)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(
         "--threads",
-        type=int,
+        type=at_least(1),
         default=None,
         help="torch threads (default: torch's own default; numba's kernels use as many)",
     )

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from xloss.bench.registry import load_tables
+from xloss.cli import at_least
 
 
 def run_case(table: str, variant: str, case: dict, repeats: int, warmup: int) -> dict:
@@ -151,12 +152,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small case set (about a minute)")
     parser.add_argument("--out-dir", default="build/bench", help="where JSON and PNG go")
     parser.add_argument("--tables", nargs="*", help="table names (default: all)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per case")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case first")
+    parser.add_argument(
+        "--repeats", type=at_least(1), default=None, help="timed steps per case (at least 1)"
+    )
+    parser.add_argument(
+        "--warmup", type=at_least(0), default=2, help="untimed steps per case first"
+    )
     parser.add_argument("--match", default="", help="only cases whose label contains this")
     parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda"), help="cuda: xloss.bench.cuda's tables"
     )
+
+
+def check_table_names(names: list[str] | None, known) -> None:
+    """Exit with a usage message naming the unknown tables and the known ones."""
+    unknown = [name for name in names or () if name not in known]
+    if unknown:
+        raise SystemExit(
+            f"xloss bench: unknown table(s) {', '.join(unknown)}; the tables: {', '.join(known)}"
+        )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -169,6 +183,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from xloss.bench.stream import triad_bandwidth
 
     tables = load_tables()
+    check_table_names(args.tables, list(tables))
     names = args.tables or list(tables)
     repeats = args.repeats or (3 if args.quick else 5)
     out_dir = Path(args.out_dir)

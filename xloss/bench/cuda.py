@@ -301,7 +301,10 @@ def run_cuda(args) -> int:
             "xloss bench --device cuda needs a CUDA GPU, and torch.cuda.is_available() is "
             "False here; run it on a GPU machine (the CPU tables: xloss bench)"
         )
-    names = [n for n in (args.tables or list(TABLES)) if n in TABLES]
+    from xloss.bench import check_table_names
+
+    check_table_names(args.tables, list(TABLES))
+    names = args.tables or list(TABLES)
     repeats = args.repeats or 5
     report = dict(
         device=torch.cuda.get_device_name(),
