@@ -156,14 +156,19 @@ _MINUS_INF = np.float32(-np.inf)
 
 
 @njit(inline="always", cache=True)
-def _no_finite_logit(row, write, stats, predicted):
+def _no_finite_logit(row, write, stats, predicted, first_nan):
     """A row of -inf only (a fully masked vocabulary, no softcap): the softmax is 0/0, so
     the loss, every gradient entry and the entropy are NaN, as in F.cross_entropy, and the
-    lse is -inf. Handled apart: under fastmath the general formulas give garbage here."""
+    lse is -inf. Handled apart: under fastmath the general formulas give garbage here.
+    A row whose only non--inf values are NaN (``first_nan`` >= 0) ends here too, and gets
+    the statistics of a NaN row."""
     if stats is not None:
-        stats[0] = _MINUS_INF
-        stats[1] = np.float32(np.nan)
-        predicted[0] = 0
+        if first_nan >= 0:
+            _nan_row_stats(stats, predicted, first_nan)
+        else:
+            stats[0] = _MINUS_INF
+            stats[1] = np.float32(np.nan)
+            predicted[0] = 0
     if write:
         for c in range(row.shape[0]):
             row[c] = np.float32(np.nan)
@@ -190,11 +195,7 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predi
     if has_cap:
         peak = cap * np.float32(math.tanh(peak / cap))
     elif peak == _MINUS_INF:
-        row_loss = _no_finite_logit(row, write, stats, predicted)
-        if stats is not None:  # (a compile-time branch: nested, so None never reaches it)
-            if first_nan >= 0:
-                _nan_row_stats(stats, predicted, first_nan)
-        return row_loss
+        return _no_finite_logit(row, write, stats, predicted, first_nan)
     # pass 2: sum exp(t) and the smoothing sum of t = x - max
     sum_exp = np.float32(0.0)
     sum_t = np.float32(0.0)
@@ -380,11 +381,7 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
     for b in range(num_blocks):
         peak = max(peak, partials[0, b])
     if peak == _MINUS_INF:
-        row_loss = _no_finite_logit(row, write, stats, predicted)
-        if stats is not None:  # (a compile-time branch: nested, so None never reaches it)
-            if first_nan >= 0:
-                _nan_row_stats(stats, predicted, first_nan)
-        return row_loss
+        return _no_finite_logit(row, write, stats, predicted, first_nan)
     sum_exp = np.float32(0.0)
     sum_t = np.float32(0.0)
     total_weight = np.float32(0.0)
