@@ -137,6 +137,33 @@ def test_fork_after_omp_layer_falls_back_in_the_child(tmp_path):
     assert "forked after numba's OpenMP threading layer ran" in out, out
 
 
+def test_omp_layer_leaves_torch_thread_count_alone(tmp_path):
+    """Regression: starting numba's omp layer (forced by the user) set OpenMP's thread
+    count to NUMBA_NUM_THREADS, and torch followed: torch.get_num_threads() read 4 after
+    the first kernel launch where the user had set 2. Now it stays 2."""
+    code = textwrap.dedent(
+        """
+        import torch
+        torch.set_num_threads(2)
+        import xloss
+        x = torch.randn(1100, 517, requires_grad=True)  # > SERIAL_ELEMENTS: the pool starts
+        y = torch.randint(0, 517, (1100,))
+        xloss.cross_entropy(x, y).backward()
+        want = torch.nn.functional.cross_entropy(x.detach().double(), y)
+        torch.testing.assert_close(xloss.cross_entropy(x, y).double(), want)
+        import numba
+        print("LAYER", numba.threading_layer(), "TORCH_THREADS", torch.get_num_threads())
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_THREADING_LAYER": "omp",
+           "NUMBA_NUM_THREADS": "4"}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "LAYER omp TORCH_THREADS 2" in done.stdout, done.stdout
+
+
 @pytest.mark.skipif(
     os.name != "posix" or os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="needs root and setpriv to run as an unprivileged user",

@@ -254,11 +254,19 @@ def _set_threads() -> None:
 
     Launch kernels inside :func:`parallel_region`, which calls this under the launch lock:
     a launch outside it can race another thread's on the workqueue layer, which aborts.
+
+    Starting numba's ``omp`` layer calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` on
+    this thread, and torch (on the same GNU OpenMP runtime here) follows it:
+    ``torch.get_num_threads()`` read 4 instead of the user's 2 after the first launch
+    with ``NUMBA_NUM_THREADS=4``. torch's count is put back when it moved.
     """
     import numba
 
     _choose_threading_layer()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
