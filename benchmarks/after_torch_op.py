@@ -3,7 +3,9 @@
 In a training step the loss follows the model's last op (a GEMM on torch's OpenMP pool).
 GNU OpenMP's idle workers spin for a while after each parallel region (unless
 ``OMP_WAIT_POLICY=PASSIVE`` was set before torch loaded), and on 2 cores a spinning
-worker takes half a core from numba's pool. Per round and loss (cross-entropy on
+worker takes half a core from a second pool, such as numba's ``workqueue`` layer
+(``NUMBA_THREADING_LAYER=workqueue``); on the ``omp`` layer that xloss picks where it
+shares torch's runtime, the kernel runs on torch's own team. Per round and loss (cross-entropy on
 (2048, 32000) fp32 logits, BCE on (4096, 1000) with 10% positives; forward without
 gradient, so each call is one kernel pass): the loss timed right after a 512 x 512
 matmul, after the same matmul and a 30 ms sleep, and right after itself. Prints per loss
@@ -11,7 +13,7 @@ the median time of each and the median and range of the per-round ratio of "afte
 matmul" to "after the sleep" (above 1: the call paid for torch's spinning workers).
 
     python benchmarks/after_torch_op.py [ROUNDS]
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/after_torch_op.py [ROUNDS]
+    NUMBA_THREADING_LAYER=workqueue python benchmarks/after_torch_op.py [ROUNDS]
 """
 
 from __future__ import annotations
@@ -67,8 +69,13 @@ def main() -> None:
             times[name]["after sleep"].append(timed(step))
             step()
             times[name]["back to back"].append(timed(step))
+    import numba
+
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    print(f"OMP_WAIT_POLICY={policy}, torch threads {torch.get_num_threads()}, {rounds} rounds")
+    print(
+        f"numba layer {numba.threading_layer()}, OMP_WAIT_POLICY={policy}, "
+        f"torch threads {torch.get_num_threads()}, {rounds} rounds"
+    )
     for name, series in times.items():
         ms = "  ".join(f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in series.items())
         pairs = zip(series["after matmul"], series["after sleep"], strict=True)

@@ -175,7 +175,8 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
 
 def test_demo_uses_torch_default_threads(monkeypatch):
     """The demo no longer pins torch to one thread: `xloss demo` keeps torch's default
-    (numba's kernels sleep between launches on the workqueue layer instead of spinning)."""
+    (numba's kernels run on torch's own OpenMP team, or sleep between launches on the
+    workqueue layer, instead of spinning against torch's pool)."""
     import argparse
 
     import xloss.demo as demo

@@ -85,9 +85,10 @@ def _large_vocab_batch(batch: dict, vocab: int, seed: int) -> dict:
 def set_threads(torch_threads: int, numba_threads: int | None = None) -> tuple[int, int | None]:
     """Set the torch and numba thread counts (numba's to ``torch_threads`` by default).
 
-    xloss's kernels size numba's pool like torch's on every launch anyway (and run it on
-    numba's workqueue layer, whose idle threads sleep instead of spinning against torch's
-    pool); this sets both explicitly, e.g. for the peak-memory child process.
+    xloss's kernels size numba's pool like torch's on every launch anyway (on torch's own
+    OpenMP team where numba's ``omp`` layer shares it, else on numba's workqueue layer,
+    whose idle threads sleep instead of spinning against torch's pool); this sets both
+    explicitly, e.g. for the peak-memory child process.
     Returns the previous counts.
     """
     previous = (torch.get_num_threads(), None)

@@ -8,22 +8,35 @@ the portable torch path, and a warning says why, once.
 Threads: the kernels run on numba's thread pool, capped at ``torch.get_num_threads()`` so
 ``torch.set_num_threads`` limits both libraries (numba's own cap is ``NUMBA_NUM_THREADS``,
 all cores by default). Unless the user chose a numba threading layer
-(``NUMBA_THREADING_LAYER``) or numba's pool already runs, xloss selects numba's
-``workqueue`` layer before the first launch, because
+(``NUMBA_THREADING_LAYER``) or numba's pool already runs, xloss selects the layer before
+the first launch:
 
-- its idle workers sleep on a condition variable, where GNU OpenMP's (the default ``omp``
-  layer) spin after every kernel and take the cores from torch's own OpenMP pool;
-- it survives ``fork()``: a child forked after the ``omp`` layer ran aborts ("fork() called
-  from a process already using GNU OpenMP") at its first parallel kernel.
+- ``omp`` where numba's OpenMP pool would run on torch's own GNU OpenMP runtime (torch's
+  pip wheels on Linux: torch puts its bundled libgomp in the global symbol scope, and
+  numba's ``omppool`` binds to it; :func:`_shares_torch_openmp` checks). The pool is then
+  torch's own thread team: nothing spins against torch, and a kernel launched right
+  after a torch op finds the team awake. On ``workqueue`` the same call paid for torch's
+  spinning workers: BCE at (4096, 1000) right after a 512 x 512 matmul took 1.74x
+  (1.67-1.94) its time after a pause, cross-entropy at (2048, 32000) 1.29x (1.27-1.37)
+  (``benchmarks/after_torch_op.py``, 3 runs of 25 rounds, 2026-12-04);
+- ``workqueue`` otherwise: its idle workers sleep on a condition variable, where a
+  second OpenMP runtime's would spin after every kernel and take the cores from torch's.
 
-Measured with both pools at their defaults (torch 2, numba 2 threads, on 2 cores shared
-with other jobs, 2026-12-03): steps of the training-step bench's small LM alternated in one
-process, torch's loss against ``xloss.cross_entropy``, show no slowdown from numba's pool:
-at V = 8192 the head + loss part ran 1.37x faster with xloss (1.18-1.61 over 40 pairs) and
-the whole step 1.09x (per-pair median of 30, quartiles 0.95-1.39); at V = 256 the head +
-loss part 1.57x (quartiles 0.89-1.86 over 40 pairs), the whole step within noise (per-pair
-median 1.11x, quartiles 0.56-1.42). A 0.77x at V = 8192 from separate processes was noise
-between processes. A small launch costs about 0.3 ms more on ``workqueue`` than on ``omp``
+Starting the ``omp`` layer sets the runtime's thread count to ``NUMBA_NUM_THREADS``;
+torch's count is put back (:func:`_set_threads`). GNU OpenMP cannot start a parallel
+region in a child forked after one ran in the parent, so such a child runs torch
+single-threaded (as DataLoader workers do) and the kernels' serial twins, with no
+warning; on ``workqueue`` a forked child keeps the pool.
+
+Measured on ``workqueue`` with both pools at their defaults (torch 2, numba 2 threads,
+on 2 cores shared with other jobs, 2026-12-03), before the ``omp`` choice: steps of the
+training-step bench's small LM alternated in one process, torch's loss against
+``xloss.cross_entropy``, show no slowdown from numba's pool: at V = 8192 the head + loss
+part ran 1.37x faster with xloss (1.18-1.61 over 40 pairs) and the whole step 1.09x
+(per-pair median of 30, quartiles 0.95-1.39); at V = 256 the head + loss part 1.57x
+(quartiles 0.89-1.86 over 40 pairs), the whole step within noise (per-pair median 1.11x,
+quartiles 0.56-1.42). A 0.77x at V = 8192 from separate processes was noise between
+processes. A small launch costs about 0.3 ms more on ``workqueue`` than on ``omp``
 (the queue wakes its sleeping workers): at 1024 x 256 logits that is more than the work
 itself (0.12-0.14 ms on one thread), so problems of at most ``SERIAL_ELEMENTS`` logits, and
 every problem when torch runs one thread, take a serial twin of the kernel in the calling
@@ -31,11 +44,9 @@ thread (``rows_f32_serial``, ``rows_half_serial``, and the binary family's), wit
 pool and without the launch lock. Each shares its loop with the parallel kernel; the fp32
 row twin's own cold compile is about 7 s of CPU, once.
 
-The ``workqueue`` layer is not thread-safe, so every launch holds one process-wide lock:
-calls from several Python threads take turns (each kernel uses all the pool's threads
-anyway). When the ``omp`` layer ran in a parent before ``fork()``, the child cannot
-launch it again: it runs torch single-threaded and takes the portable torch path, with
-one warning.
+The ``workqueue`` layer is not thread-safe, so every launch holds one process-wide lock
+(on either layer): calls from several Python threads take turns (each kernel uses all
+the pool's threads anyway).
 
 The disk cache: kernels are cached next to the package (or under the home directory);
 when neither is writable they are compiled in each process instead, with one warning,
@@ -82,13 +93,53 @@ def _numba_layer() -> str | None:
 
 
 def _choose_threading_layer() -> None:
-    """Select numba's workqueue layer before its pool starts, unless the user chose one."""
+    """Select numba's threading layer before its pool starts, unless the user chose one:
+    ``omp`` when its launches would run on torch's own GNU OpenMP runtime, else
+    ``workqueue`` (see the module docstring)."""
     import numba
 
     if os.environ.get("NUMBA_THREADING_LAYER") or _numba_layer() is not None:
         return
     if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "workqueue"
+        numba.config.THREADING_LAYER = "omp" if _shares_torch_openmp() else "workqueue"
+
+
+def _openmp_function(name: str):
+    """``name`` from the OpenMP runtime in the process's global scope, or None."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None)[name]
+    except (AttributeError, OSError):
+        return None
+
+
+def _shares_torch_openmp() -> bool:
+    """True when numba's ``omp`` layer would run on torch's own GNU OpenMP runtime.
+
+    torch loads its libraries into the global symbol scope, so numba's ``omppool``
+    module, loaded later, binds its OpenMP calls to the runtime found there first: the
+    pool is then torch's own thread team. That holds when the global ``GOMP_parallel``
+    is the one libtorch_cpu uses and numba's pool is GNU OpenMP. Any doubt: False.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        from numba.np.ufunc import omppool
+
+        library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+        ours = _openmp_function("GOMP_parallel")
+        theirs = ctypes.CDLL(library)["GOMP_parallel"]
+        address = ctypes.c_void_p
+        return (
+            omppool.openmp_vendor == "GNU"
+            and ours is not None
+            and ctypes.cast(ours, address).value == ctypes.cast(theirs, address).value
+        )
+    except Exception:  # no omppool, no libtorch_cpu, no GNU OpenMP: the workqueue layer
+        return False
 
 
 def _after_fork_in_child() -> None:
@@ -97,9 +148,9 @@ def _after_fork_in_child() -> None:
     _pool_lock = threading.Lock()
     if _numba_layer() == "omp":
         # GNU OpenMP keeps the parent's thread team, which the child does not have: any
-        # parallel region in the child (numba's, or torch's own, which shares the same
-        # libgomp) would abort or hang. Run this child single-threaded, as DataLoader
-        # workers do.
+        # parallel region in the child (numba's, or torch's own on the same runtime)
+        # would abort or hang. Run this child single-threaded, as DataLoader workers do,
+        # with the kernels' serial twins (see _serial).
         _loaded["omp_before_fork"] = True
         torch.set_num_threads(1)
 
@@ -181,20 +232,6 @@ def _import_or_compile(name: str):
 
 def _kernels():
     """The compiled-kernel module, or None (with one warning) when numba is unusable."""
-    if _loaded.get("omp_before_fork"):
-        if not _loaded.get("warned_fork"):
-            _loaded["warned_fork"] = True
-            warnings.warn(
-                "xloss: this process was forked after numba's OpenMP threading layer ran "
-                "in its parent, and GNU OpenMP cannot run again after fork(); this child "
-                "runs torch single-threaded and cross-entropy on CPU uses the slower "
-                "portable torch path. Leave "
-                "NUMBA_THREADING_LAYER unset (xloss then uses the fork-safe 'workqueue' "
-                "layer) or set it to 'workqueue' or 'tbb'.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return None
     if "kernels" not in _loaded:
         try:
             _choose_threading_layer()
@@ -255,18 +292,24 @@ def _set_threads() -> None:
     Launch kernels inside :func:`parallel_region`, which calls this under the launch lock:
     a launch outside it can race another thread's on the workqueue layer, which aborts.
 
-    Starting numba's ``omp`` layer calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` on
-    this thread, and torch (on the same GNU OpenMP runtime here) follows it:
-    ``torch.get_num_threads()`` read 4 instead of the user's 2 after the first launch
-    with ``NUMBA_NUM_THREADS=4``. torch's count is put back when it moved.
+    Starting numba's ``omp`` layer calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` and
+    enables nested regions on this thread, and torch (on the same GNU OpenMP runtime)
+    follows: ``torch.get_num_threads()`` read 4 instead of the user's 2 after the first
+    launch with ``NUMBA_NUM_THREADS=4``. torch's count and the runtime's nesting depth
+    are put back.
     """
     import numba
 
     _choose_threading_layer()
     threads = torch.get_num_threads()
+    started = _numba_layer() is not None
+    levels = None if started else _openmp_function("omp_get_max_active_levels")
+    levels = levels() if levels is not None else None
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    if levels is not None and _numba_layer() == "omp":  # its start enables nested regions
+        _openmp_function("omp_set_max_active_levels")(levels)
 
 
 @contextlib.contextmanager
@@ -411,8 +454,13 @@ SERIAL_ELEMENTS = 2**19
 
 
 def _serial(elements: int) -> bool:
-    """Run a kernel in the calling thread: a small problem, or one thread anyway."""
-    return elements <= SERIAL_ELEMENTS or torch.get_num_threads() == 1
+    """Run a kernel in the calling thread: a small problem, one thread anyway, or a child
+    forked after the ``omp`` layer ran (it cannot start a parallel region)."""
+    return (
+        elements <= SERIAL_ELEMENTS
+        or torch.get_num_threads() == 1
+        or "omp_before_fork" in _loaded
+    )
 
 
 def _stats_arrays(stats: tuple[Tensor, Tensor], num_rows: int):

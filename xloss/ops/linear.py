@@ -342,8 +342,9 @@ def _run_chunks(input, weight, bias, target, class_weight, grad_scale, config, n
       about 30k per call at (4096, 512, 32000), 0.06-0.09 s of system time, 1-2% of the
       floor (the floor's GEMMs write into outputs allocated once). The gather of kept rows
       and its backward take 1-18 ms; backward hands the stored gradients to autograd
-      without a copy; numba runs its "workqueue" layer (threads block, do not spin), and
-      no handoff cost between torch's and numba's pools showed.
+      without a copy; numba ran its "workqueue" layer then (threads block, do not spin;
+      now the "omp" layer on torch's own OpenMP team where that is shared), and no
+      handoff cost between torch's and numba's pools showed.
     So the chunk size depends on rows, and memory caps it: ``default_chunk_size`` takes up
     to ``TARGET_ROWS`` rows while their logits fit in ``WEIGHT_SHARE`` (1.0) of the weight
     gradient's bytes, and evens out the chunks so that none is a small remainder. Peak
