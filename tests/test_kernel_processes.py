@@ -143,11 +143,20 @@ def test_fork_after_omp_layer_keeps_the_kernel_in_the_child(tmp_path):
 def test_omp_layer_leaves_torch_thread_count_alone(tmp_path):
     """Regression: starting numba's omp layer (forced by the user) set OpenMP's thread
     count to NUMBA_NUM_THREADS, and torch followed: torch.get_num_threads() read 4 after
-    the first kernel launch where the user had set 2. Now it stays 2."""
+    the first kernel launch where the user had set 2. Now it stays 2. Its start also
+    enables nested regions (omp_set_nested: max active levels 1 -> 255); where the
+    runtime is in the global scope, the depth set before stays."""
     code = textwrap.dedent(
         """
+        import ctypes
         import torch
         torch.set_num_threads(2)
+        try:
+            runtime = ctypes.CDLL(None)
+            runtime.omp_set_max_active_levels(1)
+            read_depth = runtime.omp_get_max_active_levels
+        except AttributeError:  # no OpenMP runtime in the global scope
+            read_depth = lambda: 1
         import xloss
         x = torch.randn(1100, 517, requires_grad=True)  # > SERIAL_ELEMENTS: the pool starts
         y = torch.randint(0, 517, (1100,))
@@ -155,7 +164,8 @@ def test_omp_layer_leaves_torch_thread_count_alone(tmp_path):
         want = torch.nn.functional.cross_entropy(x.detach().double(), y)
         torch.testing.assert_close(xloss.cross_entropy(x, y).double(), want)
         import numba
-        print("LAYER", numba.threading_layer(), "TORCH_THREADS", torch.get_num_threads())
+        print("LAYER", numba.threading_layer(), "TORCH_THREADS", torch.get_num_threads(),
+              "DEPTH", read_depth())
         """
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_THREADING_LAYER": "omp",
@@ -164,7 +174,7 @@ def test_omp_layer_leaves_torch_thread_count_alone(tmp_path):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "LAYER omp TORCH_THREADS 2" in done.stdout, done.stdout
+    assert "LAYER omp TORCH_THREADS 2 DEPTH 1" in done.stdout, done.stdout
 
 
 @pytest.mark.skipif(
