@@ -19,6 +19,10 @@ vocabulary) take :func:`_short_rows_range`, the same passes with no per-row view
 
 fp16 and bf16 rows arrive as uint16 bit patterns, are widened into a per-thread fp32
 scratch row and narrowed back with round-to-nearest-even.
+
+Every function holding a row loop asks LLVM for 512-bit vectors (:func:`_prefer_wide_vectors`;
+on AVX-512 CPUs LLVM otherwise stops at 256): cross-entropy at 4096 x 32000 took 72-74 ms
+instead of 79-85 on 2 threads here, no change at 8192 x 256 (2 interleaved processes each).
 """
 
 from __future__ import annotations
@@ -76,6 +80,21 @@ def _prefetch(typingctx, array, index):
         return context.get_dummy_value()
 
     return types.none(array, types.intp), codegen
+
+
+@intrinsic
+def _prefer_wide_vectors(typingctx):
+    """Let LLVM vectorise the enclosing function with 512-bit registers where the CPU has
+    them (the function attribute "prefer-vector-width"="512"; without it LLVM's tuning for
+    AVX-512 CPUs stops at 256 bits). No effect on CPUs without AVX-512."""
+
+    def codegen(context, builder, signature, args):
+        # llvmlite's attribute set only admits its list of keywords; a string attribute is
+        # written into the function's prototype as it stands
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
 
 
 @intrinsic
@@ -182,6 +201,7 @@ def _row_loss_grad_whole(row, y, scale, weight, eps, z, cap, write, stats, predi
     ``stats`` None (a compile-time specialisation: the branches vanish) or a (2,) view that
     receives (lse, entropy), with ``predicted`` a (1,) view for the argmax of the raw row.
     """
+    _prefer_wide_vectors()
     num = row.shape[0]
     has_weight = weight.shape[0] > 0
     has_cap = cap > np.float32(0.0)
@@ -323,6 +343,7 @@ def _row_loss_grad_blocked(row, source, y, scale, weight, eps, z, write, stats, 
     per-block values: scratch from :func:`_block_scratch`, allocated once per run of rows
     (an allocation per row cost about 0.4 us, a third of a 256-class row's time).
     """
+    _prefer_wide_vectors()
     num = row.shape[0]
     has_weight = weight.shape[0] > 0
     smooth = eps / np.float32(num)
@@ -526,6 +547,7 @@ def _short_rows_range(first, stop, source, dest, target, scale, weight, eps, z, 
     indexed in place, the loops are split on the class weight instead of selecting per
     element, and W = sum w is taken once per run of rows.
     """
+    _prefer_wide_vectors()
     num = dest.shape[1] if write else source.shape[1]
     values = source if copy_rows or not write else dest  # what the passes read
     per_row_scale = scale.shape[0] > 1
@@ -600,6 +622,7 @@ def _short_rows_range(first, stop, source, dest, target, scale, weight, eps, z, 
 def _rows_f32_range(first, stop, source, dest, target, scale, weight, eps, z, cap, copy_rows,
                     write, loss, bad_row, stats, predicted):  # fmt: skip
     """Rows ``first`` to ``stop`` - 1 of :func:`rows_f32`, one after the other."""
+    _prefer_wide_vectors()
     num = dest.shape[1] if write else source.shape[1]
     if stats is None and num <= BLOCK and cap <= np.float32(0.0):
         _short_rows_range(first, stop, source, dest, target, scale, weight, eps, z, copy_rows,
@@ -750,6 +773,7 @@ def _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, writ
     num_blocks = min(num_rows, 64)
     no_source = np.empty(0, dtype=np.float32)
     for block in prange(num_blocks):
+        _prefer_wide_vectors()  # the widening and narrowing loops
         scratch = np.empty(num, dtype=np.float32)  # one widened row per block
         partials, partial_arg = _block_scratch(num)
         for i in range(block, num_rows, num_blocks):
