@@ -156,8 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=at_least(1), default=None, help="timed steps per case (at least 1)"
     )
     parser.add_argument(
-        "--warmup", type=at_least(0), default=2, help="untimed steps per case first"
-    )
+        "--warmup", type=at_least(0), default=2,
+        help="untimed steps per case first (and at least 0.3 s of them)",
+    )  # fmt: skip
     parser.add_argument("--match", default="", help="only cases whose label contains this")
     parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda"), help="cuda: xloss.bench.cuda's tables"

@@ -1,17 +1,26 @@
 """One (table, case, variant) measurement in a fresh process; prints a JSON line.
 
-Steps: 1. create the inputs (the variant's setup); 2. warm up (compilation, caches) and
-drop cached buffers; 3. measure the STREAM triad (tables with a bandwidth column) and the
-copy floor (tables with ``copy_floor_bytes``) now, since other processes sharing the
-machine change the bandwidth from minute to minute; 4. record the resident set size and
-reset the kernel's peak RSS counter (Linux ``/proc/self/clear_refs``); 5. time
-``repeats`` steps and read the peak RSS; 6. measure the triad and the copy again;
-7. report the median time, every time, the means of the two triads and copies and the
-peak RSS above step 4.
+Steps: 1. create the inputs (the variant's setup); 2. measure the STREAM triad (tables
+with a bandwidth column) and the copy floor (tables with ``copy_floor_bytes``), since
+other processes sharing the machine change the bandwidth from minute to minute; 3. warm
+up (compilation, caches, pooled buffers) for at least ``warmup`` steps and
+``WARMUP_SECONDS``; 4. time ``repeats`` steps; 5. measure the triad and the copy again;
+6. drop cached buffers, make the heap return freed memory (see
+:func:`_heap_follows_live_memory`), record the resident set size, reset the kernel's peak
+RSS counter (Linux ``/proc/self/clear_refs``) and run one more step, which pays for (and
+counts) its own buffers; 7. report the median time, every time, the means of the two triads and
+copies and the peak RSS of step 6 above its start.
+
+The timed steps are steady-state steps, as in a training loop. They used to follow the
+triad (three 128 MiB arrays) and two warm-up steps right away, with the kernel's pooled
+buffer dropped: the first steps then ran slow for a while (xloss BCE at 4096 x 1000: 3.7,
+3.0, 2.4, 2.0 ms, then 1.7-2.0; torch's BCE likewise), and a median of 5 reported the
+tail of that ramp.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import resource
@@ -37,6 +46,24 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+WARMUP_SECONDS = 0.3  # untimed steps last at least this long (and number at least `warmup`)
+
+
+def _heap_follows_live_memory() -> None:
+    """From now on, let the resident set follow what is allocated (glibc; elsewhere a
+    no-op): give freed heap memory back to the system and serve every block of 64 KiB or
+    more by a mapping of its own. Without this, glibc raises its mapping threshold to the
+    size of each large block freed (up to 32 MiB); later blocks of that size come from the
+    heap and stay resident once freed, so a step after the floors' copies reused them and
+    its peak RSS did not grow (torch's BCE and xloss's gradient both read 0.00x)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim(0)
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, no longer raised
+    except (AttributeError, OSError):
+        pass
+
+
 def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> dict:
     from xloss.bench.registry import load_tables
     from xloss.bench.stream import copy_seconds, triad_bandwidth
@@ -44,9 +71,6 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
 
     spec = load_tables()[table]
     step = spec.variants[variant](case)
-    for _ in range(warmup):
-        step()
-    kernel.release_buffers()  # the timed steps pay for (and count) their own buffers
 
     def floors() -> tuple[float | None, float | None]:
         triad = triad_bandwidth(1 << 24, repeats=5) if spec.bandwidth else None
@@ -54,17 +78,26 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
         return triad, (copy_seconds(floor_bytes) if floor_bytes else None)
 
     before = floors()
-    gc.collect()
-    baseline_kib = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    warm_until = time.perf_counter() + WARMUP_SECONDS
+    done = 0
+    while done < warmup or time.perf_counter() < warm_until:
+        step()
+        done += 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     after = floors()
     triad, copy = ((a + b) / 2 if a else None for a, b in zip(before, after, strict=True))
+
+    kernel.release_buffers()  # the measured step pays for (and counts) its own buffers
+    gc.collect()
+    _heap_follows_live_memory()
+    baseline_kib = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    step()
+    peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "table": table,
         "variant": variant,
