@@ -810,3 +810,36 @@ def test_in_place_gradient_reaches_the_leaf_without_a_copy(loss):
     (want,) = torch.autograd.grad(reference, x64)
     assert x.grad.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     torch.testing.assert_close(x.grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("shape", [(64, 37), (3, 5000), (1100, 517)])
+def test_plain_specialisation_equals_the_masked_kernel(name, shape, kernel_calls):
+    """Without an element weight and a mask the kernels run their plain specialisation
+    (the scale as a scalar, no keep array); an all-True mask takes the general one. Both
+    agree with each other and with float64, serial (small) and parallel (1100 x 517)."""
+    from xloss.ops import _numba_binary
+
+    loss_fn, reference, takes_pos_weight = LOSSES[name]
+    generator = torch.Generator().manual_seed(7)
+    x = (4 * torch.randn(shape, generator=generator)).requires_grad_()
+    y = (torch.rand(shape, generator=generator) < 0.3).float()
+    extra = {"pos_weight": torch.linspace(0.5, 2.0, shape[-1])} if takes_pos_weight else {}
+    results = []
+    for mask in (None, torch.ones(shape, dtype=torch.bool)):
+        loss = loss_fn(x, y, mask=mask, **extra)
+        (grad,) = torch.autograd.grad(loss, x)
+        results.append((loss.detach(), grad))
+    assert len(kernel_calls) == 2
+    torch.testing.assert_close(results[0], results[1], rtol=2e-6, atol=1e-9)
+    xd = x.detach().double().requires_grad_()
+    pos_weight = extra["pos_weight"].double() if extra else None
+    want = reference(xd, y.double(), pos_weight).mean()
+    (want_grad,) = torch.autograd.grad(want, xd)
+    torch.testing.assert_close(results[0][0].double(), want.detach(), rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(results[0][1].double(), want_grad, rtol=2e-5, atol=1e-8)
+    # the plain call compiled a specialisation whose keep argument is None
+    kind = {"bce": 0, "focal": 1, "focal_gamma_half": 1}.get(name, 2 if name == "asl" else 3)
+    compiled = [*_numba_binary.KERNELS[kind].signatures,
+                *_numba_binary.SERIAL_KERNELS[kind].signatures]  # fmt: skip
+    assert any(str(signature[7]) == "none" for signature in compiled)

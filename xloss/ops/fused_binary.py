@@ -239,10 +239,12 @@ def _run(logits, target, weight, keep, pos_col, pos_row, grad_scale, kind, param
         return pattern(weight, 1.0) * scale if scale != 1 else pattern(weight, 1.0)
 
     empty = _EMPTY[logits.dtype]
-    # the arguments after `check_first`, the same for every launch
+    # the arguments after `check_first`, the same for every launch; without an element
+    # weight and a mask, the scale alone and None (the kernels' plain specialisation)
+    plain = weight is None and keep is None
     shared = (
-        scaled_weight(),
-        pattern(keep, True),
+        np.float32(grad_scale) if plain else scaled_weight(),
+        None if plain else pattern(keep, True),
         _filled_array(1.0, rows_per_item * width) if pos_col is None else (
             _array(pos_col) if rows_per_item == 1 else _repeated(_array(pos_col), rows_per_item)
         ),  # fmt: skip
