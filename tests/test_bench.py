@@ -1,7 +1,12 @@
 """`xloss bench` plumbing, without timing anything: the registry, derived numbers, output."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,7 +90,7 @@ def test_status_reader_finds_rss():
 def test_worker_warms_up_times_steady_steps_and_counts_memory_on_fresh_buffers(monkeypatch):
     """The worker measures the floors first, warms up for at least WARMUP_SECONDS (and
     `warmup` steps), times `repeats` steps, and only then drops the pooled buffers for one
-    more step that counts the peak memory. Before, the timed steps came right after the
+    more steps that count the peak memory. Before, the timed steps came right after the
     triad and two warm-up steps on a dropped buffer, and the median caught the slow start
     (xloss BCE 4096 x 1000: 3.7, 3.0, 2.4, 2.0 ms, then 1.7-2.0)."""
     from xloss.bench import registry, worker
@@ -110,10 +115,41 @@ def test_worker_warms_up_times_steady_steps_and_counts_memory_on_fresh_buffers(m
     real_release = kernel.release_buffers
     monkeypatch.setattr(kernel, "release_buffers", lambda: (events.append("release"),
                                                             real_release()))  # fmt: skip
+    # recorded, not run: its heap setting would stay for the rest of this test process
+    # (torch's BCE then ran at half speed here, every large block a fresh mapping)
+    monkeypatch.setattr(worker, "_heap_follows_live_memory", lambda: events.append("heap"))
     result = worker.measure("probe", "v", {}, repeats=3, warmup=1)
     warm = events.index("release") - 3  # the steps before the timed ones
     assert warm >= 2 and starts[warm] - starts[0] >= 0.1  # the time, not just one step
-    assert events[warm + 3 :] == ["release", "step"]  # memory: one step on dropped buffers
+    # memory: MEMORY_STEPS steps on dropped buffers, the heap following live memory
+    assert events[warm + 3 :] == ["release", "heap"] + ["step"] * worker.MEMORY_STEPS
     assert len(result["all_seconds"]) == 3 and result["seconds"] >= 0.002
     assert all(seconds > 0 for seconds in result["copy_before_after"])
     assert result["peak_extra_bytes"] >= 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap, /proc")
+def test_worker_heap_makes_a_reused_block_count_in_the_resident_set():
+    """Regression: after the floors' copies freed large blocks, glibc served the step's
+    blocks from heap memory it had kept, so their pages were already resident and the peak
+    RSS did not grow (torch's BCE and xloss's gradient read 0.00x). After
+    `_heap_follows_live_memory` a 16 MiB block counts in full (it read 0.0 MiB without).
+    In a fresh interpreter: the setting lasts for the process."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from xloss.bench.worker import _heap_follows_live_memory, _status_kib
+        a = torch.ones(6 * 2**20); del a  # 24 MiB, mapped and freed: the threshold rises
+        b = torch.ones(4 * 2**20); del b  # 16 MiB from the heap, kept when freed
+        _heap_follows_live_memory()
+        base = _status_kib("VmRSS")
+        c = torch.ones(4 * 2**20)
+        print("GROWN_MIB", (_status_kib("VmRSS") - base) / 1024)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown = float(done.stdout.split("GROWN_MIB")[1])
+    assert grown >= 15.5, done.stdout
