@@ -986,7 +986,7 @@ def _has_avx512() -> bool:
 
 
 def test_the_row_loops_ask_llvm_for_512_bit_vectors():
-    """Regression: LLVM's tuning for AVX-512 CPUs stops its vectoriser at 256 bits, and
+    """Regression: LLVM's tuning for Intel's AVX-512 cores stops its vectoriser at 256 bits, and
     the kernels ran at half the width the CPU has (BCE 2.1x, ASL 2.5x slower on one
     thread, cross-entropy at 4096 x 32000 1.1x). The loops' functions now carry
     "prefer-vector-width"="512"; on an AVX-512 CPU their code uses zmm registers.

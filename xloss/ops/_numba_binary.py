@@ -23,14 +23,15 @@ polynomial with 2^n added to its exponent bits; l1 = e P(e), P of degree 7 on [0
 1/(1+e) from a quadratic and two Newton steps. Each is within a few ulp (tested over a
 sweep of logits against float64). The two polynomials are evaluated in Estrin's form
 (pairs of terms combined by powers of the argument, three and four dependent steps
-instead of five and eight, one and two operations more): the compiled loop (then 16
-lanes, two 256-bit vectors per iteration) ran at about half the rate its operation count
-allows, held back by the length of its dependency chains, and Estrin's form made the BCE
-kernel 1.06x (0.97-1.41) faster than Horner's at 4096 x 1000 (11 interleaved rounds).
+instead of five and eight, one and two operations more): the compiled loop (on the AMD
+Zen 4 host of 2026-12-03: 16 lanes, two vectors per iteration) ran at about half the rate
+its operation count allows, held back by the length of its dependency chains, and
+Estrin's form made the BCE kernel 1.06x (0.97-1.41) faster than Horner's at 4096 x 1000
+(11 interleaved rounds).
 
 The loop asks LLVM for 512-bit vectors (:func:`~xloss.ops._numba_rows._prefer_wide_vectors`):
-its tuning for AVX-512 CPUs otherwise stops at 256 bits. On this 2-core Xeon (Sapphire
-Rapids class) one thread at 4096 x 1000 then took 3.7-4.6 ms for BCE instead of 8.6-12.6,
+its tuning for Intel's AVX-512 cores otherwise stops at 256 bits. On this 2-core Xeon (Sapphire
+Rapids class) one thread at 4096 x 1000 then took 4.1-4.6 ms for BCE instead of 8.6-12.6,
 13.1-13.8 ms for ASL instead of 33.2-33.8 (3 interleaved processes).
 
 An absent pos_weight is passed as ones, so the element loop has no branch; the weight

@@ -21,7 +21,7 @@ fp16 and bf16 rows arrive as uint16 bit patterns, are widened into a per-thread 
 scratch row and narrowed back with round-to-nearest-even.
 
 Every function holding a row loop asks LLVM for 512-bit vectors (:func:`_prefer_wide_vectors`;
-on AVX-512 CPUs LLVM otherwise stops at 256): cross-entropy at 4096 x 32000 took 72-74 ms
+on Intel's AVX-512 cores LLVM otherwise stops at 256): cross-entropy at 4096 x 32000 took 72-74 ms
 instead of 79-85 on 2 threads here, no change at 8192 x 256 (2 interleaved processes each).
 """
 
@@ -85,8 +85,10 @@ def _prefetch(typingctx, array, index):
 @intrinsic
 def _prefer_wide_vectors(typingctx):
     """Let LLVM vectorise the enclosing function with 512-bit registers where the CPU has
-    them (the function attribute "prefer-vector-width"="512"; without it LLVM's tuning for
-    AVX-512 CPUs stops at 256 bits). No effect on CPUs without AVX-512."""
+    them (the function attribute "prefer-vector-width"="512"). LLVM's tuning for Intel's
+    AVX-512 cores (Skylake-X to Sapphire Rapids: the "prefer 256-bit" flag) otherwise
+    stops at 256 bits; Zen 4's tuning already allowed 512 (the earlier notes on this
+    project's AMD host count 512-bit operations). No effect without AVX-512."""
 
     def codegen(context, builder, signature, args):
         # llvmlite's attribute set only admits its list of keywords; a string attribute is
