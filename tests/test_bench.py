@@ -153,3 +153,22 @@ def test_worker_heap_makes_a_reused_block_count_in_the_resident_set():
     assert done.returncode == 0, done.stderr[-2000:]
     grown = float(done.stdout.split("GROWN_MIB")[1])
     assert grown >= 15.5, done.stdout
+
+
+def test_worker_takes_one_memory_step_when_a_step_is_long(monkeypatch):
+    """A step that outlasts MEMORY_SECONDS (linear CE's take seconds) is measured once."""
+    from xloss.bench import registry, worker
+    from xloss.ops import kernel
+
+    events = []
+    table = Table(
+        name="probe", title="probe", cases=[], quick_cases=[],
+        variants={"v": lambda case: lambda: events.append("step")}, bandwidth=False,
+    )  # fmt: skip
+    monkeypatch.setitem(registry.TABLES, "probe", table)
+    monkeypatch.setattr(worker, "WARMUP_SECONDS", 0.0)
+    monkeypatch.setattr(worker, "MEMORY_SECONDS", -1.0)  # every step counts as long
+    monkeypatch.setattr(worker, "_heap_follows_live_memory", lambda: events.append("heap"))
+    monkeypatch.setattr(kernel, "release_buffers", lambda: events.append("release"))
+    worker.measure("probe", "v", {}, repeats=2, warmup=1)
+    assert events == ["step"] * 3 + ["release", "heap", "step"]

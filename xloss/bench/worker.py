@@ -7,10 +7,11 @@ up (compilation, caches, pooled buffers) for at least ``warmup`` steps and
 ``WARMUP_SECONDS``; 4. time ``repeats`` steps; 5. measure the triad and the copy again;
 6. drop cached buffers, make the heap return freed memory (see
 :func:`_heap_follows_live_memory`), record the resident set size, reset the kernel's peak
-RSS counter (Linux ``/proc/self/clear_refs``) and run ``MEMORY_STEPS`` more steps, which
-pay for (and count) their own buffers; 7. report the median time, every time, the means of
-the two triads and copies and the peak RSS of step 6 above its start. The process ends
-there: step 6 leaves the heap's settings changed.
+RSS counter (Linux ``/proc/self/clear_refs``) and run ``MEMORY_STEPS`` more steps (fewer
+once ``MEMORY_SECONDS`` have passed), which pay for (and count) their own buffers;
+7. report the median time, every time, the means of the two triads and copies and the
+peak RSS of step 6 above its start. The process ends there: step 6 leaves the heap's
+settings changed.
 
 The timed steps are steady-state steps, as in a training loop. They used to follow the
 triad (three 128 MiB arrays) and two warm-up steps right away, with the kernel's pooled
@@ -51,6 +52,7 @@ WARMUP_SECONDS = 0.3  # untimed steps last at least this long (and number at lea
 # steps whose peak RSS is read: torch's BCE peaked at 2.9-5.0x its input from one step to
 # the next (12 single steps in one process), so one step was a draw
 MEMORY_STEPS = 3
+MEMORY_SECONDS = 1.0  # no further memory step once this much time has passed
 
 
 def _heap_follows_live_memory() -> None:
@@ -100,8 +102,11 @@ def measure(table: str, variant: str, case: dict, repeats: int, warmup: int) -> 
     _heap_follows_live_memory()
     baseline_kib = _status_kib("VmRSS")
     reset = _reset_peak_rss()
+    memory_until = time.perf_counter() + MEMORY_SECONDS
     for _ in range(MEMORY_STEPS):
         step()
+        if time.perf_counter() > memory_until:  # a long step (linear CE: seconds) is enough
+            break
     peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "table": table,
