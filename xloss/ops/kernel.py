@@ -302,12 +302,13 @@ def _set_threads() -> None:
 
     _choose_threading_layer()
     threads = torch.get_num_threads()
+    wanted = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
     if _numba_layer() is not None:  # the pool runs: only numba's own thread mask changes
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(wanted)
         return
     read_depth = _openmp_function("omp_get_max_active_levels")
     depth = read_depth() if read_depth is not None else None
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # starts it
+    numba.set_num_threads(wanted)  # starts the pool
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     if depth is not None and _numba_layer() == "omp":
