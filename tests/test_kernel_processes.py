@@ -235,3 +235,79 @@ def test_release_buffers_is_public_and_frees_the_pooled_buffer():
     probs = torch.softmax(x.detach().double(), 1)
     expected = (probs - torch.nn.functional.one_hot(y, 100)) / 64
     torch.testing.assert_close(x.grad.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+BINARY_FORK = textwrap.dedent(
+    """
+    import multiprocessing as mp
+    import threading
+
+    import torch
+
+    import xloss
+
+    def loss_and_grad(seed):  # the plain binary kernel (no weight, no mask), > SERIAL_ELEMENTS
+        g = torch.Generator().manual_seed(seed)
+        x = (4 * torch.randn(1100, 517, generator=g)).requires_grad_(True)
+        y = (torch.rand(1100, 517, generator=g) < 0.1).float()
+        pos_weight = torch.linspace(0.5, 2.0, 517)
+        loss = xloss.binary_cross_entropy_with_logits(x, y, pos_weight=pos_weight)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    def check(seed, got):  # float64 torch, independent of xloss
+        g = torch.Generator().manual_seed(seed)
+        x = (4 * torch.randn(1100, 517, generator=g)).double().requires_grad_(True)
+        y = (torch.rand(1100, 517, generator=g) < 0.1).double()
+        want = torch.nn.functional.binary_cross_entropy_with_logits(
+            x, y, pos_weight=torch.linspace(0.5, 2.0, 517).double())
+        want.backward()
+        torch.testing.assert_close(got[0].double(), want.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[1].double(), x.grad, rtol=1e-4, atol=1e-9)
+
+    def child(queue):
+        queue.put(tuple(t.numpy() for t in loss_and_grad(1)))
+
+    if __name__ == "__main__":
+        check(0, loss_and_grad(0))  # the parent runs the parallel kernel first
+        context = mp.get_context("fork")
+        queue = context.Queue()
+        process = context.Process(target=child, args=(queue,))
+        process.start()
+        result = queue.get(timeout=120)
+        process.join(60)
+        assert process.exitcode == 0, process.exitcode
+        check(1, tuple(torch.from_numpy(a) for a in result))
+        errors = []
+
+        def work(seed):
+            try:
+                for _ in range(10):
+                    check(seed, loss_and_grad(seed))
+            except BaseException as error:
+                errors.append(repr(error))
+
+        threads = [threading.Thread(target=work, args=(20 + i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert not errors, errors
+        print("BINARY FORK AND THREADS OK")
+    """
+)
+
+
+def test_binary_kernel_after_fork_and_in_four_threads(tmp_path):
+    """The binary family's plain kernel (no weight, no mask) in a child forked after the
+    parent ran it in parallel, and in four Python threads at once: each result checked
+    against float64 torch."""
+    script = tmp_path / "binary_fork.py"
+    script.write_text(BINARY_FORK)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env.update(PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "BINARY FORK AND THREADS OK" in done.stdout
