@@ -5,7 +5,12 @@ ABBA order (so neither variant always runs second); the script prints the median
 quartiles and the range of the per-pair ratios torch / xloss, and the ratio of medians.
 ``part`` = ``step`` times the whole step (forward, backward, AdamW); ``head`` only the
 output layer and the loss (forward and backward), on random hidden states; ``loss`` only
-the loss (forward and backward) on random logits of the step's shape.
+the loss (forward and backward) on random logits of the step's shape; ``inside`` runs
+whole steps (one model, as ``shared``) and times the loss's own share inside them: its
+forward (the call, from the logits to the returned loss) and the backward from
+``.backward()`` until the gradient of the head's input exists (the loss's backward and
+the head's), per-step medians in microseconds. There the loss runs right after the
+model's forward, with the caches full of the model's data, as in training.
 
 ``FIRST`` (``torch``, the default, or ``xloss``) is the variant whose model is built
 first. Where the loss is a small part of the step (V = 256: under 1% of it), the step
@@ -15,7 +20,7 @@ per-pair median still moves by about 1% between runs. ``FIRST`` = ``shared`` bui
 model (head, batch) and alternates the loss of its steps, so that the steps differ in the
 loss alone; ``shared-same`` is its control (torch's loss in both).
 
-    python benchmarks/interleaved_steps.py V PAIRS [step|head|loss] [FIRST]
+    python benchmarks/interleaved_steps.py V PAIRS [step|head|loss|inside] [FIRST]
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
+import xloss
 from xloss.bench import training_step
 
 VARIANTS = {"torch": training_step._torch_loss, "xloss": training_step._xloss_cross_entropy}
@@ -70,10 +77,64 @@ def loss_steps(losses: dict, v: int) -> dict:
     return {name: make(loss_fn) for name, loss_fn in losses.items()}
 
 
+def timed_losses(losses: dict, marks: dict) -> dict:
+    """Losses of (hidden, head, target) for ``shared_steps`` from ``losses`` (name: loss of
+    (logits, target)) that record, under their name in ``marks``, the time of the loss
+    call and the time from its return (backward starts right after it) to the gradient
+    of ``hidden``, in microseconds."""
+    clock = time.perf_counter_ns
+
+    def make(name, loss_fn):
+        def loss(hidden, head, target):
+            logits = head(hidden)
+            start = clock()
+            out = loss_fn(logits, target)
+            returned = clock()
+            hidden.register_hook(
+                lambda grad: marks[name]["backward"].append((clock() - returned) / 1e3)
+            )
+            marks[name]["forward"].append((returned - start) / 1e3)
+            return out
+
+        return loss
+
+    return {name: make(name, loss_fn) for name, loss_fn in losses.items()}
+
+
+def inside(v: int, pairs: int, variants: dict) -> None:
+    marks = {name: {"forward": [], "backward": []} for name in variants}
+    steps = training_step.shared_steps(dict(v=v), timed_losses(variants, marks))
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    for name in marks:
+        marks[name] = {"forward": [], "backward": []}
+    for i in range(pairs):
+        for name in ("torch", "xloss") if i % 2 == 0 else ("xloss", "torch"):
+            steps[name]()
+    medians = {
+        name: {part: statistics.median(values) for part, values in parts.items()}
+        for name, parts in marks.items()
+    }
+    total = {name: sum(parts.values()) for name, parts in medians.items()}
+    print(
+        f"V={v} inside pairs={pairs}: "
+        + "; ".join(
+            f"{name} forward {m['forward']:.0f} us + backward with the head {m['backward']:.0f}"
+            f" us = {total[name]:.0f} us"
+            for name, m in medians.items()
+        )
+        + f"; xloss saves {total['torch'] - total['xloss']:.0f} us a step"
+    )
+
+
 def main() -> None:
     v, pairs = int(sys.argv[1]), int(sys.argv[2])
     part = sys.argv[3] if len(sys.argv) > 3 else "step"
     first = sys.argv[4] if len(sys.argv) > 4 else "torch"
+    if part == "inside":
+        inside(v, pairs, {"torch": F.cross_entropy, "xloss": xloss.cross_entropy})
+        return
     variants = dict(VARIANTS)
     if first in ("same", "shared-same"):  # the control: torch's loss in both
         variants["xloss"] = VARIANTS["torch"]

@@ -416,20 +416,32 @@ def test_cross_entropy_half_inputs(dtype):
 
 
 def test_no_gradient_is_written_without_grad(monkeypatch):
-    """Every fp32 launch (the eager host path's and _launch's) goes through run_f32."""
+    """The eager host path's kernel (host_rows_f32) and every other fp32 launch (through
+    run_f32) are asked for no gradient without grad mode or a logit that requires one."""
     destinations = []
     run = kernel.run_f32
+    kernels = kernel._kernels()
+    host_rows = kernels.host_rows_f32
 
     def spy(kernels, source, dest, *args, **options):
         destinations.append(dest)
         return run(kernels, source, dest, *args, **options)
 
+    def host_spy(source, dest, *args):
+        write = args[9]  # after target, ignore_index, has_ignore, weight, eps, z, cap, scale, mean
+        destinations.append(None if not write and dest.size == 0 else dest)
+        return host_rows(source, dest, *args)
+
     monkeypatch.setattr(kernel, "run_f32", spy)
+    monkeypatch.setattr(kernels, "host_rows_f32", host_spy)
     x, target = random_case(4, 9, seed=1)
     with torch.no_grad():
         xloss.cross_entropy(x.requires_grad_(), target)
+    xloss.cross_entropy(x.detach(), target)
     xloss.cross_entropy(x.detach(), target, inplace_backward=True)
-    assert destinations == [None, None]
+    assert destinations == [None, None, None]
+    xloss.cross_entropy(x.detach().requires_grad_(), target)
+    assert destinations[-1] is not None and destinations[-1].shape == (4, 9)
 
 
 def test_inplace_backward_writes_into_logits_and_bumps_version():
@@ -621,8 +633,9 @@ def test_eager_host_calls_match_the_custom_op_path(options):
     eager, eager_grad, eager_node = run()
     with _PassThrough():
         traced, traced_grad, traced_node = run()
-    assert "HostFusedCrossEntropy" in eager_node or options.get("reduction") in ("none", "sample")
-    assert "HostFusedCrossEntropy" not in traced_node
+    host = ("HostFusedCrossEntropy", "HostCallCrossEntropy")  # the general path's, the host call's
+    assert eager_node.startswith(host) or options.get("reduction") in ("none", "sample")
+    assert not traced_node.startswith(host)
     for got, want in zip(eager, traced, strict=True):
         assert torch.equal(got, want)
     assert torch.equal(eager_grad, traced_grad)
@@ -1023,3 +1036,125 @@ def test_the_row_loops_ask_llvm_for_512_bit_vectors():
         assert '"prefer-vector-width"="512"' in compiled.inspect_llvm(signature)
         if _has_avx512():
             assert "zmm" in compiled.inspect_asm(signature)
+
+
+def _float64_cross_entropy(x, target, weight, ignore_index, reduction, eps):
+    """F.cross_entropy in float64 (its semantics are xloss's on these calls), with the
+    mean over no kept row 0 as xloss defines it."""
+    keep = torch.ones_like(target, dtype=torch.bool)
+    if ignore_index is not None:
+        keep = target != ignore_index
+    index = torch.where(keep, target, 0)
+    w = None if weight is None else weight.double()
+    rows = F.cross_entropy(x.double(), index, weight=w, reduction="none", label_smoothing=eps)
+    rows = torch.where(keep, rows, 0.0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    denominator = keep.double().sum() if w is None else torch.where(keep, w[index], 0.0).sum()
+    return rows.sum() / denominator if denominator > 0 else rows.sum() * 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize(
+    "ignore_index, reduction, weighted",
+    [(-100, "mean", False), (0, "mean", True), (3, "sum", False), (None, "none", True),
+     (2, "mean", False)],
+)  # fmt: skip
+def test_host_call_kernel_checks_counts_and_reduces(
+    monkeypatch, dtype, parallel, ignore_index, reduction, weighted
+):
+    """The host call's one kernel (targets checked, kept rows counted or their weights
+    summed, rows run, loss reduced), serial and parallel, against float64: an ignore_index
+    that is a valid class (0, 3) drops its rows; all rows ignored gives 0 and a zero
+    gradient."""
+    kernels, launched = kernel._kernels(), []
+    entry = "host_rows_f32" if dtype == torch.float32 else "host_rows_half"
+    if parallel:
+        monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", 0)
+        monkeypatch.setitem(kernel.OMP_HOST_SERIAL_ELEMENTS, dtype, 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        entry += "_parallel"
+    launch = getattr(kernels, entry)
+    monkeypatch.setattr(kernels, entry, lambda *args: launched.append(entry) or launch(*args))
+    x, target = random_case(37, 11, seed=21, dtype=dtype)
+    if ignore_index is not None:
+        target[::4] = ignore_index
+    if ignore_index == 2:
+        target[:] = 2  # nothing kept
+    weight = torch.rand(11, generator=torch.Generator().manual_seed(3)) + 0.5 if weighted else None
+    logits = x.clone().requires_grad_()
+    out = xloss.cross_entropy(logits, target, weight, ignore_index=ignore_index,
+                              reduction=reduction, label_smoothing=0.05)  # fmt: skip
+    upstream = torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape).to(out.dtype)
+    (out * upstream).sum().backward()
+    reference_input = x.double().requires_grad_()
+    want = _float64_cross_entropy(reference_input, target, weight, ignore_index, reduction, 0.05)
+    (want * upstream.double()).sum().backward()
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else HALF_TOLERANCE[dtype]
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, atol=bound, rtol=bound)
+    torch.testing.assert_close(logits.grad, reference_input.grad.to(dtype), **tolerance)
+    assert launched == [entry]
+    if ignore_index == 2:
+        assert out.item() == 0.0 and not logits.grad.any()
+
+
+@pytest.mark.parametrize("validate_args", [True, False])
+@pytest.mark.parametrize("bad", [11, -3])
+def test_host_call_raises_on_a_kept_target_out_of_range(validate_args, bad):
+    """A kept target outside [0, C) raises before any row is computed, with the range
+    check's message (validate_args) or the kernel's; an ignored row with that value does
+    not."""
+    x, target = random_case(6, 11, seed=2)
+    target[4] = bad
+    logits = x.clone().requires_grad_()
+    message = "found -3 \\(row 4" if bad < 0 and not validate_args else f"found {bad}"
+    with pytest.raises(ValueError, match=message):
+        xloss.cross_entropy(logits, target, validate_args=validate_args)
+    assert logits.grad is None
+    out = xloss.cross_entropy(logits, target, ignore_index=bad, validate_args=validate_args)
+    keep = target != bad
+    want = F.cross_entropy(x.double()[keep], target[keep])
+    torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_checked_settings_are_kept_per_type_and_value():
+    """The settings of a call are checked once per combination of values and types: a
+    bool that equals an accepted int still raises, and so do NaN and unhashable values
+    after a valid call."""
+    x, target = random_case(4, 5, seed=3)
+    good = xloss.cross_entropy(x, target, label_smoothing=1, z_loss=0)
+    assert xloss.cross_entropy(x, target, label_smoothing=1, z_loss=0) == good
+    with pytest.raises(TypeError, match="label_smoothing"):
+        xloss.cross_entropy(x, target, label_smoothing=True, z_loss=0)
+    with pytest.raises(TypeError, match="validate_args"):
+        xloss.cross_entropy(x, target, validate_args=1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        xloss.cross_entropy(x, target, label_smoothing=float("nan"))
+    with pytest.raises(TypeError, match="label_smoothing"):
+        xloss.cross_entropy(x, target, label_smoothing=[0.1])
+    with pytest.raises(ValueError, match="reduction"):
+        xloss.cross_entropy(x, target, reduction="mean ")
+    sys.modules["xloss.functional.cross_entropy"]._checked.clear()
+    assert xloss.cross_entropy(x, target, label_smoothing=1, z_loss=0) == good
+
+
+def test_a_leaked_transform_wrapper_takes_the_general_path():
+    """A tensor that escaped a finished ``torch.func`` transform (a dead wrapper, still of
+    type Tensor) is not read as numpy by the host path: the general path unwraps it."""
+    leaked = []
+
+    def square_sum(x):
+        leaked.append(x)
+        return (x**2).sum()
+
+    torch.func.grad(square_sum)(torch.randn(4, 3))
+    dead = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    target = torch.tensor([0, 1, 2, 0])
+    want = F.cross_entropy(dead.double(), target)
+    torch.testing.assert_close(xloss.cross_entropy(dead, target).double(), want)

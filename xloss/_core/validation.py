@@ -210,7 +210,7 @@ def check_index_target_range(
         valid = None if valid is None else valid.numpy()
         check_index_values(target.numpy(), num_classes, ignore_index, valid)
         return
-    expected = _index_range_message(num_classes, ignore_index)
+    expected = index_range_message(num_classes, ignore_index)
     wide = target.long()  # uint8 >= 300 would compare with 300 cast to uint8 (44)
     bad = (wide < 0) | (wide >= num_classes)
     if ignore_index is not None:
@@ -222,7 +222,7 @@ def check_index_target_range(
         raise ValueError(f"{expected}, found {value}")
 
 
-def _index_range_message(num_classes: int, ignore_index: int | None) -> str:
+def index_range_message(num_classes: int, ignore_index: int | None) -> str:
     hint = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
     return f"`target` class indices must lie in [0, {num_classes - 1}]{hint}"
 
@@ -242,7 +242,7 @@ def check_index_values(
         bad &= valid
     if np.count_nonzero(bad):  # a direct C call; ndarray.any() goes through Python
         raise ValueError(
-            f"{_index_range_message(num_classes, ignore_index)}, found {int(values[bad].flat[0])}"
+            f"{index_range_message(num_classes, ignore_index)}, found {int(values[bad].flat[0])}"
         )
 
 

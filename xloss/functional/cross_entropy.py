@@ -26,6 +26,7 @@ from xloss._core.validation import (
 from xloss.ops.fused_cross_entropy import (
     fused_cross_entropy,
     fused_kernel_applies,
+    host_call,
     host_call_applies,
     host_cross_entropy,
     kernel_fills_stats,
@@ -56,6 +57,55 @@ def check_cross_entropy_settings(
     )
     check_normalizer(normalizer, validate_args)
     return settings
+
+
+# The checked settings of recent calls (see _checked_settings), at most this many.
+_SETTINGS_KEPT = 64
+_checked: dict = {}
+
+
+def _checked_settings(ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer,
+                      validate_args, inplace_backward, return_stats):  # fmt: skip
+    """(label_smoothing, z_loss, softcap, call) of :func:`cross_entropy`'s settings, which
+    raise here when invalid; ``call`` is the :class:`~xloss.ops.fused_cross_entropy.HostCall`
+    of the settings the host path serves (else None).
+
+    A training loop passes the same settings at every step, so the result is kept per
+    combination of values and their types (a bool equals 1 but is no valid
+    ``label_smoothing``): checking them is about ten Python calls, each of which costs
+    several microseconds when its code has left the caches, as it has right after a
+    model's forward. Tensor normalizers and unhashable values are checked every time.
+    """
+    values = (ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer,
+              validate_args, inplace_backward, return_stats)  # fmt: skip
+    key = (*values, *map(type, values))
+    try:
+        found = _checked.get(key)
+    except TypeError:  # an unhashable setting (the checks below say what is wrong)
+        found = None
+    if found is not None:
+        return found
+    settings = check_cross_entropy_settings(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalizer=normalizer,
+        validate_args=validate_args,
+    )
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
+    check_return_stats(return_stats)
+    call = None
+    if not inplace_backward and not return_stats and reduction != "sample":
+        call = host_call(ignore_index, reduction, normalizer, *settings, validate_args)
+    found = (*settings, call)
+    if not isinstance(normalizer, Tensor):
+        if len(_checked) >= _SETTINGS_KEPT:
+            _checked.clear()
+        _checked[key] = found
+    return found
 
 
 class CrossEntropyStats(NamedTuple):
@@ -227,39 +277,17 @@ def cross_entropy(
         >>> out.predicted, out.accuracy, out.lse
         (tensor([0, 2]), tensor(1.), tensor([2.2413, 3.1096]))
     """
-    label_smoothing, z_loss, softcap = check_cross_entropy_settings(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        normalizer=normalizer,
-        validate_args=validate_args,
-    )
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"`inplace_backward` must be a bool, got {type(inplace_backward).__name__}")
-    check_return_stats(return_stats)
+    label_smoothing, z_loss, softcap, call = _checked_settings(
+        ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer, validate_args,
+        inplace_backward, return_stats,
+    )  # fmt: skip
     if (
-        mask is None
+        call is not None
+        and mask is None
         and lengths is None
-        and not inplace_backward
-        and not return_stats
-        and reduction != "sample"
-        and not isinstance(normalizer, Tensor)
         and host_call_applies(input, target, weight, class_dim)
-    ):  # the common eager CPU call, on numpy (fixed cost: see host_cross_entropy)
-        loss = host_cross_entropy(
-            input,
-            target,
-            weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            normalizer=normalizer,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            validate_args=validate_args,
-        )
+    ):  # the common eager CPU call: one kernel call on numpy views (see host_cross_entropy)
+        loss = host_cross_entropy(input, target, weight, call)
         return loss if input.dtype == torch.float32 else loss.to(loss_dtype(input))
     check_floating_input(input)
     if inplace_backward:

@@ -809,6 +809,150 @@ def _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, writ
                         out[c] = _float_to_half(scratch[c])
 
 
+# The eager host call (``xloss.ops.fused_cross_entropy.host_cross_entropy``): one numba
+# call checks the targets, counts the kept rows, runs the rows and reduces them. Right
+# after a model's forward every distinct Python or torch operation costs 10-60
+# microseconds here (its code and data fell out of the caches), several times the
+# operation itself, and the numpy steps this replaces were about ten of them.
+
+
+@njit(inline="always", cache=True)
+def _host_denominator(target, ignore_index, has_ignore, num, weight, weighted, bad_row):
+    """The kept rows' count, or their class weights' sum when ``weighted``; the first kept
+    target outside [0, C) goes to ``bad_row[0]`` (the count is then meaningless)."""
+    total = 0.0
+    for i in range(target.shape[0]):
+        y = target[i]
+        if has_ignore and y == ignore_index:
+            continue
+        if y < 0 or y >= num:
+            bad_row[0] = i
+            return total
+        total += np.float64(weight[y]) if weighted else 1.0
+    return total
+
+
+@njit(inline="always", cache=True)
+def _host_index(target, ignore_index, has_ignore):
+    """The rows' targets as the row kernels read them (-1: dropped). A negative
+    ``ignore_index`` needs no copy: the targets were checked, so the negative ones are
+    exactly the ignored rows."""
+    if not has_ignore or ignore_index < 0:
+        return target
+    index = target.copy()
+    for i in range(index.shape[0]):
+        if index[i] == ignore_index:
+            index[i] = -1
+    return index
+
+
+@njit(inline="always", cache=True)
+def _host_scale(denominator, fixed_scale, mean):
+    """(1,) float32 factor: 1/denominator (0 for none) for a mean, else ``fixed_scale``."""
+    scale = np.empty(1, dtype=np.float32)
+    if not mean:
+        scale[0] = fixed_scale
+    elif denominator == 0.0:
+        scale[0] = np.float32(0.0)
+    else:
+        scale[0] = np.float32(1.0) / np.float32(denominator)
+    return scale
+
+
+@njit(inline="always", cache=True)
+def _host_prepare(target, ignore_index, has_ignore, num, weight, fixed_scale, mean, bad_row):
+    """(index, scale) of a host call (see :func:`host_rows_f32`); a bad kept target goes to
+    ``bad_row[0]`` (-1 before), and the two are then not to be used."""
+    bad_row[0] = -1
+    weighted = mean and weight.shape[0] > 0
+    denominator = _host_denominator(target, ignore_index, has_ignore, num, weight, weighted,
+                                    bad_row)  # fmt: skip
+    return _host_index(target, ignore_index, has_ignore), _host_scale(denominator, fixed_scale,
+                                                                       mean)  # fmt: skip
+
+
+@njit(inline="always", cache=True)
+def _host_total(loss, scale, out):
+    """0-dim ``out`` = float32(float64 sum of the row losses times the float32 factor)."""
+    total = 0.0
+    for i in range(loss.shape[0]):
+        total += np.float64(loss[i])
+    out[()] = np.float32(total * np.float64(scale[0]))
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def host_rows_f32(source, dest, target, ignore_index, has_ignore, weight, eps, z, cap,
+                  fixed_scale, mean, write, loss, out):  # fmt: skip
+    """An eager host call on fp32 (R, C) ``source`` in the calling thread: check the
+    (R,) int64 targets (``ignore_index`` counts when ``has_ignore``) and return a kept
+    row whose target lies outside [0, C), computing nothing; else fill ``loss`` (R,),
+    the gradient into ``dest`` when ``write`` (scaled by the mean's 1/denominator, or by
+    ``fixed_scale`` when not ``mean``) and the 0-dim ``out`` with the reduced loss, and
+    return -1. The class weights' sum is the mean's denominator when ``weight`` is not
+    empty."""
+    bad_row = np.empty(1, dtype=np.int64)
+    index, scale = _host_prepare(target, ignore_index, has_ignore, source.shape[1], weight,
+                                 fixed_scale, mean, bad_row)  # fmt: skip
+    if bad_row[0] >= 0:
+        return bad_row[0]
+    _rows_f32_range(0, index.shape[0], source, dest, index, scale, weight, eps, z, cap, write,
+                    write, loss, bad_row, None, None)  # fmt: skip
+    _host_total(loss, scale, out)
+    return bad_row[0]
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def host_rows_f32_parallel(source, dest, target, ignore_index, has_ignore, weight, eps, z, cap,
+                           fixed_scale, mean, write, loss, out):  # fmt: skip
+    """:func:`host_rows_f32` with the rows shared out in contiguous runs, as in
+    :func:`rows_f32`."""
+    bad_row = np.empty(1, dtype=np.int64)
+    index, scale = _host_prepare(target, ignore_index, has_ignore, source.shape[1], weight,
+                                 fixed_scale, mean, bad_row)  # fmt: skip
+    if bad_row[0] >= 0:
+        return bad_row[0]
+    num_rows = index.shape[0]
+    runs = min(num_rows, MAX_RUNS)
+    for run in prange(runs):
+        _rows_f32_range(run * num_rows // runs, (run + 1) * num_rows // runs, source, dest,
+                        index, scale, weight, eps, z, cap, write, write, loss, bad_row, None,
+                        None)  # fmt: skip
+    _host_total(loss, scale, out)
+    return bad_row[0]
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps, z, cap,
+                    fixed_scale, mean, is_bf16, write, loss, out):  # fmt: skip
+    """The body of :func:`host_rows_half` and its parallel twin (``_half_blocks`` runs
+    its blocks in ``prange``: in parallel only in a parallel kernel)."""
+    bad_row = np.empty(1, dtype=np.int64)
+    index, scale = _host_prepare(target, ignore_index, has_ignore, source.shape[1], weight,
+                                 fixed_scale, mean, bad_row)  # fmt: skip
+    if bad_row[0] >= 0:
+        return bad_row[0]
+    _half_blocks(source, dest, index, scale, weight, eps, z, cap, is_bf16, write, loss,
+                 bad_row, None, None)  # fmt: skip
+    _host_total(loss, scale, out)
+    return bad_row[0]
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps, z, cap,
+                   fixed_scale, mean, is_bf16, write, loss, out):  # fmt: skip
+    """:func:`host_rows_f32` on fp16 / bf16 rows as uint16 bits (``is_bf16``: bf16)."""
+    return _host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps, z,
+                           cap, fixed_scale, mean, is_bf16, write, loss, out)  # fmt: skip
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def host_rows_half_parallel(source, dest, target, ignore_index, has_ignore, weight, eps, z,
+                            cap, fixed_scale, mean, is_bf16, write, loss, out):  # fmt: skip
+    """:func:`host_rows_half` with the blocks shared out, as in :func:`rows_half`."""
+    return _host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps, z,
+                           cap, fixed_scale, mean, is_bf16, write, loss, out)  # fmt: skip
+
+
 # Start-up. numba refreshes its whole CPU target before it loads anything from the disk
 # cache: it imports every implementation it has (arrays, linalg with scipy, random,
 # typed containers...), 0.5-0.9 s measured here, more than the rest of a warm first call.
@@ -873,5 +1017,6 @@ def _load_cache_without_refresh(dispatcher) -> None:
     cache.load_overload = load_overload
 
 
-for _kernel in (rows_f32, rows_f32_serial, rows_half, rows_half_serial):
+for _kernel in (rows_f32, rows_f32_serial, rows_half, rows_half_serial, host_rows_f32,
+                host_rows_f32_parallel, host_rows_half, host_rows_half_parallel):
     _load_cache_without_refresh(_kernel)

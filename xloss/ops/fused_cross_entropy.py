@@ -32,10 +32,10 @@ Forward, step by step:
 
 Eager calls on plain CPU tensors (no tracing, ``torch.func`` transform, dispatch mode or
 subclass) skip the op: :class:`HostFusedCrossEntropy` runs its body directly, and plain
-contiguous (N, C) fp32 calls (class axis last, int64 targets, no mask, lengths or
-stats) take :func:`host_cross_entropy`, which does the target, kept-row and mean work on
-numpy and launches the kernel on numpy views: at 16 x 256 the fixed cost of forward +
-backward is most of the call.
+contiguous (N, C) fp32, fp16 and bf16 calls (class axis last, int64 targets, no mask,
+lengths or stats) take :func:`host_cross_entropy`, where one kernel call checks the
+targets, counts the kept rows, runs the rows and reduces them on numpy views: at
+16 x 256 the fixed cost of forward + backward is most of the call.
 
 Backward multiplies the stored gradient by ``grad_output`` (one factor per row with
 ``per_row``); on CPU (numba) it skips the multiply when every factor is exactly 1; on a
@@ -58,9 +58,9 @@ from torch import Tensor
 from xloss import backends
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss._core.validation import (
-    check_index_values,
     eager_host,
     eager_mode,
+    index_range_message,
     plain_float32_vector,
 )
 from xloss.ops import kernel
@@ -356,8 +356,26 @@ class HostFusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_grads_of_other_outputs):
-        saved = (ctx.saved_tensors[0], ctx.anchor)
-        return _kernel_backward(ctx, grad_output, in_place=False, saved=saved)
+        grad = ctx.saved_tensors[0]
+        if _unit_factor(grad_output):  # the usual loss.backward(): hand the gradient over
+            return grad, None, None, None, None
+        return _kernel_backward(ctx, grad_output, in_place=False, saved=(grad, ctx.anchor))
+
+
+def _unit_factor(grad_output: Tensor | None) -> bool:
+    """``grad_output`` is a plain 1 and no graph is being built: the stored gradient is the
+    answer as it stands. The test :func:`_scale_grad` makes, in fewer calls: a host
+    backward runs right after the model's own forward pass, when each Python call costs
+    several microseconds (see :func:`host_cross_entropy`)."""
+    return (
+        grad_output is not None
+        and not torch.is_grad_enabled()
+        and type(grad_output) is Tensor
+        and grad_output.numel() == 1
+        and not torch.compiler.is_compiling()
+        and not is_functorch_wrapped(grad_output)
+        and grad_output.item() == 1.0
+    )
 
 
 # Logits of at most this many elements are their own second-order anchor (see _host_anchor).
@@ -566,50 +584,130 @@ def host_call_applies(input, target, weight, class_dim) -> bool:
         and input.is_contiguous()
         and (weight is None or plain_float32_vector(weight, input.shape[1]))
         and eager_mode()
+        and not is_functorch_wrapped(input)  # a leaked wrapper of a finished transform
         and backends.select("cpu", input.dtype) == "numba"
     )
 
 
-def host_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    class_weight: Tensor | None,
-    *,
-    ignore_index: int | None,
-    reduction: str,
-    normalizer: float | None,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    validate_args: bool,
-) -> Tensor:
-    """``xloss.cross_entropy`` on a call :func:`host_call_applies` to, with reduction
-    "none", "mean" or "sum" and a numeric ``normalizer`` or None; settings validated.
-
-    The steps of :func:`fused_cross_entropy` with the target, the kept rows and the
-    mean's factor as numpy arrays and floats, and the kernel launched on numpy views
-    (:func:`_host_rows`): at 16 x 256 every torch op saved is a few percent of the call.
-    """
-    values = target.numpy()
-    keep = None if ignore_index is None else values != ignore_index
-    if validate_args:
-        check_index_values(values, logits.shape[1], ignore_index, keep)
-    index = torch.from_numpy(kernel.kernel_target_array(values, keep, checked=validate_args))
-    per_row = normalizer is None and reduction == "none"
-    if per_row:
-        scale = 1.0
-    elif class_weight is not None and reduction == "mean" and normalizer is None:
-        keep_tensor = None if keep is None else torch.from_numpy(keep)
-        denominator = _denominator(class_weight, target, keep_tensor)
-        scale = _host_scale(reduction, keep_tensor, denominator, None, logits)
-    elif normalizer is not None or reduction == "sum":
-        scale = _host_scale(reduction, None, None, normalizer, logits)
-    else:
-        scale = _reciprocal(values.shape[0] if keep is None else int(np.count_nonzero(keep)))
-    settings = KernelSettings(
-        scale, label_smoothing, z_loss, 0.0 if softcap is None else softcap, per_row, False
+def host_call(ignore_index, reduction, normalizer, label_smoothing, z_loss, softcap,
+              validate_args) -> HostCall | None:  # fmt: skip
+    """The :class:`HostCall` of checked ``xloss.cross_entropy`` settings, or None where
+    :func:`host_cross_entropy` does not serve them (a tensor ``normalizer``)."""
+    if isinstance(normalizer, Tensor):
+        return None
+    return HostCall(
+        -1 if ignore_index is None else ignore_index,
+        ignore_index is not None,
+        np.float32(1.0 if normalizer is None else _reciprocal(float(normalizer))),
+        normalizer is None and reduction == "mean",
+        normalizer is None and reduction == "none",
+        (np.float32(label_smoothing), np.float32(z_loss), np.float32(softcap or 0.0)),
+        validate_args,
     )
+
+
+def host_cross_entropy(logits: Tensor, target: Tensor, class_weight: Tensor | None,
+                       call: HostCall) -> Tensor:  # fmt: skip
+    """``xloss.cross_entropy`` on a call :func:`host_call_applies` to, with the settings
+    of ``call`` (reduction "none", "mean" or "sum", a numeric ``normalizer`` or None).
+
+    One numba call (``host_rows_f32`` / ``host_rows_half`` in ``xloss.ops._numba_rows``)
+    checks the targets, counts the kept rows (or sums their class weights), runs the rows
+    and reduces them, on numpy views: each torch or numpy operation around the kernel is
+    a fixed cost that a small call feels, and right after a model's forward, when their
+    code has left the caches, each costs tens of microseconds.
+    """
     if torch.is_grad_enabled() and logits.requires_grad:
         anchor = _host_anchor(logits)
-        return HostFusedCrossEntropy.apply(logits, index, class_weight, settings, anchor)[0]
-    return _host_fused(logits, index, class_weight, settings, False)[0]
+        return _apply_host_call(logits, target, class_weight, call, anchor)
+    return _host_call(logits, target, class_weight, call, False)[0]
+
+
+class HostCall(NamedTuple):
+    """The settings of a :func:`host_cross_entropy` call, as its kernel takes them."""
+
+    ignore_index: int  # -1 without one
+    has_ignore: bool
+    fixed_scale: np.float32  # the factor of "sum" or a normalizer (not of a mean)
+    mean: bool  # divide by the kept rows' count (or class weights' sum)
+    per_row: bool  # reduction "none": the (N,) row losses
+    options: tuple  # (label smoothing, z-loss, softcap or 0) as float32
+    validate_args: bool
+
+
+_NO_ROWS = {torch.float32: np.empty((0, 0), np.float32)}  # the gradient not written
+_NO_ROWS[torch.float16] = _NO_ROWS[torch.bfloat16] = np.empty((0, 0), np.uint16)
+
+
+def _host_call(logits, target, class_weight, call: HostCall, write_grad: bool):
+    """(output, grad) of a host call, grad None unless ``write_grad``. Raises when a kept
+    target is out of range (before any row is computed)."""
+    rows = kernel._as_array(logits)
+    grad = None
+    if write_grad and rows.size <= kernel.SERIAL_ELEMENTS:
+        # torch's allocator hands out a block of this size that was freed recently, still
+        # in cache, where the pooled buffer was last touched a whole training step ago
+        grad = torch.empty_like(logits)  # R x C
+    elif write_grad:
+        grad = kernel.gradient_buffer(logits.shape, logits.dtype)  # R x C, reused
+    loss = np.empty(rows.shape[0], dtype=np.float32)
+    out = np.empty((), dtype=np.float32)
+    index = target.numpy()
+    arguments = (
+        rows, _NO_ROWS[logits.dtype] if grad is None else kernel._as_array(grad), index,
+        call.ignore_index, call.has_ignore,
+        _NO_WEIGHT if class_weight is None else class_weight.detach().numpy(),
+        *call.options, call.fixed_scale, call.mean,
+    )  # fmt: skip
+    kernels = kernel._kernels()
+    serial = kernel.host_serial(rows.size, logits.dtype)
+    if logits.dtype == torch.float32:
+        if serial:
+            bad_row = kernels.host_rows_f32(*arguments, write_grad, loss, out)
+        else:
+            with kernel.parallel_region():
+                bad_row = kernels.host_rows_f32_parallel(*arguments, write_grad, loss, out)
+    else:
+        is_bf16 = logits.dtype == torch.bfloat16
+        if serial:
+            bad_row = kernels.host_rows_half(*arguments, is_bf16, write_grad, loss, out)
+        else:
+            with kernel.parallel_region():
+                bad_row = kernels.host_rows_half_parallel(*arguments, is_bf16, write_grad, loss,
+                                                          out)  # fmt: skip
+    if bad_row >= 0:
+        _raise_bad_target(bad_row, int(index[bad_row]), rows.shape[1], call)
+    return torch.from_numpy(loss if call.per_row else out), grad
+
+
+def _raise_bad_target(row: int, value: int, num_classes: int, call: HostCall) -> None:
+    """The error of the general path for a kept target outside [0, C): the range check's
+    with ``validate_args``, else the kernel's."""
+    if call.validate_args:
+        ignore_index = call.ignore_index if call.has_ignore else None
+        raise ValueError(f"{index_range_message(num_classes, ignore_index)}, found {value}")
+    kernel.raise_out_of_range(row, value, num_classes)
+
+
+class HostCallCrossEntropy(HostFusedCrossEntropy):
+    """:class:`HostFusedCrossEntropy` for :func:`host_cross_entropy`: the forward is one
+    kernel call (:func:`_host_call`); the same backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, call, anchor):
+        output, grad = _host_call(logits, target, class_weight, call, True)
+        ctx.per_row = call.per_row
+        ctx.host = True
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        ctx.anchor = anchor
+        return output
+
+
+# ``HostCallCrossEntropy.apply`` without ``autograd.Function.apply``'s Python layer, which
+# binds default arguments for ``setup_context`` Functions (this one has none), unwraps
+# the dead wrappers of finished ``torch.func`` transforms (host_call_applies turns
+# those away) and sends calls under a transform to functorch (host calls run in eager
+# mode only): about eight Python calls a step, each tens of microseconds right after a
+# model's forward.
+_apply_host_call = super(torch.autograd.Function, HostCallCrossEntropy).apply
