@@ -345,13 +345,9 @@ class HostFusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, class_weight, settings, anchor):
         output, grad, *stats = _host_fused(logits, target, class_weight, settings, True)
-        ctx.per_row = settings.per_row
-        ctx.host = True
         if stats:
             ctx.mark_non_differentiable(*stats)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
-        ctx.anchor = anchor
+        _keep_for_backward(ctx, grad, settings.per_row, anchor)
         return output, *stats
 
     @staticmethod
@@ -362,19 +358,28 @@ class HostFusedCrossEntropy(torch.autograd.Function):
         return _kernel_backward(ctx, grad_output, in_place=False, saved=(grad, ctx.anchor))
 
 
+def _keep_for_backward(ctx, grad: Tensor, per_row: bool, anchor: Tensor) -> None:
+    """What the backward of both host Functions reads. ``anchor`` (see
+    :func:`_host_anchor`) is an attribute, not saved: see :class:`HostFusedCrossEntropy`."""
+    ctx.per_row = per_row
+    ctx.host = True
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad)
+    ctx.anchor = anchor
+
+
 def _unit_factor(grad_output: Tensor | None) -> bool:
-    """``grad_output`` is a plain 1 and no graph is being built: the stored gradient is the
-    answer as it stands. The test :func:`_scale_grad` makes, in fewer calls: a host
+    """Every factor of ``grad_output`` is 1 and no graph is being built: the stored
+    gradient is the answer as it stands. :func:`_scale_grad`'s test for host calls
+    (``first_order_only`` has nothing to do then either), reached in fewer calls: a host
     backward runs right after the model's own forward pass, when each Python call costs
     several microseconds (see :func:`host_cross_entropy`)."""
     return (
         grad_output is not None
         and not torch.is_grad_enabled()
-        and type(grad_output) is Tensor
-        and grad_output.numel() == 1
         and not torch.compiler.is_compiling()
         and not is_functorch_wrapped(grad_output)
-        and grad_output.item() == 1.0
+        and all_ones(grad_output)
     )
 
 
@@ -660,21 +665,16 @@ def _host_call(logits, target, class_weight, call: HostCall, write_grad: bool):
         *call.options, call.fixed_scale, call.mean,
     )  # fmt: skip
     kernels = kernel._kernels()
-    serial = kernel.host_serial(rows.size, logits.dtype)
     if logits.dtype == torch.float32:
-        if serial:
-            bad_row = kernels.host_rows_f32(*arguments, write_grad, loss, out)
-        else:
-            with kernel.parallel_region():
-                bad_row = kernels.host_rows_f32_parallel(*arguments, write_grad, loss, out)
+        serial_kernel, parallel_kernel = kernels.host_rows_f32, kernels.host_rows_f32_parallel
     else:
-        is_bf16 = logits.dtype == torch.bfloat16
-        if serial:
-            bad_row = kernels.host_rows_half(*arguments, is_bf16, write_grad, loss, out)
-        else:
-            with kernel.parallel_region():
-                bad_row = kernels.host_rows_half_parallel(*arguments, is_bf16, write_grad, loss,
-                                                          out)  # fmt: skip
+        serial_kernel, parallel_kernel = kernels.host_rows_half, kernels.host_rows_half_parallel
+        arguments += (logits.dtype == torch.bfloat16,)  # is_bf16
+    if kernel.host_serial(rows.size, logits.dtype):
+        bad_row = serial_kernel(*arguments, write_grad, loss, out)
+    else:
+        with kernel.parallel_region():
+            bad_row = parallel_kernel(*arguments, write_grad, loss, out)
     if bad_row >= 0:
         _raise_bad_target(bad_row, int(index[bad_row]), rows.shape[1], call)
     return torch.from_numpy(loss if call.per_row else out), grad
@@ -696,11 +696,7 @@ class HostCallCrossEntropy(HostFusedCrossEntropy):
     @staticmethod
     def forward(ctx, logits, target, class_weight, call, anchor):
         output, grad = _host_call(logits, target, class_weight, call, True)
-        ctx.per_row = call.per_row
-        ctx.host = True
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
-        ctx.anchor = anchor
+        _keep_for_backward(ctx, grad, call.per_row, anchor)
         return output
 
 

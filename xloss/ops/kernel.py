@@ -529,12 +529,10 @@ def kernel_target(index: Tensor, keep: Tensor | None) -> Tensor:
     return index if keep is None else torch.where(keep, index, -1)
 
 
-def kernel_target_array(
-    index: np.ndarray, keep: np.ndarray | None, checked: bool = False
-) -> np.ndarray:
+def kernel_target_array(index: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
     """:func:`kernel_target` on numpy arrays (``index`` itself when nothing changes; the
-    kernels only read it). ``checked``: every kept index is known to lie in [0, C)."""
-    if not checked and index.size and index.min() < 0:
+    kernels only read it)."""
+    if index.size and index.min() < 0:
         index = np.where(index < 0, index + NEGATIVE_TARGET_SHIFT, index)
     return index if keep is None else np.where(keep, index, -1)
 
