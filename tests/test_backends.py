@@ -1,5 +1,6 @@
 """xloss.backends: which implementation serves a call, and forcing one."""
 
+import os
 import threading
 
 import pytest
@@ -61,6 +62,23 @@ def test_use_is_per_thread():
         worker.join()
         seen.append(backends.forced())
     assert seen == [None, "torch"]
+
+
+@pytest.mark.parametrize("store", ["os.environ's own", "none (os.environ.get)"])
+def test_environment_read_follows_os_environ(monkeypatch, store):
+    """The variable is read at each call, as os.environ holds it: set, changed, deleted,
+    non-ASCII; with os.environ's own store and without it (non-POSIX)."""
+    if store.startswith("none"):
+        monkeypatch.setattr(backends, "_ENV_STORE", None)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends._env_value() == ""
+    for value in ("torch", "auto", "", "t\u00f6rch", "numba"):
+        os.environ[backends.ENV_VAR] = value
+        assert backends._env_value() == os.environ.get(backends.ENV_VAR) == value
+    del os.environ[backends.ENV_VAR]
+    assert backends._env_value() == "" and backends.forced() is None
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.forced() == "torch"
 
 
 def test_environment_variable(monkeypatch):
