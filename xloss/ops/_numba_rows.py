@@ -548,10 +548,27 @@ def _short_rows_range(first, stop, source, dest, target, scale, weight, eps, z, 
     per-block partial sums) was over half of a 256-class row's time. Here every row is
     indexed in place, the loops are split on the class weight instead of selecting per
     element, and W = sum w is taken once per run of rows.
+
+    In place the passes get ``dest`` as both the array they read and the one they write.
+    Given two arrays, LLVM vectorises each loop behind a run-time test that they do not
+    overlap; the same storage passed twice fails it, and the loops ran their scalar
+    fallback: 0.92 ms in place against 0.17 ms out of place at 922 x 256 (the linear
+    cross-entropy's chunks are in place).
     """
+    if copy_rows or not write:
+        _short_rows(first, stop, source, dest, target, scale, weight, eps, z, write, loss,
+                    bad_row)  # fmt: skip
+    else:
+        _short_rows(first, stop, dest, dest, target, scale, weight, eps, z, write, loss,
+                    bad_row)  # fmt: skip
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _short_rows(first, stop, values, dest, target, scale, weight, eps, z, write, loss,
+                bad_row):  # fmt: skip
+    """:func:`_short_rows_range` reading ``values`` (the logits: ``dest`` itself in place)."""
     _prefer_wide_vectors()
-    num = dest.shape[1] if write else source.shape[1]
-    values = source if copy_rows or not write else dest  # what the passes read
+    num = values.shape[1]
     per_row_scale = scale.shape[0] > 1
     has_weight = weight.shape[0] > 0
     smooth = eps / np.float32(num)
