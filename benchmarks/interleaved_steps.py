@@ -20,7 +20,11 @@ per-pair median still moves by about 1% between runs. ``FIRST`` = ``shared`` bui
 model (head, batch) and alternates the loss of its steps, so that the steps differ in the
 loss alone; ``shared-same`` is its control (torch's loss in both).
 
-    python benchmarks/interleaved_steps.py V PAIRS [step|head|loss|inside] [FIRST]
+``LOSS`` (``step``, ``head`` and ``loss`` parts) picks xloss's variant:
+``cross_entropy`` (the default) on the model's logits, or ``linear``:
+``xloss.linear_cross_entropy`` with the model's head.
+
+    python benchmarks/interleaved_steps.py V PAIRS [step|head|loss|inside] [FIRST] [LOSS]
 """
 
 from __future__ import annotations
@@ -136,6 +140,11 @@ def main() -> None:
         inside(v, pairs, {"torch": F.cross_entropy, "xloss": xloss.cross_entropy})
         return
     variants = dict(VARIANTS)
+    loss = sys.argv[5] if len(sys.argv) > 5 else "cross_entropy"
+    if loss == "linear":
+        variants["xloss"] = training_step._xloss_linear
+    elif loss != "cross_entropy":
+        raise SystemExit(f"LOSS must be cross_entropy or linear, got {loss!r}")
     if first in ("same", "shared-same"):  # the control: torch's loss in both
         variants["xloss"] = VARIANTS["torch"]
     order = ("xloss", "torch") if first == "xloss" else ("torch", "xloss")
@@ -161,7 +170,7 @@ def main() -> None:
     low, _, high = statistics.quantiles(ratios, n=4)
     torch_ms, xloss_ms = (1e3 * statistics.median(times[k]) for k in ("torch", "xloss"))
     print(
-        f"V={v} {part} pairs={pairs} first={first}: "
+        f"V={v} {part} pairs={pairs} first={first} loss={loss}: "
         f"torch {torch_ms:.1f} ms, xloss {xloss_ms:.1f} ms; "
         f"torch/xloss median {statistics.median(ratios):.3f}x (quartiles {low:.2f}-{high:.2f}, "
         f"range {min(ratios):.2f}-{max(ratios):.2f}); ratio of medians {torch_ms / xloss_ms:.3f}x"

@@ -16,6 +16,14 @@ V = 11  # classes
 H = 5  # hidden size
 
 
+@pytest.fixture(autouse=True)
+def chunked_path(monkeypatch):
+    """These tests are of the chunked Function: small fp32 CPU calls would form their
+    logits and take xloss.cross_entropy instead (tests/test_linear_small_calls.py)."""
+    linear_functional = sys.modules["xloss.functional.linear_cross_entropy"]
+    monkeypatch.setattr(linear_functional, "SMALL_HOST_LOGITS", -1)
+
+
 def reference(
     input,
     weight,

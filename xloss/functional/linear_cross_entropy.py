@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -15,6 +16,7 @@ from xloss._core.validation import (
     check_floating_input,
     check_index_target_range,
     check_tensor,
+    eager_mode,
     shape_str,
 )
 from xloss.functional.cross_entropy import (
@@ -108,6 +110,39 @@ def _check_linear_tensors(input: Tensor, weight: Tensor, target: Tensor, bias) -
         )
 
 
+# At most this many logits (1 MiB in fp32), an eager fp32 CPU call with the default
+# chunking and accumulation forms its logits (``F.linear``) and takes
+# ``xloss.cross_entropy``, whose gradient backpropagates through torch's own GEMMs. The
+# logits then fit in one chunk anyway (which the chunked path holds during the call
+# too), and the chunked path's fixed costs (the gather of kept rows and its scatter back,
+# the autograd Function, the gradient anchor: about 1 ms here) outweigh the GEMM rows it
+# saves. Forward + backward, medians of 3 alternated rounds (chunked / formed logits),
+# with the N x H x V of ``(N, H) @ (V, H).T``: 256 x 256 x 256 2.02x, 1024 x 256 x 256
+# 1.38x; 4096 x 256 x 256 1.27x and 1024 x 256 x 1024 1.14x (2**20 logits), but
+# 4096 x 256 x 1024 (2**22) 0.81x. The formed logits' gradient is held until backward,
+# so the bound stays at 1 MiB, where no memory saving is worth a slower call. In a
+# V = 256 training step (1024 x 256 logits) the chunked path made the output layer with
+# the loss 0.85x as fast as torch's.
+SMALL_HOST_LOGITS = 2**18
+
+
+def _small_host_call(input, weight, bias, chunk_size, accum_dtype) -> bool:
+    """The call forms its logits (see ``SMALL_HOST_LOGITS``): eager mode, fp32 CPU
+    tensors, no ``chunk_size`` or ``accum_dtype`` other than float32, at most
+    ``SMALL_HOST_LOGITS`` logits."""
+    return (
+        chunk_size is None
+        and accum_dtype in (None, torch.float32)
+        and input.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and input.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and math.prod(input.shape[:-1]) * weight.shape[0] <= SMALL_HOST_LOGITS
+        and eager_mode()
+    )
+
+
 def linear_cross_entropy(
     input: Tensor,
     weight: Tensor,
@@ -158,10 +193,13 @@ def linear_cross_entropy(
     recomputes each chunk's logits with ``grad_output`` folded in, so per-token weights
     applied to the returned loss get exact gradients.
 
-    Memory: one chunk of logits (``chunk_size x V`` in the compute dtype; by default at
-    most 2048 rows and the size of the weight gradient, at least 48 MiB), the gradients,
-    when some rows are dropped a copy of the kept rows of ``input``, and for fp16 a fp32
-    copy of ``weight``. fp16 inputs are computed in
+    Memory (calls of more than 2**18 logits; smaller fp32 CPU calls with the default
+    ``chunk_size`` and ``accum_dtype`` form their logits and take
+    :func:`xloss.cross_entropy`, which is faster there and holds their 1 MiB or less of
+    gradient until backward): one chunk of logits (``chunk_size x V`` in the compute
+    dtype; by default at most 2048 rows and the size of the weight gradient, at least
+    48 MiB), the gradients, when some rows are dropped a copy of the kept rows of
+    ``input``, and for fp16 a fp32 copy of ``weight``. fp16 inputs are computed in
     fp32 (GEMMs included) and the loss is returned in the input's dtype. On CPU the numba
     row kernel is used when available; with it, bf16 GEMMs and chunks stay in bf16 (bf16
     GEMMs ran 2.5x faster than fp32 ones on avx512_bf16 here), the kernel computes each
@@ -240,10 +278,11 @@ def linear_cross_entropy(
             "reduction='sample' needs (B, T, ..., H) input, got `input` of shape "
             f"{shape_str(input.shape)}"
         )
-    if backends.forward_mode_ad():
+    if backends.forward_mode_ad() or _small_host_call(input, weight, bias, chunk_size, accum_dtype):
         # The chunked Function computes no tangent (jvp, jacfwd, hessian, a dual level):
         # the logits are formed and cross_entropy (torch ops under forward-mode AD) gives
-        # the same loss with its tangent; chunk_size and accum_dtype do not apply.
+        # the same loss with its tangent; chunk_size and accum_dtype do not apply. A small
+        # eager fp32 CPU call takes the same route, faster (see SMALL_HOST_LOGITS).
         logits = torch.nn.functional.linear(input, weight, bias)
         return cross_entropy(
             logits, target, class_weight, ignore_index=ignore_index, reduction=reduction,

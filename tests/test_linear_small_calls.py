@@ -1,0 +1,170 @@
+"""Small fp32 CPU calls of linear_cross_entropy form their logits and take cross_entropy
+(``SMALL_HOST_LOGITS``): same values and gradients as the chunked Function, which the
+other calls still take."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xloss
+from xloss.ops import linear as linear_ops
+
+linear_functional = sys.modules["xloss.functional.linear_cross_entropy"]
+
+N, H, V = 37, 6, 13
+
+
+def make_inputs(seed=0, dtype=torch.float32, rows=N):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, H, generator=gen).to(dtype)
+    weight = torch.randn(V, H, generator=gen).to(dtype)
+    bias = torch.randn(V, generator=gen).to(dtype)
+    target = torch.randint(0, V, (rows,), generator=gen)
+    target[3::7] = -100
+    return hidden, weight, bias, target
+
+
+@pytest.fixture
+def chunks_run(monkeypatch):
+    """How many times the chunked Function ran its chunks."""
+    calls = []
+    run_chunks = linear_ops._run_chunks
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return run_chunks(*args)
+
+    monkeypatch.setattr(linear_ops, "_run_chunks", spy)
+    return calls
+
+
+def grads_of(options, chunked, monkeypatch, upstream=None, seed=0):
+    """(loss, grads of input, weight, bias) of one call, chunked or not."""
+    limit = -1 if chunked else linear_functional.SMALL_HOST_LOGITS
+    monkeypatch.setattr(linear_functional, "SMALL_HOST_LOGITS", limit)
+    hidden, weight, bias, target = make_inputs(seed)
+    if "ignore_index" in options:  # the dropped rows carry this call's ignore_index
+        target[target == -100] = 0 if options["ignore_index"] is None else options["ignore_index"]
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    loss = xloss.linear_cross_entropy(hidden, weight, target, bias, **options)
+    if upstream is None:
+        upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad(loss, leaves, upstream)
+    return loss.detach(), grads
+
+
+OPTIONS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.2, "z_loss": 1e-3},
+    {"softcap": 3.0},
+    {"class_weight": torch.linspace(0.5, 1.5, V)},
+    {"class_weight": torch.linspace(1.5, 0.5, V), "label_smoothing": 0.1, "reduction": "sum"},
+    {"ignore_index": 4},
+    {"ignore_index": None, "reduction": "sum"},
+    {"normalizer": 10.0},
+    {"mask": torch.arange(N) % 3 != 0},
+]  # lengths, "sample" and return_stats: test_small_call_with_sequences
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "defaults")
+def test_small_call_matches_the_chunked_function(options, monkeypatch, chunks_run):
+    loss, grads = grads_of(options, chunked=False, monkeypatch=monkeypatch)
+    assert chunks_run == []  # formed logits, cross_entropy
+    expected_loss, expected_grads = grads_of(options, chunked=True, monkeypatch=monkeypatch)
+    assert len(chunks_run) >= 1  # twice for "none" (the backward runs them again)
+    torch.testing.assert_close(loss, expected_loss, rtol=2e-5, atol=2e-6)
+    for got, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-6)
+
+
+def test_small_call_against_float64_torch(chunks_run):
+    """Independent reference: F.cross_entropy on float64 logits formed here."""
+    hidden, weight, bias, target = make_inputs(seed=3)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    loss = xloss.linear_cross_entropy(hidden, weight, target, bias, label_smoothing=0.1)
+    assert chunks_run == []
+    grads = torch.autograd.grad(loss, leaves)
+    wide = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    reference = F.cross_entropy(F.linear(*wide), target, label_smoothing=0.1)
+    expected = torch.autograd.grad(reference, wide)
+    torch.testing.assert_close(loss.double(), reference.detach(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_small_call_with_sequences(monkeypatch, chunks_run):
+    """(B, T, H) input with lengths, reduction "sample" and return_stats."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 5, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen)
+    target = torch.randint(0, V, (3, 5), generator=gen)
+    lengths = torch.tensor([5, 2, 4])
+    results = []
+    for limit in (linear_functional.SMALL_HOST_LOGITS, -1):
+        monkeypatch.setattr(linear_functional, "SMALL_HOST_LOGITS", limit)
+        sample = xloss.linear_cross_entropy(
+            hidden, weight, target, lengths=lengths, reduction="sample"
+        )
+        stats = xloss.linear_cross_entropy(hidden, weight, target, lengths=lengths,
+                                           return_stats=True)  # fmt: skip
+        results.append((sample, stats))
+    assert len(chunks_run) == 2  # the chunked calls only
+    (sample, stats), (sample_chunked, stats_chunked) = results
+    torch.testing.assert_close(sample, sample_chunked)
+    for got, expected in zip(stats, stats_chunked, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["chunk_size", "accum_dtype", "bfloat16", "float64", "large", "compiling"],
+)
+def test_other_calls_keep_the_chunked_function(case, chunks_run, monkeypatch):
+    dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(case, torch.float32)
+    rows = 2**18 // V + 1 if case == "large" else N
+    hidden, weight, bias, target = make_inputs(dtype=dtype, rows=rows)
+    options = {"chunk_size": {"chunk_size": 8}, "accum_dtype": {"accum_dtype": torch.float64}}
+    if case == "compiling":  # what torch.compile's trace sees (eager_mode() is False)
+        monkeypatch.setattr(linear_functional, "eager_mode", lambda: False)
+    xloss.linear_cross_entropy(hidden, weight, target, bias, **options.get(case, {}))
+    assert len(chunks_run) >= 1
+
+
+def test_small_call_bound_is_inclusive(chunks_run):
+    rows = linear_functional.SMALL_HOST_LOGITS // 256
+    hidden = torch.randn(rows, 8)
+    weight = torch.randn(256, 8) / 8
+    target = torch.randint(0, 256, (rows,))
+    xloss.linear_cross_entropy(hidden, weight, target)
+    assert chunks_run == []
+    xloss.linear_cross_entropy(torch.randn(rows + 1, 8), weight, torch.randint(0, 256, (rows + 1,)))
+    assert len(chunks_run) == 1
+
+
+def test_small_call_edges():
+    """N = 0, every row ignored, a bad target with and without validate_args, and a
+    second-order backward: as xloss.cross_entropy on the formed logits."""
+    weight = torch.randn(V, H, requires_grad=True)
+    empty = xloss.linear_cross_entropy(torch.zeros(0, H), weight, torch.zeros(0, dtype=torch.long))
+    expected = xloss.cross_entropy(torch.zeros(0, V), torch.zeros(0, dtype=torch.long))
+    torch.testing.assert_close(empty, expected, equal_nan=True)
+    none_kept = torch.full((4,), -100)
+    ignored = xloss.linear_cross_entropy(torch.randn(4, H), weight, none_kept)
+    torch.testing.assert_close(
+        ignored, xloss.cross_entropy(torch.randn(4, V), none_kept), equal_nan=True
+    )
+    bad = torch.tensor([0, V])
+    message = rf"must lie in \[0, {V - 1}\] or equal ignore_index=-100, found {V}"
+    with pytest.raises(ValueError, match=message):
+        xloss.linear_cross_entropy(torch.randn(2, H), weight, bad)
+    with pytest.raises(ValueError, match=rf"found {V} \(row 1 of the flattened target\)"):
+        xloss.linear_cross_entropy(torch.randn(2, H), weight, bad, validate_args=False)
+    hidden = torch.randn(4, H, requires_grad=True)
+    loss = xloss.linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 2, 3]))
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="xloss"):
+        torch.autograd.grad(grad.sum(), weight)
