@@ -1,5 +1,6 @@
-"""The numba kernel across processes and threads: fork after use, 4 Python threads at
-once, an unwritable disk cache, and the pooled gradient buffer (xloss/ops/kernel.py).
+"""The numba kernel across processes and threads (cross_entropy's host call and
+linear_cross_entropy's small-call route): fork after use, 4 Python threads at once, an
+unwritable disk cache, and the pooled gradient buffer (xloss/ops/kernel.py).
 
 Each scenario runs in a fresh interpreter, so the threading layer and the fork state are
 those a user's process would have, whatever other tests did in this one.
@@ -35,26 +36,39 @@ SCENARIO = textwrap.dedent(
     import xloss
     from xloss.ops import kernel
 
-    def loss_and_grad(seed):
+    def inputs(seed, dtype):
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(1100, 517, generator=g).requires_grad_(True)  # > SERIAL_ELEMENTS
+        x = torch.randn(1100, 517, generator=g).to(dtype)  # > SERIAL_ELEMENTS
         y = torch.randint(0, 517, (1100,), generator=g)
+        hidden = torch.randn(300, 64, generator=g).to(dtype)
+        weight = (torch.randn(256, 64, generator=g) / 8).to(dtype)
+        tokens = torch.randint(0, 256, (300,), generator=g)
+        leaves = [t.requires_grad_() for t in (x, hidden, weight)]
+        return leaves, y, tokens
+
+    def loss_and_grad(seed):
+        # cross_entropy's host call, and linear_cross_entropy's small-call route
+        (x, hidden, weight), y, tokens = inputs(seed, torch.float32)
         loss = xloss.cross_entropy(x, y, label_smoothing=0.1)
-        loss.backward()
-        return loss.detach(), x.grad
+        linear = xloss.linear_cross_entropy(hidden, weight, tokens, label_smoothing=0.1)
+        (loss + linear).backward()
+        return loss.detach(), x.grad, linear.detach(), hidden.grad, weight.grad
 
     def reference(seed):  # float64, independent of xloss
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(1100, 517, generator=g).double().requires_grad_(True)
-        y = torch.randint(0, 517, (1100,), generator=g)
-        loss = torch.nn.functional.cross_entropy(x, y, label_smoothing=0.1)
-        loss.backward()
-        return loss.detach().float(), x.grad.float()
+        (x, hidden, weight), y, tokens = inputs(seed, torch.float64)
+        cross_entropy = torch.nn.functional.cross_entropy
+        loss = cross_entropy(x, y, label_smoothing=0.1)
+        linear = cross_entropy(hidden @ weight.T, tokens, label_smoothing=0.1)
+        (loss + linear).backward()
+        results = loss.detach(), x.grad, linear.detach(), hidden.grad, weight.grad
+        return tuple(t.float() for t in results)
 
     def check(seed, got):
         want = reference(seed)
-        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-7)
+        for index, (a, b) in enumerate(zip(got, want, strict=True)):
+            is_loss = index in (0, 2)  # else a gradient
+            rtol, atol = (1e-5, 1e-6) if is_loss else (1e-4, 1e-7)
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
     def child(queue):
         with warnings.catch_warnings(record=True) as caught:

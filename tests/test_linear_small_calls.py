@@ -168,3 +168,26 @@ def test_small_call_edges():
     (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
     with pytest.raises(RuntimeError, match="xloss"):
         torch.autograd.grad(grad.sum(), weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_does_not_lower_the_gemm_on_either_path(dtype, monkeypatch, chunks_run):
+    """fp32 leaves under CPU autocast: both paths compute in float32, as outside it (the
+    small-call route once ran its GEMM in ``dtype``, so a call's numbers changed at the
+    ``SMALL_HOST_LOGITS`` bound)."""
+    hidden, weight, bias, target = make_inputs(seed=4)
+    wide = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    reference = F.cross_entropy(F.linear(*wide), target)
+    expected_grads = torch.autograd.grad(reference, wide)
+    for chunked in (False, True):
+        monkeypatch.setattr(linear_functional, "SMALL_HOST_LOGITS", -1 if chunked else 2**18)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        with torch.autocast("cpu", dtype=dtype):
+            loss = xloss.linear_cross_entropy(leaves[0], leaves[1], target, leaves[2])
+        grads = torch.autograd.grad(loss, leaves)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss.double(), reference.detach(), rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, expected_grads, strict=True):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert len(chunks_run) == 1  # the second call only

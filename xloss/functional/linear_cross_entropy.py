@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -143,6 +144,14 @@ def _small_host_call(input, weight, bias, chunk_size, accum_dtype) -> bool:
     )
 
 
+def _autocast_off(device_type: str):
+    """A context in which autocast does not lower this call's GEMM (a no-op when it is
+    not enabled for ``device_type``)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def linear_cross_entropy(
     input: Tensor,
     weight: Tensor,
@@ -207,7 +216,9 @@ def linear_cross_entropy(
     (``xloss.backends``) the GEMMs and the chunk of logits stay in the input dtype (bf16
     tensor-core GEMMs, no fp32 copies), the Triton row kernel computes in fp32, and with
     ``validate_args=False`` nothing synchronises with the host. Under
-    ``torch.compile`` the call is a graph break and runs eagerly.
+    ``torch.compile`` the call is a graph break and runs eagerly. ``torch.autocast``
+    does not lower the GEMMs (cast ``input`` and ``weight`` for bf16 GEMMs); it returns
+    the loss in float32 for fp16/bf16 inputs, as ``F.cross_entropy``.
 
     Args:
         input: hidden states, floating point, (..., H): any number of leading axes.
@@ -282,8 +293,10 @@ def linear_cross_entropy(
         # The chunked Function computes no tangent (jvp, jacfwd, hessian, a dual level):
         # the logits are formed and cross_entropy (torch ops under forward-mode AD) gives
         # the same loss with its tangent; chunk_size and accum_dtype do not apply. A small
-        # eager fp32 CPU call takes the same route, faster (see SMALL_HOST_LOGITS).
-        logits = torch.nn.functional.linear(input, weight, bias)
+        # eager fp32 CPU call takes the same route, faster (see SMALL_HOST_LOGITS). Its
+        # GEMM runs in the inputs' dtype under autocast too, as the chunked Function's.
+        with _autocast_off(input.device.type):
+            logits = torch.nn.functional.linear(input, weight, bias)
         return cross_entropy(
             logits, target, class_weight, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, class_dim=-1, mask=mask, lengths=lengths,
