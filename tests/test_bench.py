@@ -172,3 +172,48 @@ def test_worker_takes_one_memory_step_when_a_step_is_long(monkeypatch):
     monkeypatch.setattr(kernel, "release_buffers", lambda: events.append("release"))
     worker.measure("probe", "v", {}, repeats=2, warmup=1)
     assert events == ["step"] * 3 + ["release", "heap", "step"]
+
+
+def test_rounds_alternate_the_variants_and_pair_their_ratios(monkeypatch, tmp_path, capsys):
+    """--rounds 3: each case runs round by round, every variant in turn (fresh processes
+    side by side); a variant's time is the median of its round medians, its ratio the
+    median of each round's ratio, a failed round is left out of both."""
+    import xloss.bench as bench
+
+    table = Table(
+        name="probe", title="probe", cases=[dict(n=1), dict(n=2)], quick_cases=[],
+        variants={"a": None, "b": None}, bandwidth=False, label=lambda case: f"n={case['n']}",
+        input_bytes=lambda case: 2**20,
+    )  # fmt: skip
+    monkeypatch.setattr(bench, "load_tables", lambda: {"probe": table})
+    # a's round medians 1.0, 1.2, 0.8 s; b's 0.5, 0.5, (failed) at n=1
+    seconds = {("a", 1): [1.0, 1.2, 0.8], ("b", 1): [0.5, 0.5, None]}
+    calls = []
+
+    def fake_run_case(table_name, variant, case, repeats, warmup):
+        calls.append((variant, case["n"]))
+        series = seconds.get((variant, case["n"]), [0.1, 0.1, 0.1])
+        value = series[sum(c == (variant, case["n"]) for c in calls) - 1]
+        if value is None:
+            return dict(variant=variant, case=case, seconds=None, error="boom")
+        return dict(variant=variant, case=case, seconds=value, all_seconds=[value],
+                    peak_extra_bytes=2**20)  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_case", fake_run_case)
+    args = ["--tables", "probe", "--rounds", "3", "--out-dir", str(tmp_path)]
+    assert bench.run(args) == 0
+    assert calls == [("a", 1), ("b", 1)] * 3 + [("a", 2), ("b", 2)] * 3
+    report = json.loads((tmp_path / "bench.json").read_text())
+    first, second = report["tables"]["probe"][:2]
+    assert report["rounds"] == 3
+    assert first["seconds"] == 1.0 and first["round_seconds"] == [1.0, 1.2, 0.8]
+    assert second["seconds"] == 0.5 and second["failed_rounds"] == 1
+    assert second["speedup_vs_first"] == pytest.approx(2.2)  # median of 2.0 and 2.4
+    assert second["speedup_range"] == pytest.approx([2.0, 2.4])
+    text = capsys.readouterr().out
+    assert "2.20x (2.00-2.40)" in text and "800-1200" in text  # a's round medians
+
+
+def test_rounds_are_refused_on_cuda():
+    with pytest.raises(SystemExit, match="CPU tables only"):
+        cli.main(["bench", "--device", "cuda", "--rounds", "2"])

@@ -3,7 +3,10 @@
 For every (case, variant) of a table (see :mod:`xloss.bench.registry`) a fresh
 subprocess reports the median time of the timed steps after warm-up, their range, and the
 peak RSS above the RSS after the inputs exist. Ratios are against the table's first
-variant. A table may add a floor measured in the same worker right before and after its
+variant. ``--rounds R`` runs each case R times over, its variants taking turns (a fresh
+process each), and reports the median of the round medians with their range, and the
+median and range of each round's ratio: between processes minutes apart the machine's
+speed drifts more than a small difference between variants. A table may add a floor measured in the same worker right before and after its
 timed steps (the machine may be shared, so bandwidth varies from minute to minute): the
 time of one copy of its main input (``copy_floor_bytes``: cross-entropy reads and writes
 the logits once at best), or the effective bandwidth against the STREAM triad
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +44,25 @@ def run_case(table: str, variant: str, case: dict, repeats: int, warmup: int) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One (case, variant)'s result over its rounds (fresh processes taking turns with
+    the other variants): the median of the round medians as ``seconds``, the round
+    medians as ``round_seconds`` (None for a failed round), every timed step in
+    ``all_seconds``, the median peak memory; the rest from the median (or lower median)
+    round."""
+    done = sorted((r for r in rounds if r.get("seconds") is not None), key=lambda r: r["seconds"])
+    if not done:
+        return rounds[-1]
+    result = dict(done[(len(done) - 1) // 2])
+    result["seconds"] = statistics.median(r["seconds"] for r in done)
+    result["round_seconds"] = [r.get("seconds") for r in rounds]
+    result["all_seconds"] = [t for r in done for t in r.get("all_seconds") or [r["seconds"]]]
+    result["peak_extra_bytes"] = statistics.median(r["peak_extra_bytes"] for r in done)
+    if len(done) < len(rounds):
+        result["failed_rounds"] = len(rounds) - len(done)
+    return result
+
+
 def add_derived(result: dict, table, triad: float | None, baseline: dict | None) -> dict:
     seconds = result["seconds"]
     if seconds is None:
@@ -54,6 +77,11 @@ def add_derived(result: dict, table, triad: float | None, baseline: dict | None)
     result["peak_extra_x_input"] = result["peak_extra_bytes"] / table.input_bytes(result["case"])
     if baseline is not None and baseline.get("seconds"):
         result["speedup_vs_first"] = baseline["seconds"] / seconds
+        rounds = baseline.get("round_seconds") or (), result.get("round_seconds") or ()
+        ratios = [a / b for a, b in zip(*rounds, strict=True) if a and b]
+        if len(ratios) > 1:  # each round's ratio, the variants' processes side by side
+            result["speedup_vs_first"] = statistics.median(ratios)
+            result["speedup_range"] = [min(ratios), max(ratios)]
     return result
 
 
@@ -62,10 +90,11 @@ def format_table(table, results: list[dict], triad: float | None) -> str:
     the bandwidth columns (tables with ``bandwidth``), the copy floor (tables with
     ``copy_floor_bytes``) and the peak extra memory."""
     first = next(iter(table.variants))
+    ratio_width = 20 if any("speedup_range" in r for r in results) else 15
     columns = [
         ("time ms", 9, lambda r: f"{1e3 * r['seconds']:.1f}"),
         ("range ms", 15, lambda r: "{:.0f}-{:.0f}".format(*(1e3 * t for t in _span(r)))),
-        ("vs " + first, max(15, len(first) + 4), lambda r: _times(r.get("speedup_vs_first"))),
+        ("vs " + first, max(ratio_width, len(first) + 4), _ratio_cell),
     ]
     if table.bandwidth:
         columns += [
@@ -101,8 +130,17 @@ def format_table(table, results: list[dict], triad: float | None) -> str:
 
 
 def _span(result: dict) -> tuple[float, float]:
-    times = result.get("all_seconds") or [result["seconds"]]
+    """The range of the round medians over several rounds, else of the timed steps."""
+    rounds = [t for t in result.get("round_seconds") or () if t is not None]
+    times = rounds if len(rounds) > 1 else result.get("all_seconds") or [result["seconds"]]
     return min(times), max(times)
+
+
+def _ratio_cell(result: dict) -> str:
+    text = _times(result.get("speedup_vs_first"))
+    if "speedup_range" in result:
+        text += " ({:.2f}-{:.2f})".format(*result["speedup_range"])
+    return text
 
 
 def _times(ratio: float | None) -> str:
@@ -159,6 +197,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup", type=at_least(0), default=2,
         help="untimed steps per case first (and at least 0.3 s of them)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=at_least(1), default=1,
+        help="processes per (case, variant), the variants taking turns; then the median of "
+        "the round medians, their range, and the median (range) of each round's ratio",
+    )  # fmt: skip
     parser.add_argument("--match", default="", help="only cases whose label contains this")
     parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda"), help="cuda: xloss.bench.cuda's tables"
@@ -178,6 +221,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     if getattr(args, "device", "cpu") == "cuda":
         from xloss.bench.cuda import run_cuda
 
+        if args.rounds > 1:
+            raise SystemExit("xloss bench: --rounds applies to the CPU tables only")
+
         return run_cuda(args)
     from tqdm import tqdm
 
@@ -191,20 +237,24 @@ def run_from_args(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     needs_triad = any(tables[name].bandwidth for name in names)
     triad = triad_bandwidth(1 << 24 if args.quick else 1 << 25) if needs_triad else None
-    jobs = []
-    for name in names:
-        table = tables[name]
-        for case in table.quick_cases if args.quick else table.cases:
-            if args.match not in table.label(case):
-                continue
-            jobs.extend((table, case, variant) for variant in table.variants)
+    jobs = [
+        (tables[name], case)
+        for name in names
+        for case in (tables[name].quick_cases if args.quick else tables[name].cases)
+        if args.match in tables[name].label(case)
+    ]
+    rounds = args.rounds
     results: dict[str, list[dict]] = {name: [] for name in names}
-    baselines: dict[tuple, dict] = {}
-    for table, case, variant in tqdm(jobs, desc="xloss bench", unit="run"):
-        result = run_case(table.name, variant, case, repeats, warmup=args.warmup)
-        key = (table.name, json.dumps(case, sort_keys=True))
-        baseline = baselines.setdefault(key, result)
-        results[table.name].append(add_derived(result, table, triad, baseline))
+    total = rounds * sum(len(table.variants) for table, _ in jobs)
+    with tqdm(total=total, desc="xloss bench", unit="run") as progress:
+        for table, case in jobs:
+            runs: dict[str, list[dict]] = {variant: [] for variant in table.variants}
+            for _ in range(rounds):
+                for variant, done in runs.items():
+                    done.append(run_case(table.name, variant, case, repeats, args.warmup))
+                    progress.update()
+            merged = [merge_rounds(done) for done in runs.values()]
+            results[table.name] += [add_derived(r, table, triad, merged[0]) for r in merged]
     report = {
         "machine": {
             "platform": platform.platform(),
@@ -214,6 +264,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
         "repeats": repeats,
+        "rounds": rounds,
         "stream_triad_bytes_per_second": triad,
         "tables": results,
     }
