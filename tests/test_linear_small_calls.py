@@ -171,16 +171,20 @@ def test_small_call_edges():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_does_not_lower_the_gemm_on_either_path(dtype, monkeypatch, chunks_run):
-    """fp32 leaves under CPU autocast: both paths compute in float32, as outside it (the
-    small-call route once ran its GEMM in ``dtype``, so a call's numbers changed at the
-    ``SMALL_HOST_LOGITS`` bound)."""
+def test_autocast_does_not_lower_the_gemm_on_any_path(dtype, monkeypatch, chunks_run):
+    """fp32 leaves under CPU autocast: every path (formed logits, the chunked Function,
+    its torch-ops twin) computes in float32, as outside it (the formed-logits route once
+    ran its GEMM in ``dtype``, so a call's numbers changed at the ``SMALL_HOST_LOGITS``
+    bound)."""
     hidden, weight, bias, target = make_inputs(seed=4)
     wide = [t.double().requires_grad_() for t in (hidden, weight, bias)]
     reference = F.cross_entropy(F.linear(*wide), target)
     expected_grads = torch.autograd.grad(reference, wide)
-    for chunked in (False, True):
+    for path in ("formed", "chunked", "torch ops"):
+        chunked = path != "formed"
         monkeypatch.setattr(linear_functional, "SMALL_HOST_LOGITS", -1 if chunked else 2**18)
+        if path == "torch ops":
+            monkeypatch.setenv("XLOSS_BACKEND", "torch")
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
         with torch.autocast("cpu", dtype=dtype):
             loss = xloss.linear_cross_entropy(leaves[0], leaves[1], target, leaves[2])
@@ -190,4 +194,4 @@ def test_autocast_does_not_lower_the_gemm_on_either_path(dtype, monkeypatch, chu
         for got, want in zip(grads, expected_grads, strict=True):
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
-    assert len(chunks_run) == 1  # the second call only
+    assert len(chunks_run) == 1  # the chunked call only

@@ -8,6 +8,7 @@ argument, what was expected and what was received. Checks that read tensor value
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -199,6 +200,15 @@ def eager_mode() -> bool:
         and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
     )
+
+
+def autocast_off(device_type: str):
+    """A context in which autocast does not lower the linear layer's GEMMs (a no-op where
+    it is not enabled): linear_cross_entropy computes in the inputs' dtype on every path,
+    as its chunks do, so a call's numbers do not depend on which path it takes."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_index_target_range(

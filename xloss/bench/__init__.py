@@ -6,11 +6,11 @@ peak RSS above the RSS after the inputs exist. Ratios are against the table's fi
 variant. ``--rounds R`` runs each case R times over, its variants taking turns (a fresh
 process each), and reports the median of the round medians with their range, and the
 median and range of each round's ratio: between processes minutes apart the machine's
-speed drifts more than a small difference between variants. A table may add a floor measured in the same worker right before and after its
-timed steps (the machine may be shared, so bandwidth varies from minute to minute): the
-time of one copy of its main input (``copy_floor_bytes``: cross-entropy reads and writes
-the logits once at best), or the effective bandwidth against the STREAM triad
-(``bandwidth``).
+speed drifts more than a small difference between variants. A table may add a floor
+measured in the same worker right before and after its timed steps (the machine may be
+shared, so bandwidth varies from minute to minute): the time of one copy of its main
+input (``copy_floor_bytes``: cross-entropy reads and writes the logits once at best), or
+the effective bandwidth against the STREAM triad (``bandwidth``).
 Results are printed as a table and written as JSON and a PNG chart.
 """
 

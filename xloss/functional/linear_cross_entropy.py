@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 
@@ -13,6 +12,7 @@ from xloss import backends
 from xloss._core.masking import build_mask
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss._core.validation import (
+    autocast_off,
     check_class_weight,
     check_floating_input,
     check_index_target_range,
@@ -142,14 +142,6 @@ def _small_host_call(input, weight, bias, chunk_size, accum_dtype) -> bool:
         and math.prod(input.shape[:-1]) * weight.shape[0] <= SMALL_HOST_LOGITS
         and eager_mode()
     )
-
-
-def _autocast_off(device_type: str):
-    """A context in which autocast does not lower this call's GEMM (a no-op when it is
-    not enabled for ``device_type``)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def linear_cross_entropy(
@@ -295,7 +287,7 @@ def linear_cross_entropy(
         # the same loss with its tangent; chunk_size and accum_dtype do not apply. A small
         # eager fp32 CPU call takes the same route, faster (see SMALL_HOST_LOGITS). Its
         # GEMM runs in the inputs' dtype under autocast too, as the chunked Function's.
-        with _autocast_off(input.device.type):
+        with autocast_off(input.device.type):
             logits = torch.nn.functional.linear(input, weight, bias)
         return cross_entropy(
             logits, target, class_weight, ignore_index=ignore_index, reduction=reduction,

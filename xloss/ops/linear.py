@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from xloss import backends
+from xloss._core.validation import autocast_off
 from xloss.ops.row_grad import row_loss_and_grad_ as portable_row_loss_and_grad_
 from xloss.ops.rows import cross_entropy_rows, row_stats
 from xloss.ops.second_order import (
@@ -295,7 +296,8 @@ def _plain_rows(input, weight, bias, target, class_weight, scale, config):
     logits are held, and the result can be differentiated twice. Negative targets mark
     dropped rows (loss 0), as in the row kernels."""
     dtype = torch.promote_types(input.dtype, torch.float32)
-    logits = torch.nn.functional.linear(input, weight, bias).to(dtype)  # K x V
+    with autocast_off(input.device.type):
+        logits = torch.nn.functional.linear(input, weight, bias).to(dtype)  # K x V
     scored = target >= 0
     loss = cross_entropy_rows(
         logits, torch.where(scored, target, 0), class_weight=class_weight,
