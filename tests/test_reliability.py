@@ -217,6 +217,37 @@ def test_vocab_parallel_second_backward_raises():
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vocab_parallel_linear_under_autocast_computes_in_the_inputs_dtype(dtype):
+    """As xloss.linear_cross_entropy: autocast does not lower the GEMMs of fp32 inputs
+    (the forward's GEMM ran in bf16 before: 5e-4 off the float64 loss, not 4e-7)."""
+    import torch.distributed as dist
+
+    from xloss.distributed import vocab_parallel_linear_cross_entropy
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(37, 6, generator=g)
+    weight = torch.randn(13, 6, generator=g)
+    target = torch.randint(0, 13, (37,), generator=g)
+    wide = [t.double().requires_grad_() for t in (hidden, weight)]
+    reference = torch.nn.functional.cross_entropy(wide[0] @ wide[1].T, target)
+    expected = torch.autograd.grad(reference, wide)
+    leaves = [t.requires_grad_() for t in (hidden, weight)]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            loss = vocab_parallel_linear_cross_entropy(*leaves, target)
+        grads = torch.autograd.grad(loss, leaves)
+    finally:
+        dist.destroy_process_group()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), reference.detach(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
 SECOND_ORDER_PATHS = {
     # name: (loss of logits-or-hidden x, dtype, tolerance); paths that claim second order
     "cross_entropy float64": ("ce", torch.float64, None, 1e-9),

@@ -20,6 +20,7 @@ from xloss._core.layout import class_layout
 from xloss._core.masking import build_mask
 from xloss._core.reduction import reduce_loss, safe_divide
 from xloss._core.validation import (
+    autocast_off,
     check_floating_input,
     check_index_target_range,
     check_tensor,
@@ -317,9 +318,12 @@ class LinearSettings(NamedTuple):
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if bias is None:
-        return hidden @ weight.T  # chunk x V_local
-    return torch.addmm(bias, hidden, weight.T)  # chunk x V_local
+    """The chunk's local logits in the inputs' dtype (autocast does not lower the GEMM,
+    as in xloss.linear_cross_entropy)."""
+    with autocast_off(hidden.device.type):
+        if bias is None:
+            return hidden @ weight.T  # chunk x V_local
+        return torch.addmm(bias, hidden, weight.T)  # chunk x V_local
 
 
 def _row_chunks(rows: int, chunk_size: int):
@@ -601,6 +605,7 @@ def vocab_parallel_linear_cross_entropy(
     Args:
         input: hidden states h, replicated on every rank; floating point. fp16/bf16 are
             computed in fp32; gradients are returned in the dtypes of their tensors.
+            ``torch.autocast`` does not lower the GEMMs (fp32 inputs stay fp32).
         local_weight: this rank's rows of the output weight, same dtype as ``input``.
         target: global class indices in [0, C), the input's shape without the last axis.
         bias: this rank's slice of the output bias, or None.
