@@ -3,6 +3,7 @@
 other calls still take."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -195,3 +196,28 @@ def test_autocast_does_not_lower_the_gemm_on_any_path(dtype, monkeypatch, chunks
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
     assert len(chunks_run) == 1  # the chunked call only
+
+
+def test_small_calls_under_jit_trace_and_inference_mode(chunks_run):
+    """torch.jit.trace takes the chunked Function (the traced function follows new
+    targets); inference mode takes the formed-logits route."""
+    gen = torch.Generator().manual_seed(8)
+    hidden, weight = torch.randn(6, 5, generator=gen), torch.randn(9, 5, generator=gen)
+    target = torch.tensor([0, 1, 2, -100, 4, 8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jit.trace's notes on Python values
+        traced = torch.jit.trace(
+            lambda a, b, c: xloss.linear_cross_entropy(a, b, c), (hidden, weight, target),
+            check_trace=False,
+        )  # fmt: skip
+    assert len(chunks_run) == 1
+    other_hidden = torch.randn(6, 5, generator=gen)
+    other_target = torch.tensor([3, -100, 0, 5, -100, 1])
+    want = F.cross_entropy(other_hidden.double() @ weight.double().T, other_target)
+    got = traced(other_hidden, weight, other_target)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    calls = len(chunks_run)
+    with torch.inference_mode():
+        got = xloss.linear_cross_entropy(other_hidden, weight, other_target)
+    assert len(chunks_run) == calls  # formed logits
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
