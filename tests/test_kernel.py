@@ -3,6 +3,7 @@
 import sys
 import time
 import warnings
+from collections import defaultdict
 
 import pytest
 import torch
@@ -79,6 +80,8 @@ def launch_path(request, monkeypatch):
     """Run a test through the serial kernel (small problems) or the parallel one."""
     limit = 2**62 if request.param == "serial" else -1
     monkeypatch.setattr(kernel, "SERIAL_ELEMENTS", limit)
+    # the eager host call's threshold under the omp layer
+    monkeypatch.setattr(kernel, "OMP_HOST_SERIAL_ELEMENTS", defaultdict(lambda: limit))
     return request.param
 
 
@@ -988,6 +991,31 @@ def test_half_short_rows_many(dtype, classes, launch_path):
     bad[287] = classes + 5  # reported as itself, with its row, from a late group
     with pytest.raises(ValueError, match=rf"found {classes + 5} \(row 287 "):
         row_loss_and_grad_(x.clone(), bad, grad_scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 17, 70])
+def test_half_short_rows_match_the_fp32_rows_of_the_widened_logits(dtype, rows, launch_path):
+    """fp16/bf16 rows of at most BLOCK classes run the fp32 short-row passes on groups of
+    widened rows (a partial last group at 17 rows, more rows than the parallel kernel's
+    64 blocks at 70): loss and gradient are the fp32 kernel's on the widened logits,
+    rounded once (within one unit in the last place: the serial and parallel fp32 loops
+    may sum in different orders)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = (3 * torch.randn(rows, 300, generator=gen)).to(dtype)
+    target = torch.randint(0, 300, (rows,), generator=gen)
+    target[::4] = -100
+    weight = torch.rand(300, generator=gen) + 0.5
+    smoothed = dict(label_smoothing=0.1, weight=weight, z_loss=1e-3)
+    for options in ({}, smoothed, dict(reduction="sum")):
+        logits = x.clone().requires_grad_()
+        loss = xloss.cross_entropy(logits, target, **options)
+        loss.backward()
+        wide = x.float().requires_grad_()
+        expected = xloss.cross_entropy(wide, target, **options)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.to(dtype), **HALF_TOLERANCE[dtype])
+        torch.testing.assert_close(logits.grad, wide.grad.to(dtype), **HALF_TOLERANCE[dtype])
 
 
 def _has_avx512() -> bool:

@@ -763,13 +763,35 @@ def _float_to_bf16(value):
     return np.uint16((rounded >> np.int32(16)) & np.int32(0xFFFF))
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _widen_row(bits, row, is_bf16):
+    """``row`` (fp32) = the fp16 / bf16 values whose uint16 bits are ``bits``."""
+    if is_bf16:
+        for c in range(row.shape[0]):
+            row[c] = _bf16_to_float(np.int32(bits[c]))
+    else:
+        for c in range(row.shape[0]):
+            row[c] = _half_to_float(np.int32(bits[c]))
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _narrow_row(row, bits, is_bf16):
+    """``bits`` = the uint16 bits of ``row`` (fp32) rounded to fp16 / bf16."""
+    if is_bf16:
+        for c in range(row.shape[0]):
+            bits[c] = _float_to_bf16(row[c])
+    else:
+        for c in range(row.shape[0]):
+            bits[c] = _float_to_half(row[c])
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
               bad_row, stats=None, predicted=None):  # fmt: skip
     """fp16 / bf16 rows as uint16 bits; the gradient goes to ``dest`` (may be ``source``).
     Targets >= C as in :func:`rows_f32`."""
     _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
-                 bad_row, stats, predicted)  # fmt: skip
+                 bad_row, stats, predicted, min(source.shape[0], 64))  # fmt: skip
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -778,18 +800,23 @@ def rows_half_serial(source, dest, target, scale, weight, eps, z, cap, is_bf16, 
     """:func:`rows_half` in the calling thread, for problems too small to share out (as
     :func:`rows_f32_serial`); it releases the GIL."""
     _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
-                 bad_row, stats, predicted)  # fmt: skip
+                 bad_row, stats, predicted, 1)  # fmt: skip
 
 
 @njit(inline="always", fastmath=FASTMATH)
 def _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
-                 bad_row, stats, predicted):  # fmt: skip
-    """The rows of :func:`rows_half` in up to 64 interleaved blocks (``prange``: the
-    pool's threads take blocks; in a serial kernel it runs as ``range``), each with one
-    widened fp32 row of scratch."""
+                 bad_row, stats, predicted, num_blocks):  # fmt: skip
+    """The rows of :func:`rows_half` in ``num_blocks`` interleaved blocks (``prange``: the
+    pool's threads take blocks; in a serial kernel it runs as ``range``, and one block
+    does: each block allocates its scratch, a widened fp32 row and the row's partials,
+    which 64 blocks of a 64 x 256 call took about 15 us to do). Rows of at most ``BLOCK``
+    classes without softcap or statistics take :func:`_half_short_blocks`."""
     num_rows, num = source.shape
+    if stats is None and num <= BLOCK and cap <= np.float32(0.0):
+        _half_short_blocks(source, dest, target, scale, weight, eps, z, is_bf16, write, loss,
+                           bad_row, num_blocks)  # fmt: skip
+        return
     per_row_scale = scale.shape[0] > 1
-    num_blocks = min(num_rows, 64)
     no_source = np.empty(0, dtype=np.float32)
     for block in prange(num_blocks):
         _prefer_wide_vectors()  # the widening and narrowing loops
@@ -801,13 +828,7 @@ def _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, writ
                 _dropped_row_stats(stats, predicted, i)
             if _skips_row(y, num, i, dest, write, loss, bad_row):
                 continue
-            bits = source[i]
-            if is_bf16:
-                for c in range(num):
-                    scratch[c] = _bf16_to_float(np.int32(bits[c]))
-            else:
-                for c in range(num):
-                    scratch[c] = _half_to_float(np.int32(bits[c]))
+            _widen_row(source[i], scratch, is_bf16)
             s = scale[i] if per_row_scale else scale[0]
             if stats is None:
                 loss[i] = _row_loss_grad(scratch, no_source, y, s, weight, eps, z, cap, write,
@@ -817,13 +838,47 @@ def _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, writ
                                          stats[i], predicted[i : i + 1], partials,
                                          partial_arg)  # fmt: skip
             if write:
-                out = dest[i]
-                if is_bf16:
-                    for c in range(num):
-                        out[c] = _float_to_bf16(scratch[c])
-                else:
-                    for c in range(num):
-                        out[c] = _float_to_half(scratch[c])
+                _narrow_row(scratch, dest[i], is_bf16)
+
+
+HALF_GROUP = 16  # fp16 / bf16 short rows widened at a time: 64 KiB of scratch at most
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _half_short_blocks(source, dest, target, scale, weight, eps, z, is_bf16, write, loss,
+                       bad_row, num_blocks):  # fmt: skip
+    """Short fp16 / bf16 rows (at most ``BLOCK`` classes, no softcap or statistics): each
+    of ``num_blocks`` blocks of consecutive rows widens up to ``HALF_GROUP`` rows at a time
+    into fp32 scratch, runs the fp32 short-row passes (:func:`_short_rows`) on them in
+    place, and narrows their gradient back. The general path's cost per row (a view per
+    row and block, the per-block partials) made a 64 x 256 bf16 call's kernel about
+    twice the fp32 one's."""
+    num_rows, num = source.shape
+    per_row_scale = scale.shape[0] > 1
+    num_blocks = max(num_blocks, 1)
+    rows_per_block = (num_rows + num_blocks - 1) // num_blocks
+    for block in prange(num_blocks):
+        _prefer_wide_vectors()  # the widening and narrowing loops
+        start = block * rows_per_block
+        end = min(start + rows_per_block, num_rows)
+        group = max(1, min(HALF_GROUP, end - start))
+        scratch = np.empty((group, num), dtype=np.float32)
+        group_bad = np.empty(1, dtype=np.int64)
+        for first in range(start, end, group):
+            stop = min(first + group, end)
+            count = stop - first
+            for k in range(count):
+                _widen_row(source[first + k], scratch[k], is_bf16)
+            rows_scale = scale[first:stop] if per_row_scale else scale[0:1]
+            group_bad[0] = -1
+            _short_rows(0, count, scratch, scratch, target[first:stop], rows_scale, weight,
+                        eps, z, write, loss[first:stop], group_bad)  # fmt: skip
+            if group_bad[0] >= 0:
+                bad_row[0] = first + group_bad[0]
+            if not write:
+                continue
+            for k in range(count):
+                _narrow_row(scratch[k], dest[first + k], is_bf16)
 
 
 # The eager host call (``xloss.ops.fused_cross_entropy.host_cross_entropy``): one numba
@@ -940,7 +995,7 @@ def host_rows_f32_parallel(source, dest, target, ignore_index, has_ignore, weigh
 
 @njit(inline="always", fastmath=FASTMATH)
 def _host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps, z, cap,
-                    fixed_scale, mean, is_bf16, write, loss, out):  # fmt: skip
+                    fixed_scale, mean, is_bf16, write, loss, out, num_blocks):  # fmt: skip
     """The body of :func:`host_rows_half` and its parallel twin (``_half_blocks`` runs
     its blocks in ``prange``: in parallel only in a parallel kernel)."""
     bad_row = np.empty(1, dtype=np.int64)
@@ -949,7 +1004,7 @@ def _host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps,
     if bad_row[0] >= 0:
         return bad_row[0]
     _half_blocks(source, dest, index, scale, weight, eps, z, cap, is_bf16, write, loss,
-                 bad_row, None, None)  # fmt: skip
+                 bad_row, None, None, num_blocks)  # fmt: skip
     _host_total(loss, scale, out)
     return bad_row[0]
 
@@ -959,7 +1014,7 @@ def host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps, 
                    fixed_scale, mean, is_bf16, write, loss, out):  # fmt: skip
     """:func:`host_rows_f32` on fp16 / bf16 rows as uint16 bits (``is_bf16``: bf16)."""
     return _host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps, z,
-                           cap, fixed_scale, mean, is_bf16, write, loss, out)  # fmt: skip
+                           cap, fixed_scale, mean, is_bf16, write, loss, out, 1)  # fmt: skip
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -967,7 +1022,8 @@ def host_rows_half_parallel(source, dest, target, ignore_index, has_ignore, weig
                             cap, fixed_scale, mean, is_bf16, write, loss, out):  # fmt: skip
     """:func:`host_rows_half` with the blocks shared out, as in :func:`rows_half`."""
     return _host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps, z,
-                           cap, fixed_scale, mean, is_bf16, write, loss, out)  # fmt: skip
+                           cap, fixed_scale, mean, is_bf16, write, loss, out,
+                           min(source.shape[0], 64))  # fmt: skip
 
 
 # Start-up. numba refreshes its whole CPU target before it loads anything from the disk
