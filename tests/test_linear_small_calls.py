@@ -176,10 +176,14 @@ def test_autocast_does_not_lower_the_gemm_on_any_path(dtype, monkeypatch, chunks
     """fp32 leaves under CPU autocast: every path (formed logits, the chunked Function,
     its torch-ops twin) computes in float32, as outside it (the formed-logits route once
     ran its GEMM in ``dtype``, so a call's numbers changed at the ``SMALL_HOST_LOGITS``
-    bound)."""
+    bound); with a class weight and label smoothing, whose weighted logit sum is a GEMM
+    of its own on the torch-ops paths. The backward runs outside autocast, as PyTorch
+    recommends (inside it, autocast lowers the GEMMs of torch's own backward)."""
     hidden, weight, bias, target = make_inputs(seed=4)
+    options = dict(class_weight=torch.linspace(0.5, 1.5, V), label_smoothing=0.3)
     wide = [t.double().requires_grad_() for t in (hidden, weight, bias)]
-    reference = F.cross_entropy(F.linear(*wide), target)
+    reference = F.cross_entropy(F.linear(*wide), target, weight=options["class_weight"].double(),
+                                label_smoothing=0.3)  # fmt: skip
     expected_grads = torch.autograd.grad(reference, wide)
     for path in ("formed", "chunked", "torch ops"):
         chunked = path != "formed"
@@ -188,7 +192,7 @@ def test_autocast_does_not_lower_the_gemm_on_any_path(dtype, monkeypatch, chunks
             monkeypatch.setenv("XLOSS_BACKEND", "torch")
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
         with torch.autocast("cpu", dtype=dtype):
-            loss = xloss.linear_cross_entropy(leaves[0], leaves[1], target, leaves[2])
+            loss = xloss.linear_cross_entropy(leaves[0], leaves[1], target, leaves[2], **options)
         grads = torch.autograd.grad(loss, leaves)
         assert loss.dtype == torch.float32
         torch.testing.assert_close(loss.double(), reference.detach(), rtol=1e-5, atol=1e-6)
@@ -221,3 +225,34 @@ def test_small_calls_under_jit_trace_and_inference_mode(chunks_run):
         got = xloss.linear_cross_entropy(other_hidden, weight, other_target)
     assert len(chunks_run) == calls  # formed logits
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_half_inputs_under_autocast_of_the_other_half_dtype():
+    """fp16 leaves under bf16 autocast: a float32 loss and gradients in fp16, as torch's
+    F.linear + F.cross_entropy (torch.stack in the autograd anchor once refused the mix:
+    "Unexpected floating ScalarType in at::autocast::prioritize")."""
+    hidden, weight, bias, target = make_inputs(seed=6, dtype=torch.float16)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = xloss.linear_cross_entropy(*leaves[:2], target, leaves[2])
+    grads = torch.autograd.grad(loss, leaves)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float16 for g in grads)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    reference = F.cross_entropy(F.linear(*wide), target)
+    torch.testing.assert_close(loss.double(), reference.detach(), rtol=2e-3, atol=2e-3)
+    for got, want in zip(grads, torch.autograd.grad(reference, wide), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_meta_tensors_create_nothing_elsewhere(backend, monkeypatch):
+    """On the meta device (no autocast there: the autocast guard must not ask about it)."""
+    if backend is None:
+        monkeypatch.delenv("XLOSS_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("XLOSS_BACKEND", backend)
+    hidden, weight = torch.empty(5, 4, device="meta"), torch.empty(V, 4, device="meta")
+    target = torch.empty(5, dtype=torch.long, device="meta")
+    options = dict(class_weight=torch.empty(V, device="meta"), label_smoothing=0.1)
+    out = xloss.linear_cross_entropy(hidden, weight, target, validate_args=False, **options)
+    assert out.device.type == "meta"

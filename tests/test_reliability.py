@@ -591,6 +591,27 @@ def test_autocast_returns_a_float32_loss_like_torch(dtype):
     assert xloss.cross_entropy(x, target).dtype == dtype  # outside autocast: the input's
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_autocast_keeps_float32_logits_in_float32(backend, monkeypatch):
+    """Cross-entropy is on autocast's float32 list: fp32 logits under bf16 autocast give
+    F.cross_entropy's float32 numbers on every backend (the torch-ops path's weighted
+    logit sum, a GEMM, ran in bf16: 9e-5 off the float64 loss, not 1e-6)."""
+    monkeypatch.setenv("XLOSS_BACKEND", backend)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 200, generator=g).requires_grad_()
+    target = torch.randint(0, 200, (64,), generator=g)
+    weight = torch.rand(200, generator=g) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = xloss.cross_entropy(x, target, weight, label_smoothing=0.5)
+    (grad,) = torch.autograd.grad(loss, x)
+    wide = x.detach().double().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(wide, target, weight.double(),
+                                                  label_smoothing=0.5)  # fmt: skip
+    torch.testing.assert_close(loss.double(), reference.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), torch.autograd.grad(reference, wide)[0],
+                               rtol=1e-4, atol=1e-7)  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
 @pytest.mark.parametrize("num_classes", [10, 3000])  # one block / several blocks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -206,9 +206,9 @@ def autocast_off(device_type: str):
     """A context in which autocast does not lower the linear layer's GEMMs (a no-op where
     it is not enabled): linear_cross_entropy computes in the inputs' dtype on every path,
     as its chunks do, so a call's numbers do not depend on which path it takes."""
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    return contextlib.nullcontext()  # and on devices without autocast ("meta")
 
 
 def check_index_target_range(

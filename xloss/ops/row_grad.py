@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from xloss._core.validation import autocast_off
+
 # CPU: ~4 MiB of fp32 per sub-chunk, large enough to amortise op overhead, small enough
 # for cache. Accelerators: kernel launches dominate small blocks, so take ~64 MiB at once.
 SUB_CHUNK_ELEMENTS = 1 << 20
@@ -114,7 +116,8 @@ def _rows_inplace(
     target_logit = x.gather(1, index).squeeze(1)  # r
     logit_sum = None
     if label_smoothing > 0.0:
-        logit_sum = x.sum(1) if weight is None else x @ weight  # r
+        with autocast_off(x.device.type):  # cross-entropy is on autocast's float32 list
+            logit_sum = x.sum(1) if weight is None else x @ weight  # r
     row_max = x.amax(1)  # r
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # all -inf rows stay nan-free
     x.sub_(row_max.unsqueeze(1)).exp_()  # exp(x - max)

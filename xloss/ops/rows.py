@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from xloss._core.validation import autocast_off
+
 
 def apply_softcap(logits: Tensor, softcap: float | None) -> Tensor:
     """``cap * tanh(x / cap)`` (Gemma 2 logit soft-capping); identity for None."""
@@ -59,7 +61,9 @@ def cross_entropy_rows(
         if class_weight is None:
             smooth = num_classes * row_logsumexp - x.sum(-1)
         else:
-            smooth = class_weight.sum() * row_logsumexp - x @ class_weight
+            with autocast_off(x.device.type):  # on autocast's float32 list, as the loss
+                weighted_sum = x @ class_weight
+            smooth = class_weight.sum() * row_logsumexp - weighted_sum
         loss = loss + (label_smoothing / num_classes) * smooth
     if z_loss > 0.0:
         loss = loss + z_loss * row_logsumexp.square()

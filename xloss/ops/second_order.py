@@ -17,6 +17,8 @@ the loss in place, e.g. ``loss /= accumulation_steps``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -56,7 +58,9 @@ def grad_anchor(*tensors: Tensor | None) -> Tensor | None:
     parts = [t.reshape(-1)[:0].sum() for t in tensors if t is not None and t.requires_grad]
     if not parts:
         return None
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    # a sum of adds, not torch.stack: under autocast stack refuses to promote fp16 with
+    # bf16 ("Unexpected floating ScalarType in at::autocast::prioritize")
+    return functools.reduce(torch.add, parts)
 
 
 def first_order_only(grad: Tensor | None, anchor: Tensor, what: str) -> Tensor | None:
