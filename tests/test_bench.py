@@ -212,6 +212,40 @@ def test_rounds_alternate_the_variants_and_pair_their_ratios(monkeypatch, tmp_pa
     assert second["speedup_range"] == pytest.approx([2.0, 2.4])
     text = capsys.readouterr().out
     assert "2.20x (2.00-2.40)" in text and "800-1200" in text  # a's round medians
+    assert "(1 of 3 rounds failed)" in text
+
+
+def test_rounds_ratios_come_from_rounds_that_both_variants_finished():
+    """A variant's ratio over rounds pairs each round's processes: with one such round its
+    ratio alone, with none no ratio at all (not medians of processes minutes apart); a
+    variant that failed every round keeps its count."""
+    from xloss.bench import merge_rounds
+
+    table = load_tables()["training_step"]
+    case = dict(v=256)
+
+    def run(variant, seconds):
+        if seconds is None:
+            return dict(variant=variant, case=case, seconds=None, error="boom")
+        return dict(variant=variant, case=case, seconds=seconds, all_seconds=[seconds],
+                    peak_extra_bytes=2**20)  # fmt: skip
+
+    def derived(first_rounds, second_rounds):
+        first = merge_rounds([run("torch", t) for t in first_rounds])
+        second = merge_rounds([run("xloss", t) for t in second_rounds])
+        return add_derived(second, table, None, add_derived(first, table, None, first))
+
+    one_pair = derived([None, 1.0, 3.0], [0.5, 0.5, None])
+    assert one_pair["speedup_vs_first"] == pytest.approx(2.0)  # round 2 only, not 3.0 / 0.5
+    assert one_pair["speedup_range"] == pytest.approx([2.0, 2.0])
+    no_pair = derived([None, None, 1.0], [0.5, 0.6, None])
+    assert "speedup_vs_first" not in no_pair and no_pair["seconds"] == 0.5
+    all_failed = merge_rounds([run("xloss", None)] * 3)
+    assert all_failed["failed_rounds"] == 3 and all_failed["round_seconds"] == [None] * 3
+    even = merge_rounds([run("xloss", 1.0), run("xloss", 2.0)])
+    assert even["seconds"] == 1.0  # the lower middle round, every figure from one process
+    text = format_table(table, [add_derived(all_failed, table, None, None)], None)
+    assert "failed: boom  (3 of 3 rounds failed)" in text
 
 
 def test_rounds_are_refused_on_cuda():

@@ -46,20 +46,17 @@ def run_case(table: str, variant: str, case: dict, repeats: int, warmup: int) ->
 
 def merge_rounds(rounds: list[dict]) -> dict:
     """One (case, variant)'s result over its rounds (fresh processes taking turns with
-    the other variants): the median of the round medians as ``seconds``, the round
+    the other variants): the median round (the lower middle one for an even count, so
+    that every figure comes from one process) with its median as ``seconds``, the round
     medians as ``round_seconds`` (None for a failed round), every timed step in
-    ``all_seconds``, the median peak memory; the rest from the median (or lower median)
-    round."""
+    ``all_seconds``, the median peak memory, and ``failed_rounds``."""
     done = sorted((r for r in rounds if r.get("seconds") is not None), key=lambda r: r["seconds"])
-    if not done:
-        return rounds[-1]
-    result = dict(done[(len(done) - 1) // 2])
-    result["seconds"] = statistics.median(r["seconds"] for r in done)
+    result = dict(done[(len(done) - 1) // 2] if done else rounds[-1])
     result["round_seconds"] = [r.get("seconds") for r in rounds]
-    result["all_seconds"] = [t for r in done for t in r.get("all_seconds") or [r["seconds"]]]
-    result["peak_extra_bytes"] = statistics.median(r["peak_extra_bytes"] for r in done)
-    if len(done) < len(rounds):
-        result["failed_rounds"] = len(rounds) - len(done)
+    result["failed_rounds"] = len(rounds) - len(done)
+    if done:
+        result["all_seconds"] = [t for r in done for t in r.get("all_seconds") or [r["seconds"]]]
+        result["peak_extra_bytes"] = statistics.median_low(r["peak_extra_bytes"] for r in done)
     return result
 
 
@@ -75,13 +72,14 @@ def add_derived(result: dict, table, triad: float | None, baseline: dict | None)
     if result.get("copy_seconds"):
         result["copy_floor_share"] = result["copy_seconds"] / seconds
     result["peak_extra_x_input"] = result["peak_extra_bytes"] / table.input_bytes(result["case"])
-    if baseline is not None and baseline.get("seconds"):
-        result["speedup_vs_first"] = baseline["seconds"] / seconds
-        rounds = baseline.get("round_seconds") or (), result.get("round_seconds") or ()
+    rounds = (baseline or {}).get("round_seconds") or (), result.get("round_seconds") or ()
+    if len(rounds[1]) > 1:  # each round's ratio, the variants' processes side by side
         ratios = [a / b for a, b in zip(*rounds, strict=True) if a and b]
-        if len(ratios) > 1:  # each round's ratio, the variants' processes side by side
+        if ratios:  # else no round has both: no ratio across processes minutes apart
             result["speedup_vs_first"] = statistics.median(ratios)
             result["speedup_range"] = [min(ratios), max(ratios)]
+    elif baseline is not None and baseline.get("seconds"):
+        result["speedup_vs_first"] = baseline["seconds"] / seconds
     return result
 
 
@@ -90,7 +88,7 @@ def format_table(table, results: list[dict], triad: float | None) -> str:
     the bandwidth columns (tables with ``bandwidth``), the copy floor (tables with
     ``copy_floor_bytes``) and the peak extra memory."""
     first = next(iter(table.variants))
-    ratio_width = 20 if any("speedup_range" in r for r in results) else 15
+    ratio_width = 22 if any("speedup_range" in r for r in results) else 15
     columns = [
         ("time ms", 9, lambda r: f"{1e3 * r['seconds']:.1f}"),
         ("range ms", 15, lambda r: "{:.0f}-{:.0f}".format(*(1e3 * t for t in _span(r)))),
@@ -122,10 +120,13 @@ def format_table(table, results: list[dict], triad: float | None) -> str:
     lines = [title, header, "-" * len(header)]
     for result in results:
         start = f"{table.label(result['case']):<{width}} {result['variant']:<{variant_width}}"
+        failed, rounds = result.get("failed_rounds"), len(result.get("round_seconds") or ())
+        note = f"  ({failed} of {rounds} rounds failed)" if failed and rounds > 1 else ""
         if result.get("seconds") is None:
-            lines.append(f"{start} failed: {result.get('error')}")
+            lines.append(f"{start} failed: {result.get('error')}{note}")
             continue
-        lines.append(start + "".join(f" {cell(result):>{size}}" for _, size, cell in columns))
+        cells = "".join(f" {cell(result):>{size}}" for _, size, cell in columns)
+        lines.append(start + cells + note)
     return "\n".join(lines)
 
 
