@@ -126,7 +126,7 @@ def test_small_call_with_sequences(monkeypatch, chunks_run):
 )
 def test_other_calls_keep_the_chunked_function(case, chunks_run, monkeypatch):
     dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(case, torch.float32)
-    rows = 2**18 // V + 1 if case == "large" else N
+    rows = 2**19 // V + 1 if case == "large" else N
     hidden, weight, bias, target = make_inputs(dtype=dtype, rows=rows)
     options = {"chunk_size": {"chunk_size": 8}, "accum_dtype": {"accum_dtype": torch.float64}}
     if case == "compiling":  # what torch.compile's trace sees (eager_mode() is False)
@@ -135,15 +135,22 @@ def test_other_calls_keep_the_chunked_function(case, chunks_run, monkeypatch):
     assert len(chunks_run) >= 1
 
 
-def test_small_call_bound_is_inclusive(chunks_run):
+def test_small_call_bounds_are_inclusive(chunks_run):
+    """Up to SMALL_HOST_LOGITS logits; up to twice that while N x V x H stays within
+    SMALL_HOST_WORK."""
+
+    def call(rows, hidden_size):
+        hidden = torch.randn(rows, hidden_size)
+        weight = torch.randn(256, hidden_size) / hidden_size**0.5
+        xloss.linear_cross_entropy(hidden, weight, torch.randint(0, 256, (rows,)))
+        return len(chunks_run)
+
     rows = linear_functional.SMALL_HOST_LOGITS // 256
-    hidden = torch.randn(rows, 8)
-    weight = torch.randn(256, 8) / 8
-    target = torch.randint(0, 256, (rows,))
-    xloss.linear_cross_entropy(hidden, weight, target)
-    assert chunks_run == []
-    xloss.linear_cross_entropy(torch.randn(rows + 1, 8), weight, torch.randint(0, 256, (rows + 1,)))
-    assert len(chunks_run) == 1
+    cheap = linear_functional.SMALL_HOST_WORK // (2 * rows * 256)  # H at the work bound
+    assert call(rows, cheap + 1) == 0  # at the logits bound: any H
+    assert call(2 * rows, cheap) == 0  # twice the logits, cheap GEMMs
+    assert call(2 * rows, cheap + 1) == 1
+    assert call(2 * rows + 1, 8) == 2
 
 
 def test_small_call_edges():

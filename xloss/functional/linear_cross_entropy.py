@@ -113,25 +113,32 @@ def _check_linear_tensors(input: Tensor, weight: Tensor, target: Tensor, bias) -
 
 # At most this many logits (1 MiB in fp32), an eager fp32 CPU call with the default
 # chunking and accumulation forms its logits (``F.linear``) and takes
-# ``xloss.cross_entropy``, whose gradient backpropagates through torch's own GEMMs. The
+# ``xloss.cross_entropy``, whose gradient backpropagates through torch's own GEMMs; up to
+# twice as many when the GEMMs are cheap (N x V x H at most ``SMALL_HOST_WORK``). The
 # logits then fit in one chunk anyway (which the chunked path holds during the call
 # too), and the chunked path's fixed costs (the gather of kept rows and its scatter back,
 # the autograd Function, the gradient anchor: about 1 ms here) outweigh the GEMM rows it
-# saves. Forward + backward, medians of 3 alternated rounds (chunked / formed logits),
-# with the N x H x V of ``(N, H) @ (V, H).T``: 256 x 256 x 256 2.02x, 1024 x 256 x 256
-# 1.38x; 4096 x 256 x 256 1.27x and 1024 x 256 x 1024 1.14x (2**20 logits), but
-# 4096 x 256 x 1024 (2**22) 0.81x. The formed logits' gradient is held until backward,
-# so the bound stays at 1 MiB, where no memory saving is worth a slower call. In a
-# V = 256 training step (1024 x 256 logits) the chunked path made the output layer with
-# the loss 0.85x as fast as torch's.
+# saves. Forward + backward, chunked over formed logits, with the N x H x V of
+# ``(N, H) @ (V, H).T``: 256 x 256 x 256 2.02x, 1024 x 256 x 256 1.38x (3 alternated
+# rounds, before the in-place fix of the short-row kernel that the chunks use); after it,
+# medians of 3 runs of 5 alternated rounds: 2**18 logits 1024 x 2048 x 256 1.03-1.04x,
+# 256 x 4096 x 1024 0.99-1.00x; 2**19 logits with cheap GEMMs 5400 x 64 x 97 1.25-1.51x,
+# 4096 x 128 x 128 1.19-1.21x, 2048 x 256 x 256 1.06-1.09x, 512 x 256 x 1024
+# 0.91-1.06x, with costly ones 1024 x 1024 x 512 0.96-1.01x, 512 x 2048 x 1024 0.94x;
+# 2**20 logits 4096 x 256 x 256 0.99x, 1024 x 256 x 1024 0.96x. The formed logits'
+# gradient is held until backward, so the bound stays at 1-2 MiB, where no memory saving
+# is worth a slower call. In a V = 256 training step (1024 x 256 logits) the chunked path
+# made the output layer with the loss 0.85x as fast as torch's; the demo's loss step
+# (3072 x 64 x 97) took 1.40-1.52x as long chunked.
 SMALL_HOST_LOGITS = 2**18
+SMALL_HOST_WORK = 2**28
 
 
 def _small_host_call(input, weight, bias, chunk_size, accum_dtype) -> bool:
     """The call forms its logits (see ``SMALL_HOST_LOGITS``): eager mode, fp32 CPU
     tensors, no ``chunk_size`` or ``accum_dtype`` other than float32, at most
-    ``SMALL_HOST_LOGITS`` logits."""
-    return (
+    ``SMALL_HOST_LOGITS`` logits, or twice that with cheap GEMMs."""
+    if not (
         chunk_size is None
         and accum_dtype in (None, torch.float32)
         and input.dtype == torch.float32
@@ -139,9 +146,11 @@ def _small_host_call(input, weight, bias, chunk_size, accum_dtype) -> bool:
         and (bias is None or bias.dtype == torch.float32)
         and input.device.type == "cpu"
         and weight.device.type == "cpu"
-        and math.prod(input.shape[:-1]) * weight.shape[0] <= SMALL_HOST_LOGITS
-        and eager_mode()
-    )
+    ):
+        return False
+    logits = math.prod(input.shape[:-1]) * weight.shape[0]
+    cheap = logits <= 2 * SMALL_HOST_LOGITS and logits * weight.shape[1] <= SMALL_HOST_WORK
+    return (logits <= SMALL_HOST_LOGITS or cheap) and eager_mode()
 
 
 def linear_cross_entropy(
@@ -194,21 +203,22 @@ def linear_cross_entropy(
     recomputes each chunk's logits with ``grad_output`` folded in, so per-token weights
     applied to the returned loss get exact gradients.
 
-    Memory (calls of more than 2**18 logits; smaller fp32 CPU calls with the default
-    ``chunk_size`` and ``accum_dtype`` form their logits and take
-    :func:`xloss.cross_entropy`, which is faster there and holds their 1 MiB or less of
-    gradient until backward): one chunk of logits (``chunk_size x V`` in the compute
-    dtype; by default at most 2048 rows and the size of the weight gradient, at least
-    48 MiB), the gradients, when some rows are dropped a copy of the kept rows of
-    ``input``, and for fp16 a fp32 copy of ``weight``. fp16 inputs are computed in
-    fp32 (GEMMs included) and the loss is returned in the input's dtype. On CPU the numba
-    row kernel is used when available; with it, bf16 GEMMs and chunks stay in bf16 (bf16
-    GEMMs ran 2.5x faster than fp32 ones on avx512_bf16 here), the kernel computes each
-    row in fp32 and ``grad_weight`` accumulates in fp32. On GPUs with Triton
-    (``xloss.backends``) the GEMMs and the chunk of logits stay in the input dtype (bf16
-    tensor-core GEMMs, no fp32 copies), the Triton row kernel computes in fp32, and with
-    ``validate_args=False`` nothing synchronises with the host. Under
-    ``torch.compile`` the call is a graph break and runs eagerly. ``torch.autocast``
+    Memory of the chunked calls (more than 2**19 logits, or more than 2**18 when
+    N x V x H exceeds 2**28; smaller fp32 CPU calls with the default ``chunk_size`` and
+    ``accum_dtype`` form their logits and take :func:`xloss.cross_entropy`, which is
+    faster there and holds their 2 MiB or less of gradient until backward): one chunk of
+    logits (``chunk_size x V`` in the compute dtype; by default at most 2048 rows and the
+    size of the weight gradient, at least 48 MiB), the gradients, when some rows are
+    dropped a copy of the kept rows of ``input``, and for fp16 a fp32 copy of
+    ``weight``. fp16 inputs are computed in fp32 (GEMMs included) and the loss is
+    returned in the input's dtype. On CPU the numba row kernel is used when available;
+    with it, bf16 GEMMs and chunks stay in bf16 (bf16 GEMMs ran 2.5x faster than fp32
+    ones on avx512_bf16 here), the kernel computes each row in fp32 and ``grad_weight``
+    accumulates in fp32. On GPUs with Triton (``xloss.backends``) the GEMMs and the
+    chunk of logits stay in the input dtype (bf16 tensor-core GEMMs, no fp32 copies),
+    the Triton row kernel computes in fp32, and with ``validate_args=False`` nothing
+    synchronises with the host. Under ``torch.compile`` the call is a graph break and
+    runs eagerly. ``torch.autocast``
     does not lower the GEMMs (cast ``input`` and ``weight`` for bf16 GEMMs); it returns
     the loss in float32 for fp16/bf16 inputs, as ``F.cross_entropy``. Call backward
     outside the autocast block, as PyTorch recommends: inside it, autocast lowers the
