@@ -655,9 +655,10 @@ def test_eager_host_calls_match_the_custom_op_path(options):
 
 
 def test_host_path_serves_plain_rows_and_nothing_else(monkeypatch):
-    """Plain (N, C) fp32, fp16 and bf16 calls take host_cross_entropy; anything it does
-    not handle (a mask, 3-D input, int32 targets, float64, a learnable weight, ...) takes
-    the general path and still gives the reference's number."""
+    """Plain (N, C) fp32, fp16 and bf16 calls, (..., C) input with the class axis last
+    and a bool mask (folded into the targets as ignore_index) take host_cross_entropy;
+    anything it does not handle (a mask without an ignore_index, int32 targets, float64,
+    a learnable weight, ...) takes the general path; all give the reference's number."""
     from xloss.ops import fused_cross_entropy
 
     served = []
@@ -676,7 +677,12 @@ def test_host_path_serves_plain_rows_and_nothing_else(monkeypatch):
         "weight": (x, target, dict(weight=weight)),
         "normalizer": (x, target, dict(normalizer=4.0, reduction="sum")),
         "mask": (x, target, dict(mask=target != 1)),
+        "mask, no ignore_index": (x, target.clamp(min=0), dict(mask=target != 1,
+                                                               ignore_index=None)),
         "3-D": (x.reshape(2, 3, 11), target.reshape(2, 3), dict(class_dim=-1)),
+        "3-D mask none": (x.reshape(2, 3, 11), target.reshape(2, 3),
+                          dict(class_dim=-1, mask=(target != 1).reshape(2, 3), reduction="none")),
+        "3-D class_dim=1": (x.reshape(2, 11, 3), target.reshape(2, 3), {}),
         "int32": (x, target.int(), {}),
         "fp16": (x.half(), target, {}),
         "bf16": (x.bfloat16(), target, {}),
@@ -689,10 +695,13 @@ def test_host_path_serves_plain_rows_and_nothing_else(monkeypatch):
     for name, (logits, labels, options) in calls.items():
         served.clear()
         out = xloss.cross_entropy(logits, labels, **options)
-        host_calls = ("plain", "class_dim=-1", "weight", "normalizer", "fp16", "bf16")
+        host_calls = ("plain", "class_dim=-1", "weight", "normalizer", "fp16", "bf16", "mask",
+                      "3-D", "3-D mask none")  # fmt: skip
         assert served == ([True] if name in host_calls else []), name
         assert out.dtype == logits.dtype, name
         rows = logits.reshape(-1, 11).double() if name != "strided" else logits.double()
+        if name == "3-D class_dim=1":
+            rows = logits.transpose(1, 2).reshape(-1, 11).double()
         want = F.cross_entropy(
             rows, labels.reshape(-1).long(), reduction=options.get("reduction", "mean")
             if options.get("reduction") != "sample" else "none",
@@ -700,9 +709,15 @@ def test_host_path_serves_plain_rows_and_nothing_else(monkeypatch):
         )  # fmt: skip
         if name in ("normalizer", "tensor normalizer"):
             want = F.cross_entropy(rows, labels.long(), reduction="sum") / 4.0
-        if name == "mask":
-            keep = (labels != 1) & (labels != -100)
+        if name.startswith("mask"):
+            keep = (target != 1) & (labels != -100)
             want = F.cross_entropy(rows[keep], labels[keep])
+        if name == "3-D mask none":
+            flat = labels.reshape(-1)
+            keep = (flat != 1) & (flat != -100)
+            want = torch.zeros(6, dtype=torch.float64)
+            want[keep] = F.cross_entropy(rows[keep], flat[keep], reduction="none")
+            want = want.reshape(2, 3)
         # "sample" on (N, C): one position per sample, so each sample's mean is its row
         tolerance = {"fp16": dict(atol=2e-3, rtol=2e-3), "bf16": dict(atol=2e-2, rtol=2e-2)}.get(
             name, dict(atol=1e-5, rtol=1e-5)

@@ -22,6 +22,7 @@ from xloss._core.validation import (
     check_reduction,
     check_tensor,
     check_unit_interval,
+    eager_mode,
 )
 from xloss.ops.fused_cross_entropy import (
     fused_cross_entropy,
@@ -106,6 +107,41 @@ def _checked_settings(ignore_index, reduction, label_smoothing, z_loss, softcap,
             _checked.clear()
         _checked[key] = found
     return found
+
+
+def _host_operands(input, target, class_dim, mask, call) -> tuple[Tensor, Tensor] | None:
+    """The (N, C) logits and (N,) targets of a host call for a contiguous (..., C) input
+    with its class axis last (flattened: a view) and a bool ``mask`` of the target's
+    shape, folded into the targets as ``ignore_index`` (dropped alike: their loss is 0,
+    they count in no mean and their targets are not checked). None where that does not
+    apply: the general path then serves and validates the call. With a mask,
+    ``xloss.cross_entropy`` on (3072, 97) logits took 0.87 ms on the general path against
+    0.36 ms for the same rows dropped by ``ignore_index`` (forward + backward)."""
+    if not (
+        type(input) is Tensor
+        and type(target) is Tensor
+        and target.dtype == torch.int64  # as the host call takes, ignore_index fits
+        and type(class_dim) is int
+        and input.dim() >= 2
+        and class_dim in (-1, input.dim() - 1)
+        and input.shape[-1] > 0
+        and target.shape == input.shape[:-1]
+        and input.is_contiguous()
+        and eager_mode()
+    ):
+        return None
+    logits, rows = input.view(-1, input.shape[-1]), target.reshape(-1)
+    if mask is not None:
+        if not (
+            call.has_ignore
+            and type(mask) is Tensor
+            and mask.dtype == torch.bool
+            and mask.shape == target.shape
+            and mask.is_cpu
+        ):
+            return None
+        rows = torch.where(mask.reshape(-1), rows, call.ignore_index)
+    return logits, rows
 
 
 class CrossEntropyStats(NamedTuple):
@@ -281,14 +317,17 @@ def cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer, validate_args,
         inplace_backward, return_stats,
     )  # fmt: skip
-    if (
-        call is not None
-        and mask is None
-        and lengths is None
-        and host_call_applies(input, target, weight, class_dim)
-    ):  # the common eager CPU call: one kernel call on numpy views (see host_cross_entropy)
-        loss = host_cross_entropy(input, target, weight, call)
-        return loss if input.dtype == torch.float32 else loss.to(loss_dtype(input))
+    if call is not None and lengths is None:
+        # the common eager CPU call: one kernel call on numpy views (see host_cross_entropy)
+        if mask is None and host_call_applies(input, target, weight, class_dim):
+            loss = host_cross_entropy(input, target, weight, call)
+            return loss if input.dtype == torch.float32 else loss.to(loss_dtype(input))
+        operands = _host_operands(input, target, class_dim, mask, call)
+        if operands is not None and host_call_applies(*operands, weight, -1):
+            loss = host_cross_entropy(*operands, weight, call)
+            if call.per_row:
+                loss = loss.view(target.shape)
+            return loss if input.dtype == torch.float32 else loss.to(loss_dtype(input))
     check_floating_input(input)
     if inplace_backward:
         check_inplace_allowed(input)
