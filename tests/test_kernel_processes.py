@@ -236,21 +236,28 @@ def test_unwritable_cache_compiles_without_it(tmp_path):
 
 
 def test_release_buffers_is_public_and_frees_the_pooled_buffer():
-    """(B, T, C) logits take the general path, whose gradient goes to the pooled buffer;
-    a small plain (N, C) call's gradient is a fresh tensor (see _host_call) and leaves
-    the pool alone."""
+    """(B, C, T) logits (class_dim 1) take the general path, whose gradient goes to the
+    pooled buffer; a small call on the host path ((N, C), or (B, T, C) flattened) gets a
+    fresh gradient (see _host_call) and leaves the pool alone."""
     xloss.release_buffers()
     x = torch.randn(64, 100, requires_grad=True)
     y = torch.randint(0, 100, (64,))
     xloss.cross_entropy(x, y).backward()
-    assert kernel._buffer_pool == []
     xloss.cross_entropy(x.reshape(8, 8, 100), y.reshape(8, 8), class_dim=-1).backward()
+    assert kernel._buffer_pool == []
+    x.grad = None
+
+    def by_class_dim_1():  # (8, 100, 8) with the classes on axis 1
+        logits = x.reshape(8, 8, 100).transpose(1, 2)
+        return xloss.cross_entropy(logits, y.reshape(8, 8))
+
+    by_class_dim_1().backward()
     assert kernel._buffer_pool and kernel._buffer_pool[0].nbytes == 64 * 100 * 4
     xloss.release_buffers()
     assert kernel._buffer_pool == []
     # still correct after a release: a fresh buffer is taken
     x.grad = None
-    xloss.cross_entropy(x.reshape(8, 8, 100), y.reshape(8, 8), class_dim=-1).backward()
+    by_class_dim_1().backward()
     probs = torch.softmax(x.detach().double(), 1)
     expected = (probs - torch.nn.functional.one_hot(y, 100)) / 64
     torch.testing.assert_close(x.grad.double(), expected, rtol=1e-4, atol=1e-7)
