@@ -203,9 +203,10 @@ def eager_mode() -> bool:
 
 
 def autocast_off(device_type: str):
-    """A context in which autocast does not lower the linear layer's GEMMs (a no-op where
-    it is not enabled): linear_cross_entropy computes in the inputs' dtype on every path,
-    as its chunks do, so a call's numbers do not depend on which path it takes."""
+    """A context in which autocast does not lower a loss's GEMMs (a no-op where it is not
+    enabled): linear_cross_entropy's on every path, as its chunks do, so a call's numbers
+    do not depend on which path it takes; the weighted logit sum of the torch-ops rows,
+    as cross-entropy is on autocast's float32 list."""
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()  # and on devices without autocast ("meta")

@@ -22,7 +22,6 @@ from xloss._core.validation import (
     check_reduction,
     check_tensor,
     check_unit_interval,
-    eager_mode,
 )
 from xloss.ops.fused_cross_entropy import (
     fused_cross_entropy,
@@ -109,7 +108,7 @@ def _checked_settings(ignore_index, reduction, label_smoothing, z_loss, softcap,
     return found
 
 
-def _host_operands(input, target, class_dim, mask, call) -> tuple[Tensor, Tensor] | None:
+def _host_operands(input, target, weight, class_dim, mask, call) -> tuple[Tensor, Tensor] | None:
     """The (N, C) logits and (N,) targets of a host call for a contiguous (..., C) input
     with its class axis last (flattened: a view) and a bool ``mask`` of the target's
     shape, folded into the targets as ``ignore_index`` (dropped alike: their loss is 0,
@@ -120,17 +119,17 @@ def _host_operands(input, target, class_dim, mask, call) -> tuple[Tensor, Tensor
     if not (
         type(input) is Tensor
         and type(target) is Tensor
-        and target.dtype == torch.int64  # as the host call takes, ignore_index fits
         and type(class_dim) is int
         and input.dim() >= 2
         and class_dim in (-1, input.dim() - 1)
         and input.shape[-1] > 0
         and target.shape == input.shape[:-1]
         and input.is_contiguous()
-        and eager_mode()
     ):
         return None
     logits, rows = input.view(-1, input.shape[-1]), target.reshape(-1)
+    if not host_call_applies(logits, rows, weight, -1):  # int64 targets: ignore_index fits
+        return None
     if mask is not None:
         if not (
             call.has_ignore
@@ -320,12 +319,12 @@ def cross_entropy(
     if call is not None and lengths is None:
         # the common eager CPU call: one kernel call on numpy views (see host_cross_entropy)
         if mask is None and host_call_applies(input, target, weight, class_dim):
-            loss = host_cross_entropy(input, target, weight, call)
-            return loss if input.dtype == torch.float32 else loss.to(loss_dtype(input))
-        operands = _host_operands(input, target, class_dim, mask, call)
-        if operands is not None and host_call_applies(*operands, weight, -1):
+            operands = input, target
+        else:
+            operands = _host_operands(input, target, weight, class_dim, mask, call)
+        if operands is not None:
             loss = host_cross_entropy(*operands, weight, call)
-            if call.per_row:
+            if call.per_row and target.dim() != 1:
                 loss = loss.view(target.shape)
             return loss if input.dtype == torch.float32 else loss.to(loss_dtype(input))
     check_floating_input(input)

@@ -218,11 +218,11 @@ def linear_cross_entropy(
     chunk of logits stay in the input dtype (bf16 tensor-core GEMMs, no fp32 copies),
     the Triton row kernel computes in fp32, and with ``validate_args=False`` nothing
     synchronises with the host. Under ``torch.compile`` the call is a graph break and
-    runs eagerly. ``torch.autocast``
-    does not lower the GEMMs (cast ``input`` and ``weight`` for bf16 GEMMs); it returns
-    the loss in float32 for fp16/bf16 inputs, as ``F.cross_entropy``. Call backward
-    outside the autocast block, as PyTorch recommends: inside it, autocast lowers the
-    GEMMs of torch's own backward on the calls that form their logits.
+    runs eagerly. ``torch.autocast`` does not lower the GEMMs (cast ``input`` and
+    ``weight`` for bf16 GEMMs); it returns the loss in float32 for fp16/bf16 inputs, as
+    ``F.cross_entropy``. Call backward outside the autocast block, as PyTorch
+    recommends: inside it, autocast lowers the GEMMs of torch's own backward on the
+    calls that form their logits.
 
     Args:
         input: hidden states, floating point, (..., H): any number of leading axes.

@@ -785,13 +785,16 @@ def _narrow_row(row, bits, is_bf16):
             bits[c] = _float_to_half(row[c])
 
 
+HALF_BLOCKS = 64  # the parallel fp16 / bf16 kernels share the rows out in this many blocks
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def rows_half(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
               bad_row, stats=None, predicted=None):  # fmt: skip
     """fp16 / bf16 rows as uint16 bits; the gradient goes to ``dest`` (may be ``source``).
     Targets >= C as in :func:`rows_f32`."""
     _half_blocks(source, dest, target, scale, weight, eps, z, cap, is_bf16, write, loss,
-                 bad_row, stats, predicted, min(source.shape[0], 64))  # fmt: skip
+                 bad_row, stats, predicted, min(source.shape[0], HALF_BLOCKS))  # fmt: skip
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -848,19 +851,17 @@ HALF_GROUP = 16  # fp16 / bf16 short rows widened at a time: 64 KiB of scratch a
 def _half_short_blocks(source, dest, target, scale, weight, eps, z, is_bf16, write, loss,
                        bad_row, num_blocks):  # fmt: skip
     """Short fp16 / bf16 rows (at most ``BLOCK`` classes, no softcap or statistics): each
-    of ``num_blocks`` blocks of consecutive rows widens up to ``HALF_GROUP`` rows at a time
-    into fp32 scratch, runs the fp32 short-row passes (:func:`_short_rows`) on them in
-    place, and narrows their gradient back. The general path's cost per row (a view per
-    row and block, the per-block partials) made a 64 x 256 bf16 call's kernel about
-    twice the fp32 one's."""
+    of ``num_blocks`` runs of consecutive rows (as in :func:`rows_f32`) widens up to
+    ``HALF_GROUP`` rows at a time into fp32 scratch, runs the fp32 short-row passes
+    (:func:`_short_rows`) on them in place, and narrows their gradient back. The general
+    path's cost per row (a view per row and block, the per-block partials) made a
+    64 x 256 bf16 call's kernel about twice the fp32 one's."""
     num_rows, num = source.shape
     per_row_scale = scale.shape[0] > 1
-    num_blocks = max(num_blocks, 1)
-    rows_per_block = (num_rows + num_blocks - 1) // num_blocks
     for block in prange(num_blocks):
         _prefer_wide_vectors()  # the widening and narrowing loops
-        start = block * rows_per_block
-        end = min(start + rows_per_block, num_rows)
+        start = block * num_rows // num_blocks
+        end = (block + 1) * num_rows // num_blocks
         group = max(1, min(HALF_GROUP, end - start))
         scratch = np.empty((group, num), dtype=np.float32)
         group_bad = np.empty(1, dtype=np.int64)
@@ -1023,7 +1024,7 @@ def host_rows_half_parallel(source, dest, target, ignore_index, has_ignore, weig
     """:func:`host_rows_half` with the blocks shared out, as in :func:`rows_half`."""
     return _host_rows_half(source, dest, target, ignore_index, has_ignore, weight, eps, z,
                            cap, fixed_scale, mean, is_bf16, write, loss, out,
-                           min(source.shape[0], 64))  # fmt: skip
+                           min(source.shape[0], HALF_BLOCKS))  # fmt: skip
 
 
 # Start-up. numba refreshes its whole CPU target before it loads anything from the disk
