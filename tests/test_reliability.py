@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -641,3 +642,46 @@ def test_row_of_minus_inf_only_gives_nan_as_torch(backend, num_classes, dtype):
     # soft-capping maps -inf to -cap: a uniform row, a finite loss of log C
     expected = torch.log(torch.tensor(float(num_classes)))
     torch.testing.assert_close(capped[1].float(), expected, rtol=5e-3, atol=0)
+
+
+def test_masked_sequence_logits_on_every_route():
+    """(B, T, C) logits with a padding mask (the one-call host path in eager mode): the
+    same numbers under torch.compile(fullgraph=True), torch.func.grad and with
+    validate_args=False; a second backward raises; four threads agree."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 5, 7, generator=g)
+    target = torch.randint(0, 7, (3, 5), generator=g)
+    mask = torch.arange(5) < torch.tensor([5, 2, 4])[:, None]
+    target[1, 3] = 99  # padding holds garbage: masked, never read
+
+    def loss_fn(x):
+        return xloss.cross_entropy(x, target, class_dim=-1, mask=mask, label_smoothing=0.1)
+
+    keep = mask.reshape(-1)
+    wide = x.double().reshape(-1, 7)[keep].requires_grad_()
+    reference = torch.nn.functional.cross_entropy(wide, target.reshape(-1)[keep],
+                                                  label_smoothing=0.1)  # fmt: skip
+    (expected,) = torch.autograd.grad(reference, wide)
+    leaf = x.clone().requires_grad_()
+    eager = loss_fn(leaf)
+    (grad,) = torch.autograd.grad(eager, leaf, create_graph=True)
+    torch.testing.assert_close(eager.double(), reference.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double().reshape(-1, 7)[keep], expected, rtol=1e-5,
+                               atol=1e-7)  # fmt: skip
+    assert bool((grad.reshape(-1, 7)[~keep] == 0).all())
+    with pytest.raises(RuntimeError, match=SECOND_BACKWARD):
+        grad.square().sum().backward()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x)
+    functional = torch.func.grad(loss_fn)(x)
+    unchecked = xloss.cross_entropy(x, target, class_dim=-1, mask=mask, label_smoothing=0.1,
+                                    validate_args=False)  # fmt: skip
+    for value in (compiled, unchecked):
+        torch.testing.assert_close(value.double(), reference.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(functional, grad.detach(), rtol=1e-5, atol=1e-7)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(loss_fn(x))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and all(torch.equal(r, eager.detach()) for r in results)
